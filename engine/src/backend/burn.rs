@@ -1,0 +1,346 @@
+//! Every op through burn-tensor on a burn `Device`.
+//!
+//! This is the device-agnostic path: burn-flex on the CPU now, and the same code runs on a wgpu
+//! device once that feature is built. Float tensors are held as rank-4 burn tensors padded with
+//! leading 1s (burn's rank is a const generic; one rank keeps this file free of rank dispatch),
+//! and the logical rank travels beside them. Shapes are validated by the graph before any burn
+//! call, because burn panics on a bad shape.
+
+use burn_tensor::activation;
+use burn_tensor::module;
+use burn_tensor::ops::AttentionModuleOptions;
+use burn_tensor::{Bool, Device, Int, Tensor, TensorData};
+use kiln_attention::{Kernel, KernelChoice};
+
+use super::{Backend, CpuBackend, SdpaMaskArg};
+use crate::error::{EngineError, Result};
+use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::tensor::{HostData, HostTensor};
+
+/// A tensor on [`BurnBackend`].
+#[derive(Clone)]
+pub enum BurnTensor {
+    /// `t` is the logical tensor with `4 - rank` leading dimensions of size 1.
+    Float { t: Tensor<4>, rank: usize },
+    /// Ids and masks, held as `[rows, cols]`; `shape` is the logical shape.
+    Int {
+        t: Tensor<2, Int>,
+        shape: Vec<usize>,
+    },
+}
+
+impl std::fmt::Debug for BurnTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BurnTensor::Float { t, rank } => write!(f, "Float(rank {rank}, {:?})", t.dims()),
+            BurnTensor::Int { shape, .. } => write!(f, "Int({shape:?})"),
+        }
+    }
+}
+
+fn pad4(shape: &[usize]) -> [usize; 4] {
+    let mut out = [1usize; 4];
+    out[4 - shape.len()..].copy_from_slice(shape);
+    out
+}
+
+fn logical(t: &Tensor<4>, rank: usize) -> Vec<usize> {
+    t.dims()[4 - rank..].to_vec()
+}
+
+/// Runs the graph's ops with burn on one device.
+#[derive(Clone)]
+pub struct BurnBackend {
+    device: Device,
+    label: String,
+}
+
+impl std::fmt::Debug for BurnBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BurnBackend({})", self.label)
+    }
+}
+
+impl BurnBackend {
+    /// burn's CPU backend.
+    pub fn flex() -> Self {
+        Self {
+            device: Device::flex(),
+            label: "burn-flex".into(),
+        }
+    }
+
+    fn err(&self, reason: impl Into<String>) -> EngineError {
+        EngineError::Backend {
+            backend: self.label.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn float(&self, t: BurnTensor, what: &str) -> Result<(Tensor<4>, usize)> {
+        match t {
+            BurnTensor::Float { t, rank } => Ok((t, rank)),
+            BurnTensor::Int { .. } => Err(self.err(format!("{what}: expected a float tensor"))),
+        }
+    }
+
+    fn int(&self, t: BurnTensor, what: &str) -> Result<(Tensor<2, Int>, Vec<usize>)> {
+        match t {
+            BurnTensor::Int { t, shape } => Ok((t, shape)),
+            BurnTensor::Float { .. } => Err(self.err(format!("{what}: expected an int tensor"))),
+        }
+    }
+
+    fn vec1(&self, t: BurnTensor, what: &str) -> Result<Tensor<1>> {
+        let (t, _) = self.float(t, what)?;
+        let n = t.dims()[3];
+        Ok(t.reshape([n]))
+    }
+
+    fn data_f32(&self, t: Tensor<4>) -> Result<Vec<f32>> {
+        t.into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| self.err(format!("download: {e:?}")))
+    }
+}
+
+impl Backend for BurnBackend {
+    type Tensor = BurnTensor;
+
+    fn name(&self) -> String {
+        self.label.clone()
+    }
+
+    fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<BurnTensor> {
+        if t.shape.len() > 4 || t.shape.is_empty() {
+            return Err(self.err(format!("rank {} is not supported", t.shape.len())));
+        }
+        match &t.data {
+            HostData::F32(v) => {
+                // burn's linear wants `[in, out]`; transpose the HF `[out, in]` once here.
+                let (shape, data) = match (role, &t.shape[..]) {
+                    (ConstRole::LinearWeight, &[out, inn]) => {
+                        let mut packed = vec![0.0f32; v.len()];
+                        for o in 0..out {
+                            for i in 0..inn {
+                                packed[i * out + o] = v[o * inn + i];
+                            }
+                        }
+                        (vec![inn, out], packed)
+                    }
+                    _ => (t.shape.clone(), v.clone()),
+                };
+                let data = TensorData::new(data, pad4(&shape).to_vec());
+                Ok(BurnTensor::Float {
+                    t: Tensor::<4>::from_data(data, &self.device),
+                    rank: shape.len(),
+                })
+            }
+            HostData::I64(v) => {
+                let cols = *t.shape.last().unwrap_or(&1);
+                let rows = t.len() / cols.max(1);
+                let data = TensorData::new(v.clone(), [rows, cols]);
+                Ok(BurnTensor::Int {
+                    t: Tensor::<2, Int>::from_data(data, &self.device),
+                    shape: t.shape.clone(),
+                })
+            }
+        }
+    }
+
+    fn download(&self, t: BurnTensor) -> Result<HostTensor> {
+        match t {
+            BurnTensor::Float { t, rank } => {
+                let shape = logical(&t, rank);
+                HostTensor::f32(shape, self.data_f32(t)?)
+            }
+            BurnTensor::Int { t, shape } => {
+                let data = t
+                    .into_data()
+                    .convert::<i64>()
+                    .try_into_vec::<i64>()
+                    .map_err(|e| self.err(format!("download: {e:?}")))?;
+                HostTensor::i64(shape, data)
+            }
+        }
+    }
+
+    fn embedding(&self, table: BurnTensor, ids: BurnTensor) -> Result<BurnTensor> {
+        let (table, _) = self.float(table, "embedding table")?;
+        let (ids, shape) = self.int(ids, "embedding ids")?;
+        if shape.len() != 2 {
+            return Err(self.err(format!("embedding ids must be 2-D, got {shape:?}")));
+        }
+        let [_, _, vocab, hidden] = table.dims();
+        let table: Tensor<2> = table.reshape([vocab, hidden]);
+        let out = module::embedding(table, ids);
+        Ok(BurnTensor::Float {
+            t: out.unsqueeze_dim::<4>(0),
+            rank: 3,
+        })
+    }
+
+    fn linear(&self, x: BurnTensor, w: BurnTensor, b: Option<BurnTensor>) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "linear input")?;
+        let (w, _) = self.float(w, "linear weight")?;
+        let [_, _, inn, out] = w.dims();
+        let w: Tensor<2> = w.reshape([inn, out]);
+        let b = b.map(|b| self.vec1(b, "linear bias")).transpose()?;
+        Ok(BurnTensor::Float {
+            t: module::linear(x, w, b),
+            rank,
+        })
+    }
+
+    fn add(&self, a: BurnTensor, b: BurnTensor) -> Result<BurnTensor> {
+        let (a, rank) = self.float(a, "add lhs")?;
+        let (b, _) = self.float(b, "add rhs")?;
+        Ok(BurnTensor::Float { t: a.add(b), rank })
+    }
+
+    fn layer_norm(
+        &self,
+        x: BurnTensor,
+        g: BurnTensor,
+        b: BurnTensor,
+        eps: f32,
+    ) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "layer_norm input")?;
+        let g = self.vec1(g, "gamma")?;
+        let b = self.vec1(b, "beta")?;
+        Ok(BurnTensor::Float {
+            t: module::layer_norm(x, g, Some(b), f64::from(eps)),
+            rank,
+        })
+    }
+
+    fn activation(&self, x: BurnTensor, act: Activation) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "activation input")?;
+        let t = match act {
+            Activation::Gelu => activation::gelu(x),
+            Activation::GeluTanh => activation::gelu_approximate(x),
+            Activation::Relu => activation::relu(x),
+            Activation::Tanh => activation::tanh(x),
+            Activation::Silu => activation::silu(x),
+        };
+        Ok(BurnTensor::Float { t, rank })
+    }
+
+    fn split_heads(&self, x: BurnTensor, heads: usize) -> Result<BurnTensor> {
+        let (x, _) = self.float(x, "split_heads input")?;
+        let [_, b, s, w] = x.dims();
+        let t = x.reshape([b, s, heads, w / heads]).swap_dims(1, 2);
+        Ok(BurnTensor::Float { t, rank: 4 })
+    }
+
+    fn merge_heads(&self, x: BurnTensor) -> Result<BurnTensor> {
+        let (x, _) = self.float(x, "merge_heads input")?;
+        let [b, h, s, d] = x.dims();
+        let t = x.swap_dims(1, 2).reshape([1, b, s, h * d]);
+        Ok(BurnTensor::Float { t, rank: 3 })
+    }
+
+    fn sdpa(
+        &self,
+        q: BurnTensor,
+        k: BurnTensor,
+        v: BurnTensor,
+        mask: SdpaMaskArg<BurnTensor>,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<BurnTensor> {
+        if kernel == KernelChoice::Force(Kernel::Math) {
+            // Forcing kiln's math kernel works on every backend: run it on host copies.
+            let cpu = CpuBackend::default();
+            let host =
+                |t: BurnTensor| -> Result<_> { cpu.upload(&self.download(t)?, ConstRole::Other) };
+            let mask = match mask {
+                SdpaMaskArg::KeyPadding(m) => SdpaMaskArg::KeyPadding(host(m)?),
+                SdpaMaskArg::None => SdpaMaskArg::None,
+                SdpaMaskArg::Causal => SdpaMaskArg::Causal,
+            };
+            let out = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
+            return self.upload(&cpu.download(out)?, ConstRole::Other);
+        }
+        let (q, _) = self.float(q, "q")?;
+        let (mut k, _) = self.float(k, "k")?;
+        let (mut v, _) = self.float(v, "v")?;
+        let [b, hq, sq, _] = q.dims();
+        let [_, hkv, sk, d] = k.dims();
+        if hq != hkv {
+            // burn's attention wants K/V with Q's head count: repeat each KV head.
+            let group = hq / hkv;
+            let rep = |t: Tensor<4>| -> Tensor<4> {
+                t.unsqueeze_dim::<5>(2)
+                    .expand([b, hkv, group, sk, d])
+                    .reshape([b, hq, sk, d])
+            };
+            k = rep(k);
+            v = rep(v);
+        }
+        let mut options = AttentionModuleOptions {
+            scale: scale.map(f64::from),
+            softcap: None,
+            is_causal: false,
+        };
+        let bool_mask: Option<Tensor<4, Bool>> = match mask {
+            SdpaMaskArg::None => None,
+            SdpaMaskArg::Causal => {
+                options.is_causal = true;
+                None
+            }
+            SdpaMaskArg::KeyPadding(m) => {
+                let (m, _) = self.int(m, "key-padding mask")?;
+                // burn: `true` = masked out, the opposite of PyTorch and kiln.
+                let masked = m
+                    .equal_elem(0)
+                    .reshape([b, 1, 1, sk])
+                    .expand([b, hq, sq, sk]);
+                Some(masked)
+            }
+        };
+        let t = module::attention(q, k, v, bool_mask, None, options);
+        Ok(BurnTensor::Float { t, rank: 4 })
+    }
+
+    fn pool(&self, x: BurnTensor, mask: BurnTensor, mode: PoolMode) -> Result<BurnTensor> {
+        let (x, _) = self.float(x, "pool input")?;
+        let (m, _) = self.int(mask, "pool mask")?;
+        let [_, b, s, h] = x.dims();
+        let x: Tensor<3> = x.reshape([b, s, h]);
+        let t: Tensor<2> = match mode {
+            PoolMode::Cls => x.slice([0..b, 0..1, 0..h]).reshape([b, h]),
+            PoolMode::Mean => {
+                let mf: Tensor<3> = m.float().reshape([b, s, 1]);
+                let sum = x.mul(mf.clone()).sum_dim(1).reshape([b, h]);
+                let count = mf.sum_dim(1).reshape([b, 1]).clamp_min(1e-9);
+                sum.div(count)
+            }
+            PoolMode::Max => {
+                let pad = m.equal_elem(0).reshape([b, s, 1]).expand([b, s, h]);
+                x.mask_fill(pad, -1e9).max_dim(1).reshape([b, h])
+            }
+        };
+        Ok(BurnTensor::Float {
+            t: t.unsqueeze_dims::<4>(&[0, 0]),
+            rank: 2,
+        })
+    }
+
+    fn l2_normalize(&self, x: BurnTensor) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "l2_normalize input")?;
+        let norm = x.clone().square().sum_dim(3).sqrt().clamp_min(1e-12);
+        Ok(BurnTensor::Float {
+            t: x.div(norm),
+            rank,
+        })
+    }
+
+    fn softmax(&self, x: BurnTensor) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "softmax input")?;
+        Ok(BurnTensor::Float {
+            t: activation::softmax(x, 3),
+            rank,
+        })
+    }
+}

@@ -1,0 +1,318 @@
+//! kiln's own CPU backend: owned `f32` buffers, direct `gemm` calls, the attention crate's
+//! kernels, and in-place element-wise ops whenever the executor hands over the last reference.
+
+use std::sync::Arc;
+
+use kiln_attention::{KernelChoice, Mask, SdpaParams, SdpaShape, scaled_dot_product_attention};
+
+use super::{Backend, SdpaMaskArg};
+use crate::error::{EngineError, Result};
+use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::kernels::{gemm, rowwise};
+use crate::tensor::{HostData, HostTensor};
+
+/// A tensor on [`CpuBackend`]. Buffers are shared until written (`Arc::make_mut`), so ops that
+/// receive the only reference work in place.
+#[derive(Debug, Clone)]
+pub struct CpuTensor {
+    shape: Vec<usize>,
+    data: CpuData,
+}
+
+#[derive(Debug, Clone)]
+enum CpuData {
+    F32(Arc<Vec<f32>>),
+    I64(Arc<Vec<i64>>),
+    /// A linear weight pre-packed as `[in, out]` row-major (the transpose of the HF layout),
+    /// which is the layout the GEMM streams best. `shape` stays the logical `[out, in]`.
+    PackedLinear(Arc<Vec<f32>>),
+}
+
+/// kiln's own CPU kernels.
+#[derive(Debug, Clone)]
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    pub fn new(threads: usize) -> Self {
+        Self {
+            threads: threads.max(1),
+        }
+    }
+
+    fn err(&self, reason: impl Into<String>) -> EngineError {
+        EngineError::Backend {
+            backend: self.name(),
+            reason: reason.into(),
+        }
+    }
+
+    fn f32_of(&self, t: CpuTensor, what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        match t.data {
+            CpuData::F32(d) => Ok((t.shape, Arc::unwrap_or_clone(d))),
+            _ => Err(self.err(format!("{what}: expected an F32 tensor"))),
+        }
+    }
+
+    fn f32_ref<'a>(&self, t: &'a CpuTensor, what: &str) -> Result<&'a [f32]> {
+        match &t.data {
+            CpuData::F32(d) => Ok(d),
+            _ => Err(self.err(format!("{what}: expected an F32 tensor"))),
+        }
+    }
+
+    fn i64_ref<'a>(&self, t: &'a CpuTensor, what: &str) -> Result<&'a [i64]> {
+        match &t.data {
+            CpuData::I64(d) => Ok(d),
+            _ => Err(self.err(format!("{what}: expected an I64 tensor"))),
+        }
+    }
+}
+
+impl Default for CpuBackend {
+    fn default() -> Self {
+        Self::new(rayon::current_num_threads())
+    }
+}
+
+fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> CpuTensor {
+    CpuTensor {
+        shape,
+        data: CpuData::F32(Arc::new(data)),
+    }
+}
+
+/// `[a, b, c, d]` → `[a, c, b, d]` (swap the two middle axes), the head split/merge shuffle.
+fn swap_middle(src: &[f32], a: usize, b: usize, c: usize, d: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; src.len()];
+    for i in 0..a {
+        for j in 0..b {
+            for k in 0..c {
+                let s = ((i * b + j) * c + k) * d;
+                let t = ((i * c + k) * b + j) * d;
+                out[t..t + d].copy_from_slice(&src[s..s + d]);
+            }
+        }
+    }
+    out
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+
+    fn name(&self) -> String {
+        "cpu".into()
+    }
+
+    fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<CpuTensor> {
+        let data = match (&t.data, role) {
+            (HostData::F32(v), ConstRole::LinearWeight) => {
+                let [out, inn] = t.shape[..] else {
+                    return Err(self.err(format!("linear weight must be 2-D, got {:?}", t.shape)));
+                };
+                let mut packed = vec![0.0f32; v.len()];
+                for o in 0..out {
+                    for i in 0..inn {
+                        packed[i * out + o] = v[o * inn + i];
+                    }
+                }
+                CpuData::PackedLinear(Arc::new(packed))
+            }
+            (HostData::F32(v), ConstRole::Other) => CpuData::F32(Arc::new(v.clone())),
+            (HostData::I64(v), _) => CpuData::I64(Arc::new(v.clone())),
+        };
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+
+    fn download(&self, t: CpuTensor) -> Result<HostTensor> {
+        match t.data {
+            CpuData::F32(d) => HostTensor::f32(t.shape, Arc::unwrap_or_clone(d)),
+            CpuData::I64(d) => HostTensor::i64(t.shape, Arc::unwrap_or_clone(d)),
+            CpuData::PackedLinear(_) => Err(self.err("a packed weight cannot be downloaded")),
+        }
+    }
+
+    fn embedding(&self, table: CpuTensor, ids: CpuTensor) -> Result<CpuTensor> {
+        let rows = self.f32_ref(&table, "embedding table")?;
+        let ids_v = self.i64_ref(&ids, "embedding ids")?;
+        let (vocab, hidden) = (table.shape[0], table.shape[1]);
+        let mut out = Vec::with_capacity(ids_v.len() * hidden);
+        for &id in ids_v {
+            let row = usize::try_from(id)
+                .ok()
+                .filter(|&r| r < vocab)
+                .ok_or_else(|| self.err(format!("id {id} is outside the table of {vocab} rows")))?;
+            out.extend_from_slice(&rows[row * hidden..(row + 1) * hidden]);
+        }
+        let mut shape = ids.shape.clone();
+        shape.push(hidden);
+        Ok(f32_tensor(shape, out))
+    }
+
+    fn linear(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
+        let CpuData::PackedLinear(packed) = &w.data else {
+            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
+        };
+        let (out_f, in_f) = (w.shape[0], w.shape[1]);
+        let xs = self.f32_ref(&x, "linear input")?;
+        let m = xs.len() / in_f.max(1);
+        let mut y = match &b {
+            Some(bias) => {
+                let bias = self.f32_ref(bias, "linear bias")?;
+                let mut y = Vec::with_capacity(m * out_f);
+                for _ in 0..m {
+                    y.extend_from_slice(bias);
+                }
+                y
+            }
+            None => vec![0.0f32; m * out_f],
+        };
+        gemm::matmul(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
+        let mut shape = x.shape.clone();
+        *shape
+            .last_mut()
+            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
+        Ok(f32_tensor(shape, y))
+    }
+
+    fn add(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
+        let bs = self.f32_ref(&b, "add rhs")?;
+        let (shape, mut av) = self.f32_of(a, "add lhs")?;
+        if av.len() != bs.len() {
+            return Err(self.err(format!("add: {} vs {} elements", av.len(), bs.len())));
+        }
+        av.iter_mut().zip(bs).for_each(|(x, y)| *x += y);
+        Ok(f32_tensor(shape, av))
+    }
+
+    fn layer_norm(&self, x: CpuTensor, g: CpuTensor, b: CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let (gs, bs) = (self.f32_ref(&g, "gamma")?, self.f32_ref(&b, "beta")?);
+        let (shape, mut xv) = self.f32_of(x, "layer_norm input")?;
+        rowwise::layer_norm(&mut xv, gs.len(), gs, bs, eps);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn activation(&self, x: CpuTensor, act: Activation) -> Result<CpuTensor> {
+        let (shape, mut xv) = self.f32_of(x, "activation input")?;
+        rowwise::activation(&mut xv, act);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn split_heads(&self, x: CpuTensor, heads: usize) -> Result<CpuTensor> {
+        let [b, s, w] = x.shape[..] else {
+            return Err(self.err(format!("split_heads: x must be 3-D, got {:?}", x.shape)));
+        };
+        let d = w / heads;
+        let xs = self.f32_ref(&x, "split_heads input")?;
+        Ok(f32_tensor(
+            vec![b, heads, s, d],
+            swap_middle(xs, b, s, heads, d),
+        ))
+    }
+
+    fn merge_heads(&self, x: CpuTensor) -> Result<CpuTensor> {
+        let [b, h, s, d] = x.shape[..] else {
+            return Err(self.err(format!("merge_heads: x must be 4-D, got {:?}", x.shape)));
+        };
+        let xs = self.f32_ref(&x, "merge_heads input")?;
+        Ok(f32_tensor(vec![b, s, h * d], swap_middle(xs, b, h, s, d)))
+    }
+
+    fn sdpa(
+        &self,
+        q: CpuTensor,
+        k: CpuTensor,
+        v: CpuTensor,
+        mask: SdpaMaskArg<CpuTensor>,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<CpuTensor> {
+        let (qs, ks, vs) = (
+            self.f32_ref(&q, "q")?,
+            self.f32_ref(&k, "k")?,
+            self.f32_ref(&v, "v")?,
+        );
+        let (&[batch, q_heads, q_len, head_dim], &[_, kv_heads, kv_len, _]) =
+            (&q.shape[..], &k.shape[..])
+        else {
+            return Err(self.err("sdpa: q and k must be 4-D"));
+        };
+        let shape = SdpaShape {
+            batch,
+            q_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+        };
+        let keep: Vec<bool>;
+        let mask = match &mask {
+            SdpaMaskArg::None => Mask::None,
+            SdpaMaskArg::Causal => Mask::Causal(kiln_attention::CausalAlign::TopLeft),
+            SdpaMaskArg::KeyPadding(m) => {
+                keep = self
+                    .i64_ref(m, "key-padding mask")?
+                    .iter()
+                    .map(|&x| x != 0)
+                    .collect();
+                Mask::KeyPadding(&keep)
+            }
+        };
+        let mut out = vec![0.0f32; qs.len()];
+        let params = SdpaParams { shape, mask, scale };
+        scaled_dot_product_attention(qs, ks, vs, &mut out, &params, kernel)?;
+        Ok(f32_tensor(q.shape.clone(), out))
+    }
+
+    fn pool(&self, x: CpuTensor, mask: CpuTensor, mode: PoolMode) -> Result<CpuTensor> {
+        let [b, s, h] = x.shape[..] else {
+            return Err(self.err(format!("pool: x must be 3-D, got {:?}", x.shape)));
+        };
+        let xs = self.f32_ref(&x, "pool input")?;
+        let ms = self.i64_ref(&mask, "pool mask")?;
+        let mut out = vec![0.0f32; b * h];
+        for (bi, o) in out.chunks_mut(h).enumerate() {
+            let rows = (0..s).filter(|&si| ms[bi * s + si] != 0);
+            let row = |si: usize| &xs[(bi * s + si) * h..(bi * s + si + 1) * h];
+            match mode {
+                PoolMode::Cls => o.copy_from_slice(row(0)),
+                PoolMode::Mean => {
+                    let mut count = 0usize;
+                    for si in rows {
+                        o.iter_mut().zip(row(si)).for_each(|(a, v)| *a += v);
+                        count += 1;
+                    }
+                    // sentence-transformers clamps the token count at 1e-9.
+                    let denom = (count as f32).max(1e-9);
+                    o.iter_mut().for_each(|a| *a /= denom);
+                }
+                PoolMode::Max => {
+                    // sentence-transformers fills padding with -1e9 before taking the max.
+                    o.fill(-1e9);
+                    for si in rows {
+                        o.iter_mut().zip(row(si)).for_each(|(a, v)| *a = a.max(*v));
+                    }
+                }
+            }
+        }
+        Ok(f32_tensor(vec![b, h], out))
+    }
+
+    fn l2_normalize(&self, x: CpuTensor) -> Result<CpuTensor> {
+        let width = *x.shape.last().unwrap_or(&1);
+        let (shape, mut xv) = self.f32_of(x, "l2_normalize input")?;
+        rowwise::l2_normalize(&mut xv, width);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn softmax(&self, x: CpuTensor) -> Result<CpuTensor> {
+        let width = *x.shape.last().unwrap_or(&1);
+        let (shape, mut xv) = self.f32_of(x, "softmax input")?;
+        rowwise::softmax(&mut xv, width);
+        Ok(f32_tensor(shape, xv))
+    }
+}

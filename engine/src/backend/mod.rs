@@ -1,0 +1,73 @@
+//! The backend seam: the set of ops a device must provide to run an engine graph.
+//!
+//! The executor ([`crate::exec`]) is generic over [`Backend`]; models never see it. Two
+//! implementations exist: [`BurnBackend`] runs every op through burn-tensor on a burn device
+//! (burn-flex on the CPU today; a wgpu device is the same code with another `burn::Device`), and
+//! [`CpuBackend`] runs kiln's own CPU kernels (direct `gemm` calls into owned buffers, the
+//! attention crate's kernels). Both are tested op by op against each other.
+
+mod burn;
+mod cpu;
+
+pub use self::burn::BurnBackend;
+pub use self::cpu::CpuBackend;
+
+use kiln_attention::KernelChoice;
+
+use crate::error::Result;
+use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::tensor::HostTensor;
+
+/// Mask argument of [`Backend::sdpa`].
+#[derive(Debug, Clone)]
+pub enum SdpaMaskArg<T> {
+    None,
+    /// `[batch, kv_len]` I64, 1 = attend.
+    KeyPadding(T),
+    Causal,
+}
+
+/// Ops a device provides. Every method takes its tensor arguments by value so a backend may
+/// reuse a buffer that the executor no longer needs; shapes have been checked by the graph.
+pub trait Backend: Send + Sync + 'static {
+    type Tensor: Clone + Send + Sync;
+
+    /// Short name for logs and `/info`, e.g. `cpu` or `burn-flex`.
+    fn name(&self) -> String;
+
+    /// Moves a host tensor onto the device; `role` lets the backend choose a weight layout.
+    fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<Self::Tensor>;
+    fn download(&self, t: Self::Tensor) -> Result<HostTensor>;
+
+    fn embedding(&self, table: Self::Tensor, ids: Self::Tensor) -> Result<Self::Tensor>;
+    /// `x @ w.T + b` for a weight uploaded with [`ConstRole::LinearWeight`].
+    fn linear(
+        &self,
+        x: Self::Tensor,
+        w: Self::Tensor,
+        b: Option<Self::Tensor>,
+    ) -> Result<Self::Tensor>;
+    fn add(&self, a: Self::Tensor, b: Self::Tensor) -> Result<Self::Tensor>;
+    fn layer_norm(
+        &self,
+        x: Self::Tensor,
+        gamma: Self::Tensor,
+        beta: Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor>;
+    fn split_heads(&self, x: Self::Tensor, heads: usize) -> Result<Self::Tensor>;
+    fn merge_heads(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+    fn sdpa(
+        &self,
+        q: Self::Tensor,
+        k: Self::Tensor,
+        v: Self::Tensor,
+        mask: SdpaMaskArg<Self::Tensor>,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<Self::Tensor>;
+    fn pool(&self, x: Self::Tensor, mask: Self::Tensor, mode: PoolMode) -> Result<Self::Tensor>;
+    fn l2_normalize(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+    fn softmax(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+}

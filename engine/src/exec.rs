@@ -1,0 +1,274 @@
+//! The executor: runs a checked graph for one batch on one backend.
+//!
+//! [`Plan::new`] uploads constants once (in the layout each backend wants) and computes, for every
+//! value, the last node that reads it. [`Plan::run`] binds the symbolic dimensions from the
+//! inputs, validates every input before any backend call, and walks the nodes in order, handing a
+//! value to its last reader by move so buffers are freed (or reused in place) as soon as possible.
+
+use std::collections::HashMap;
+
+use kiln_attention::KernelChoice;
+
+use crate::backend::{Backend, SdpaMaskArg};
+use crate::error::{EngineError, Result, graph_err};
+use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
+use crate::tensor::{HostData, HostTensor};
+
+/// Options that change how a graph is executed (not what it computes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    /// The attention kernel: `Auto` lets the selector decide.
+    pub sdpa_kernel: KernelChoice,
+}
+
+struct InputSpec {
+    name: String,
+    ty: TensorType,
+    value: ValueId,
+    /// When the input feeds an embedding as ids: the table's row count.
+    id_limit: Option<usize>,
+}
+
+/// A graph prepared for one backend.
+pub struct Plan<B: Backend> {
+    backend: B,
+    graph: Graph,
+    constants: HashMap<usize, B::Tensor>,
+    last_use: Vec<usize>,
+    inputs: Vec<InputSpec>,
+    options: ExecOptions,
+}
+
+const KEEP: usize = usize::MAX;
+
+impl<B: Backend> Plan<B> {
+    pub fn new(graph: Graph, backend: B, options: ExecOptions) -> Result<Self> {
+        graph.check()?;
+        let n = graph.nodes.len();
+        let mut last_use = vec![0usize; n];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            for v in &node.inputs {
+                last_use[v.0] = i;
+            }
+        }
+        for (_, v) in &graph.outputs {
+            last_use[v.0] = KEEP;
+        }
+        let mut constants = HashMap::new();
+        for (i, node) in graph.nodes.iter().enumerate() {
+            if let Op::Constant { value, role, name } = &node.op {
+                let t = backend
+                    .upload(value, *role)
+                    .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
+                constants.insert(i, t);
+            }
+        }
+        let mut inputs: Vec<InputSpec> = graph
+            .inputs()
+            .map(|(name, ty, value)| InputSpec {
+                name: name.to_string(),
+                ty: ty.clone(),
+                value,
+                id_limit: None,
+            })
+            .collect();
+        for node in &graph.nodes {
+            if let Op::Embedding = node.op {
+                let vocab = graph.nodes[node.inputs[0].0].ty.fixed_shape().map(|s| s[0]);
+                if let Some(spec) = inputs.iter_mut().find(|s| s.value == node.inputs[1]) {
+                    spec.id_limit = match (spec.id_limit, vocab) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+            }
+        }
+        Ok(Self {
+            backend,
+            graph,
+            constants,
+            last_use,
+            inputs,
+            options,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Checks the feeds against the graph's inputs and binds `batch` and `seq`.
+    fn bind(&self, feeds: &[(String, HostTensor)]) -> Result<Bindings> {
+        let mut batch = None;
+        let mut seq = None;
+        for spec in &self.inputs {
+            let bad = |reason: String| EngineError::Input {
+                name: spec.name.clone(),
+                reason,
+            };
+            let t = feeds
+                .iter()
+                .find(|(n, _)| *n == spec.name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| bad("missing".into()))?;
+            if t.dtype() != spec.ty.dtype {
+                return Err(bad(format!(
+                    "expected {:?}, got {:?}",
+                    spec.ty.dtype,
+                    t.dtype()
+                )));
+            }
+            if t.shape.len() != spec.ty.dims.len() {
+                return Err(bad(format!(
+                    "expected shape {}, got {:?}",
+                    spec.ty, t.shape
+                )));
+            }
+            for (&dim, &size) in spec.ty.dims.iter().zip(&t.shape) {
+                let slot = match dim {
+                    Dim::Batch => &mut batch,
+                    Dim::Seq => &mut seq,
+                    Dim::Fixed(n) if n == size => continue,
+                    Dim::Fixed(n) => return Err(bad(format!("dimension must be {n}, got {size}"))),
+                };
+                match *slot {
+                    Some(prev) if prev != size => {
+                        return Err(bad(format!(
+                            "{dim} is {size} here but {prev} in another input"
+                        )));
+                    }
+                    _ => *slot = Some(size),
+                }
+            }
+            if let (Some(limit), HostData::I64(ids)) = (spec.id_limit, &t.data)
+                && let Some(bad_id) = ids.iter().find(|&&id| id < 0 || id as u64 >= limit as u64)
+            {
+                return Err(bad(format!(
+                    "id {bad_id} is outside the vocabulary of {limit}"
+                )));
+            }
+        }
+        let b = Bindings {
+            batch: batch.unwrap_or(1),
+            seq: seq.unwrap_or(1),
+        };
+        if b.batch == 0 || b.seq == 0 {
+            return Err(EngineError::Input {
+                name: self
+                    .inputs
+                    .first()
+                    .map_or_else(String::new, |s| s.name.clone()),
+                reason: format!("empty batch (batch {}, seq {})", b.batch, b.seq),
+            });
+        }
+        Ok(b)
+    }
+
+    /// Runs the graph once. Returns the graph's outputs, by name, in declaration order.
+    pub fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        self.bind(feeds)?;
+        let be = &self.backend;
+        let mut values: Vec<Option<B::Tensor>> = vec![None; self.graph.nodes.len()];
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            // Take a value out on its last read (the last mention within this node), else clone.
+            let mut args: Vec<B::Tensor> = Vec::with_capacity(node.inputs.len());
+            for (pos, v) in node.inputs.iter().enumerate() {
+                let last_here = !node.inputs[pos + 1..].contains(v);
+                let t = if let Some(c) = self.constants.get(&v.0) {
+                    Some(c.clone())
+                } else if self.last_use[v.0] == i && last_here {
+                    values[v.0].take()
+                } else {
+                    values[v.0].clone()
+                };
+                args.push(t.ok_or_else(|| {
+                    graph_err(format!("{}: input {} not computed", node.label, v.0))
+                })?);
+            }
+            let mut args = args.into_iter();
+            let mut next = || args.next().expect("arity checked by the graph");
+            let out = match &node.op {
+                Op::Input { name, .. } => {
+                    let t = &feeds
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .expect("bound above")
+                        .1;
+                    Some(be.upload(t, crate::ir::ConstRole::Other)?)
+                }
+                Op::Constant { .. } => None,
+                Op::Embedding => Some(be.embedding(next(), next())?),
+                Op::Linear => {
+                    let (x, w) = (next(), next());
+                    let b = (node.inputs.len() == 3).then(&mut next);
+                    Some(be.linear(x, w, b)?)
+                }
+                Op::Add => Some(be.add(next(), next())?),
+                Op::LayerNorm { eps } => Some(be.layer_norm(next(), next(), next(), *eps)?),
+                Op::Activation(a) => Some(be.activation(next(), *a)?),
+                Op::SplitHeads { heads } => Some(be.split_heads(next(), *heads)?),
+                Op::MergeHeads => Some(be.merge_heads(next())?),
+                Op::Sdpa { mask, scale } => {
+                    let (q, k, v) = (next(), next(), next());
+                    let mask = match mask {
+                        AttnMask::None => SdpaMaskArg::None,
+                        AttnMask::Causal => SdpaMaskArg::Causal,
+                        AttnMask::KeyPadding => SdpaMaskArg::KeyPadding(next()),
+                    };
+                    Some(be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?)
+                }
+                Op::Pool { mode } => Some(be.pool(next(), next(), *mode)?),
+                Op::L2Normalize => Some(be.l2_normalize(next())?),
+                Op::Softmax => Some(be.softmax(next())?),
+            };
+            if let Some(out) = out
+                && self.last_use[i] != 0
+            {
+                values[i] = Some(out);
+            }
+        }
+        self.graph
+            .outputs
+            .iter()
+            .map(|(name, v)| {
+                let t = match self.constants.get(&v.0) {
+                    Some(c) => c.clone(),
+                    None => values[v.0]
+                        .clone()
+                        .ok_or_else(|| graph_err(format!("output `{name}` not computed")))?,
+                };
+                Ok((name.clone(), be.download(t)?))
+            })
+            .collect()
+    }
+}
+
+/// A plan with its backend erased, for callers that pick the device at run time.
+pub trait Runnable: Send + Sync {
+    fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+    fn backend_name(&self) -> String;
+    fn graph(&self) -> &Graph;
+}
+
+impl<B: Backend> Runnable for Plan<B> {
+    fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        Plan::run(self, feeds)
+    }
+
+    fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+/// Convenience for building feeds.
+pub fn feed(name: &str, t: HostTensor) -> (String, HostTensor) {
+    (name.to_string(), t)
+}

@@ -1,0 +1,110 @@
+//! Row-wise and element-wise CPU kernels (safe code, parallel over rows with rayon).
+
+use rayon::prelude::*;
+
+use crate::ir::Activation;
+
+/// Rows shorter than this run serially: splitting tiny work costs more than it saves.
+const PAR_MIN_ELEMS: usize = 1 << 14;
+
+fn for_rows(data: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
+    if width == 0 {
+        return;
+    }
+    if data.len() >= PAR_MIN_ELEMS {
+        data.par_chunks_mut(width).for_each(f);
+    } else {
+        data.chunks_mut(width).for_each(f);
+    }
+}
+
+/// LayerNorm over rows of `width`, in place: two-pass mean and biased variance, as PyTorch does.
+pub fn layer_norm(x: &mut [f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32) {
+    for_rows(x, width, |row| {
+        let n = row.len() as f32;
+        let mean = row.iter().sum::<f32>() / n;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+        let inv = 1.0 / (var + eps).sqrt();
+        for ((v, g), b) in row.iter_mut().zip(gamma).zip(beta) {
+            *v = (*v - mean) * inv * g + b;
+        }
+    });
+}
+
+pub fn activation(x: &mut [f32], act: Activation) {
+    let f: fn(f32) -> f32 = match act {
+        Activation::Gelu => |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
+        Activation::GeluTanh => |v| {
+            const C: f32 = 0.797_884_6; // sqrt(2/pi)
+            0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
+        },
+        Activation::Relu => |v| v.max(0.0),
+        Activation::Tanh => f32::tanh,
+        Activation::Silu => |v| v / (1.0 + (-v).exp()),
+    };
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks_mut(4096)
+            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+    } else {
+        x.iter_mut().for_each(|v| *v = f(*v));
+    }
+}
+
+/// Softmax over rows of `width`, in place, max-subtracted.
+pub fn softmax(x: &mut [f32], width: usize) {
+    for_rows(x, width, |row| {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        row.iter_mut().for_each(|v| *v /= sum);
+    });
+}
+
+/// `x / max(||x||₂, 1e-12)` per row, as `torch.nn.functional.normalize`.
+pub fn l2_normalize(x: &mut [f32], width: usize) {
+    for_rows(x, width, |row| {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
+        row.iter_mut().for_each(|v| *v /= norm);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_norm_of_constant_row_is_beta() {
+        let mut x = vec![3.0f32; 8];
+        layer_norm(&mut x, 4, &[2.0; 4], &[0.5; 4], 1e-12);
+        assert!(x.iter().all(|&v| (v - 0.5).abs() < 1e-6));
+    }
+
+    #[test]
+    fn gelu_matches_known_values() {
+        let mut x = vec![-1.0f32, 0.0, 1.0, 3.0];
+        activation(&mut x, Activation::Gelu);
+        let want = [-0.158_655_25, 0.0, 0.841_344_8, 2.995_950_4];
+        for (a, b) in x.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_rows_sum_to_one_even_with_large_values() {
+        let mut x = vec![1000.0f32, 1001.0, 999.0, -5.0, 0.0, 5.0];
+        softmax(&mut x, 3);
+        for row in x.chunks(3) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn l2_normalize_leaves_zero_rows_zero() {
+        let mut x = vec![3.0f32, 4.0, 0.0, 0.0];
+        l2_normalize(&mut x, 2);
+        assert_eq!(x, vec![0.6, 0.8, 0.0, 0.0]);
+    }
+}

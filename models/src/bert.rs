@@ -1,0 +1,205 @@
+//! BERT as an engine graph: embeddings, `num_hidden_layers` post-norm encoder layers, and the
+//! head the folder asks for (pooling for embeddings, pooler + classifier for classification).
+
+use kiln_engine::ir::{
+    Activation, AttnMask, ConstRole, DType, Dim, GraphBuilder, Op, PoolMode, ValueId,
+};
+
+use crate::config::BertConfig;
+use crate::error::Result;
+use crate::weights::SafetensorsFile;
+
+/// Names of the graph's inputs (all I64 `[batch, seq]`) and outputs.
+pub mod names {
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
+    pub const POSITION_IDS: &str = "position_ids";
+    pub const ATTENTION_MASK: &str = "attention_mask";
+
+    pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
+    pub const POOLER_OUTPUT: &str = "pooler_output";
+    pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
+    pub const LOGITS: &str = "logits";
+    pub const PROBABILITIES: &str = "probabilities";
+}
+
+/// What to put on top of the encoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// Pool the last hidden state (and optionally L2-normalise): `sentence_embedding`.
+    Embedding { pooling: PoolMode, normalize: bool },
+    /// Pooler (`tanh(W·h_cls + b)`) and `classifier`: `logits` and `probabilities`.
+    Classifier { num_labels: usize },
+}
+
+struct Ctx<'a> {
+    g: GraphBuilder,
+    w: &'a SafetensorsFile,
+}
+
+impl Ctx<'_> {
+    fn weight(&mut self, name: &str, shape: &[usize], role: ConstRole) -> Result<ValueId> {
+        let t = self.w.encoder(name, shape)?;
+        Ok(self.g.constant(name, t, role)?)
+    }
+
+    fn full_weight(&mut self, name: &str, shape: &[usize], role: ConstRole) -> Result<ValueId> {
+        let t = self.w.tensor(name, shape)?;
+        Ok(self.g.constant(name, t, role)?)
+    }
+
+    fn linear(&mut self, x: ValueId, prefix: &str, out: usize, inn: usize) -> Result<ValueId> {
+        let w = self.weight(
+            &format!("{prefix}.weight"),
+            &[out, inn],
+            ConstRole::LinearWeight,
+        )?;
+        let b = self.weight(&format!("{prefix}.bias"), &[out], ConstRole::Other)?;
+        Ok(self.g.push(Op::Linear, &[x, w, b], prefix)?)
+    }
+
+    fn layer_norm(&mut self, x: ValueId, prefix: &str, h: usize, eps: f32) -> Result<ValueId> {
+        let g = self.weight(&format!("{prefix}.weight"), &[h], ConstRole::Other)?;
+        let b = self.weight(&format!("{prefix}.bias"), &[h], ConstRole::Other)?;
+        Ok(self.g.push(Op::LayerNorm { eps }, &[x, g, b], prefix)?)
+    }
+}
+
+/// Builds the graph. Weight names are Hugging Face's, with or without the `bert.` prefix.
+pub fn build(
+    cfg: &BertConfig,
+    weights: &SafetensorsFile,
+    head: Head,
+) -> Result<kiln_engine::ir::Graph> {
+    let h = cfg.hidden_size;
+    let eps = cfg.layer_norm_eps as f32;
+    let act = cfg
+        .activation()
+        .map_err(|m| crate::ModelError::file(weights.path(), m))?;
+    let mut c = Ctx {
+        g: GraphBuilder::new(),
+        w: weights,
+    };
+    let bs = [Dim::Batch, Dim::Seq];
+    let ids = c.g.input(names::INPUT_IDS, DType::I64, &bs)?;
+    let types = c.g.input(names::TOKEN_TYPE_IDS, DType::I64, &bs)?;
+    let positions = c.g.input(names::POSITION_IDS, DType::I64, &bs)?;
+    let mask = c.g.input(names::ATTENTION_MASK, DType::I64, &bs)?;
+
+    // Embeddings: word + position + token type, then LayerNorm.
+    let word_t = c.weight(
+        "embeddings.word_embeddings.weight",
+        &[cfg.vocab_size, h],
+        ConstRole::Other,
+    )?;
+    let pos_t = c.weight(
+        "embeddings.position_embeddings.weight",
+        &[cfg.max_position_embeddings, h],
+        ConstRole::Other,
+    )?;
+    let type_t = c.weight(
+        "embeddings.token_type_embeddings.weight",
+        &[cfg.type_vocab_size, h],
+        ConstRole::Other,
+    )?;
+    let word = c.g.push(Op::Embedding, &[word_t, ids], "embeddings.word")?;
+    let pos =
+        c.g.push(Op::Embedding, &[pos_t, positions], "embeddings.position")?;
+    let typ =
+        c.g.push(Op::Embedding, &[type_t, types], "embeddings.token_type")?;
+    let sum = c.g.push(Op::Add, &[word, pos], "embeddings.add_position")?;
+    let sum =
+        c.g.push(Op::Add, &[sum, typ], "embeddings.add_token_type")?;
+    let mut x = c.layer_norm(sum, "embeddings.LayerNorm", h, eps)?;
+
+    let heads = cfg.num_attention_heads;
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        let split = |c: &mut Ctx<'_>, v: ValueId, what: &str| -> Result<ValueId> {
+            Ok(c.g.push(
+                Op::SplitHeads { heads },
+                &[v],
+                format!("{p}.attention.{what}_heads"),
+            )?)
+        };
+        let q = c.linear(x, &format!("{p}.attention.self.query"), h, h)?;
+        let k = c.linear(x, &format!("{p}.attention.self.key"), h, h)?;
+        let v = c.linear(x, &format!("{p}.attention.self.value"), h, h)?;
+        let (q, k, v) = (
+            split(&mut c, q, "q")?,
+            split(&mut c, k, "k")?,
+            split(&mut c, v, "v")?,
+        );
+        let attn = c.g.push(
+            Op::Sdpa {
+                mask: AttnMask::KeyPadding,
+                scale: None,
+            },
+            &[q, k, v, mask],
+            format!("{p}.attention.self.sdpa"),
+        )?;
+        let attn = c.g.push(
+            Op::MergeHeads,
+            &[attn],
+            format!("{p}.attention.merge_heads"),
+        )?;
+        let o = c.linear(attn, &format!("{p}.attention.output.dense"), h, h)?;
+        let o =
+            c.g.push(Op::Add, &[o, x], format!("{p}.attention.output.residual"))?;
+        x = c.layer_norm(o, &format!("{p}.attention.output.LayerNorm"), h, eps)?;
+
+        let i = c.linear(
+            x,
+            &format!("{p}.intermediate.dense"),
+            cfg.intermediate_size,
+            h,
+        )?;
+        let i =
+            c.g.push(Op::Activation(act), &[i], format!("{p}.intermediate.act"))?;
+        let o = c.linear(i, &format!("{p}.output.dense"), h, cfg.intermediate_size)?;
+        let o = c.g.push(Op::Add, &[o, x], format!("{p}.output.residual"))?;
+        x = c.layer_norm(o, &format!("{p}.output.LayerNorm"), h, eps)?;
+    }
+
+    let mut outputs = vec![(names::LAST_HIDDEN_STATE.to_string(), x)];
+    let pooler = |c: &mut Ctx<'_>| -> Result<ValueId> {
+        let cls = c.g.push(
+            Op::Pool {
+                mode: PoolMode::Cls,
+            },
+            &[x, mask],
+            "pooler.cls",
+        )?;
+        let d = c.linear(cls, "pooler.dense", h, h)?;
+        Ok(c.g.push(Op::Activation(Activation::Tanh), &[d], "pooler.act")?)
+    };
+    match head {
+        Head::Embedding { pooling, normalize } => {
+            if weights.has("pooler.dense.weight") {
+                let p = pooler(&mut c)?;
+                outputs.push((names::POOLER_OUTPUT.to_string(), p));
+            }
+            let mut e =
+                c.g.push(Op::Pool { mode: pooling }, &[x, mask], "pooling")?;
+            if normalize {
+                e = c.g.push(Op::L2Normalize, &[e], "normalize")?;
+            }
+            outputs.push((names::SENTENCE_EMBEDDING.to_string(), e));
+        }
+        Head::Classifier { num_labels } => {
+            let p = pooler(&mut c)?;
+            let w = c.full_weight(
+                "classifier.weight",
+                &[num_labels, h],
+                ConstRole::LinearWeight,
+            )?;
+            let b = c.full_weight("classifier.bias", &[num_labels], ConstRole::Other)?;
+            let logits = c.g.push(Op::Linear, &[p, w, b], "classifier")?;
+            let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
+            outputs.push((names::POOLER_OUTPUT.to_string(), p));
+            outputs.push((names::LOGITS.to_string(), logits));
+            outputs.push((names::PROBABILITIES.to_string(), probs));
+        }
+    }
+    Ok(c.g.finish(outputs)?)
+}

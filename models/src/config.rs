@@ -1,0 +1,154 @@
+//! `config.json` of a BERT-family model.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use kiln_engine::ir::Activation;
+use serde::Deserialize;
+
+use crate::error::{ModelError, Result, read_json};
+
+/// What the model folder's head computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// A bare encoder: embeddings come from pooling its hidden states.
+    Encoder,
+    /// `BertForSequenceClassification`: logits over `id2label`.
+    SequenceClassification,
+}
+
+/// The fields of a Hugging Face BERT `config.json` that change the computation.
+#[derive(Debug, Clone, Deserialize)]
+pub struct BertConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    #[serde(default)]
+    pub model_type: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub position_embedding_type: Option<String>,
+    #[serde(default)]
+    pub id2label: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub num_labels: Option<usize>,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+const ENCODERS: [&str; 3] = ["BertModel", "BertForMaskedLM", "BertForPreTraining"];
+
+impl BertConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let config: BertConfig = read_json(path)?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |msg: String| Err(ModelError::file(path, msg));
+        if let Some(t) = &self.model_type
+            && t != "bert"
+        {
+            return Err(ModelError::Unsupported(format!(
+                "{}: model_type `{t}` (kiln runs BERT-family encoders: model_type `bert`)",
+                path.display()
+            )));
+        }
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("intermediate_size", self.intermediate_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if !(self.layer_norm_eps > 0.0 && self.layer_norm_eps.is_finite()) {
+            return bad(format!(
+                "layer_norm_eps {} must be positive",
+                self.layer_norm_eps
+            ));
+        }
+        if let Some(p) = &self.position_embedding_type
+            && p != "absolute"
+        {
+            return Err(ModelError::Unsupported(format!(
+                "{}: position_embedding_type `{p}` (only `absolute` is implemented)",
+                path.display()
+            )));
+        }
+        self.activation().map_err(|m| ModelError::file(path, m))?;
+        self.architecture()
+            .map_err(|m| ModelError::Unsupported(format!("{}: {m}", path.display())))?;
+        Ok(())
+    }
+
+    pub fn activation(&self) -> Result<Activation, String> {
+        match self.hidden_act.as_str() {
+            "gelu" => Ok(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluTanh),
+            "relu" => Ok(Activation::Relu),
+            "silu" | "swish" => Ok(Activation::Silu),
+            other => Err(format!("hidden_act `{other}` is not supported")),
+        }
+    }
+
+    pub fn architecture(&self) -> Result<Architecture, String> {
+        if self.architectures.is_empty() {
+            return Ok(Architecture::Encoder);
+        }
+        for a in &self.architectures {
+            if a == "BertForSequenceClassification" {
+                return Ok(Architecture::SequenceClassification);
+            }
+            if ENCODERS.contains(&a.as_str()) {
+                return Ok(Architecture::Encoder);
+            }
+        }
+        Err(format!(
+            "architectures {:?} are not supported (kiln runs {} and BertForSequenceClassification)",
+            self.architectures,
+            ENCODERS.join(", ")
+        ))
+    }
+
+    /// Labels in id order: `id2label` if given, else `LABEL_0..LABEL_{n-1}`.
+    pub fn labels(&self, num_labels: usize) -> Vec<String> {
+        (0..num_labels)
+            .map(|i| {
+                self.id2label
+                    .as_ref()
+                    .and_then(|m| m.get(&i.to_string()).cloned())
+                    .unwrap_or_else(|| format!("LABEL_{i}"))
+            })
+            .collect()
+    }
+}

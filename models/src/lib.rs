@@ -1,0 +1,357 @@
+//! kiln's model definitions: Hugging Face folders in, engine graphs out.
+//!
+//! Design note. A model here is a *description*: it reads `config.json`, the weights in
+//! `model.safetensors` (memory-mapped, by Hugging Face parameter names), `tokenizer.json` and the
+//! sentence-transformers files, and builds an engine graph ([`bert::build`]). It never picks a
+//! kernel or a device — it emits an `Sdpa` node and the engine's selector decides. What a caller
+//! gets back is an [`EncoderModel`]: text in, tokenization with kiln's truncation policy, batches
+//! sorted by length and padded only to their longest member, vectors out.
+//!
+//! Every failure names the file and, for weights, the tensor; a caller's bad input is a
+//! [`ModelError::Input`], distinct from a broken model folder.
+
+pub mod bert;
+pub mod config;
+mod error;
+pub mod st;
+pub mod text;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_engine::ir::PoolMode;
+use kiln_engine::{DeviceKind, ExecOptions, HostTensor, Runnable};
+
+pub use config::{Architecture, BertConfig};
+pub use error::{ModelError, Result};
+pub use text::{Encoded, TextInput, TextTokenizer};
+
+use bert::{Head, names};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: DeviceKind,
+    pub exec: ExecOptions,
+    /// Most sequences run through the engine at once; larger requests are split (sorted by
+    /// length first, so each sub-batch pads little).
+    pub max_batch_sequences: usize,
+    /// Overrides the folder's `max_seq_length` (never beyond the position table).
+    pub max_seq_length: Option<usize>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceKind::default(),
+            exec: ExecOptions::default(),
+            max_batch_sequences: 32,
+            max_seq_length: None,
+        }
+    }
+}
+
+/// What the model computes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelKind {
+    Embedding { pooling: PoolMode, normalize: bool },
+    Classifier { labels: Vec<String> },
+}
+
+/// Facts about a loaded model, for `/info`, logs and API answers.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub id: String,
+    pub dir: PathBuf,
+    pub architecture: String,
+    pub kind: ModelKind,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    /// Longest input in tokens (special tokens included); longer inputs are truncated or refused.
+    pub max_input_tokens: usize,
+    pub device: String,
+    pub load_time: Duration,
+}
+
+/// One classified input.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Classification {
+    pub logits: Vec<f32>,
+    pub probabilities: Vec<f32>,
+}
+
+/// A BERT-family encoder ready to run.
+pub struct EncoderModel {
+    info: ModelInfo,
+    tokenizer: TextTokenizer,
+    plan: Box<dyn Runnable>,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for EncoderModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EncoderModel")
+            .field("info", &self.info)
+            .finish()
+    }
+}
+
+fn require(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(ModelError::io(
+            &p,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "required model file is missing",
+            ),
+        ))
+    }
+}
+
+impl EncoderModel {
+    /// Loads a Hugging Face model folder.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        let started = Instant::now();
+        if !dir.is_dir() {
+            return Err(ModelError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "model folder not found"),
+            ));
+        }
+        let config_path = require(dir, "config.json")?;
+        let cfg = BertConfig::load(&config_path)?;
+        let weights = weights::SafetensorsFile::open(
+            &require(dir, "model.safetensors")?,
+            "embeddings.word_embeddings.weight",
+        )?;
+        let arch = cfg
+            .architecture()
+            .map_err(|m| ModelError::Unsupported(format!("{}: {m}", config_path.display())))?;
+        let pipeline = st::Pipeline::load(dir)?;
+
+        let (head, kind) = match arch {
+            Architecture::Encoder => (
+                Head::Embedding {
+                    pooling: pipeline.pooling,
+                    normalize: pipeline.normalize,
+                },
+                ModelKind::Embedding {
+                    pooling: pipeline.pooling,
+                    normalize: pipeline.normalize,
+                },
+            ),
+            Architecture::SequenceClassification => {
+                let n = cfg
+                    .num_labels
+                    .or_else(|| cfg.id2label.as_ref().map(|m| m.len()))
+                    .unwrap_or(2);
+                if n == 0 {
+                    return Err(ModelError::file(
+                        &config_path,
+                        "a classifier needs at least one label",
+                    ));
+                }
+                (
+                    Head::Classifier { num_labels: n },
+                    ModelKind::Classifier {
+                        labels: cfg.labels(n),
+                    },
+                )
+            }
+        };
+
+        let positions = cfg.max_position_embeddings;
+        let max_len = opts
+            .max_seq_length
+            .or(pipeline.max_seq_length)
+            .unwrap_or(positions)
+            .min(positions);
+        if max_len < 2 {
+            return Err(ModelError::Input(format!(
+                "max_seq_length {max_len} leaves no room for text"
+            )));
+        }
+        let tokenizer = TextTokenizer::load(&require(dir, "tokenizer.json")?, max_len)?;
+        let graph = bert::build(&cfg, &weights, head)?;
+        let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
+        let info = ModelInfo {
+            id: dir
+                .file_name()
+                .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned()),
+            dir: dir.to_path_buf(),
+            architecture: cfg
+                .architectures
+                .first()
+                .cloned()
+                .unwrap_or_else(|| "BertModel".into()),
+            kind,
+            hidden_size: cfg.hidden_size,
+            num_layers: cfg.num_hidden_layers,
+            max_input_tokens: max_len,
+            device: plan.backend_name(),
+            load_time: started.elapsed(),
+        };
+        tracing::info!(
+            model = %info.id,
+            architecture = %info.architecture,
+            device = %info.device,
+            max_input_tokens = info.max_input_tokens,
+            sentence_transformers = pipeline.declared,
+            load_ms = info.load_time.as_millis() as u64,
+            "model loaded"
+        );
+        Ok(Self {
+            info,
+            tokenizer,
+            plan,
+            max_batch: opts.max_batch_sequences.max(1),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokenizes inputs. With `truncate = false`, an input longer than the model accepts is an
+    /// error naming its index and length.
+    pub fn tokenize(&self, inputs: &[TextInput], truncate: bool) -> Result<Vec<Encoded>> {
+        if inputs.is_empty() {
+            return Err(ModelError::Input("input must not be empty".into()));
+        }
+        let encoded = self.tokenizer.encode(inputs)?;
+        if !truncate && let Some((i, e)) = encoded.iter().enumerate().find(|(_, e)| e.truncated()) {
+            return Err(ModelError::Input(format!(
+                "input {i} has {} tokens; the model accepts at most {} (send truncate=true to cut it)",
+                e.untruncated_len, self.info.max_input_tokens
+            )));
+        }
+        Ok(encoded)
+    }
+
+    /// Runs one padded batch, in the given order: every sequence is right-padded to the longest
+    /// one. Returns the graph's outputs (`last_hidden_state` `[batch, seq, hidden]`, ...).
+    pub fn run_batch(&self, batch: &[Encoded]) -> Result<Vec<(String, HostTensor)>> {
+        if batch.is_empty() || batch.iter().any(|e| e.is_empty()) {
+            return Err(ModelError::Input(
+                "a batch needs at least one non-empty sequence".into(),
+            ));
+        }
+        let seq = batch.iter().map(Encoded::len).max().unwrap_or(0);
+        if seq > self.info.max_input_tokens {
+            return Err(ModelError::Input(format!(
+                "a sequence has {seq} tokens; the model accepts at most {}",
+                self.info.max_input_tokens
+            )));
+        }
+        let b = batch.len();
+        let mut ids = vec![0i64; b * seq];
+        let mut types = vec![0i64; b * seq];
+        let mut mask = vec![0i64; b * seq];
+        let mut positions = vec![0i64; b * seq];
+        for (r, e) in batch.iter().enumerate() {
+            if e.type_ids.len() != e.ids.len() {
+                return Err(ModelError::Input(format!(
+                    "sequence {r}: {} token type ids for {} ids",
+                    e.type_ids.len(),
+                    e.ids.len()
+                )));
+            }
+            let row = r * seq;
+            ids[row..row + e.len()].copy_from_slice(&e.ids);
+            types[row..row + e.len()].copy_from_slice(&e.type_ids);
+            mask[row..row + e.len()].fill(1);
+            for (p, slot) in positions[row..row + seq].iter_mut().enumerate() {
+                *slot = p as i64;
+            }
+        }
+        let t = |v: Vec<i64>| HostTensor::i64(vec![b, seq], v);
+        let feeds = vec![
+            (names::INPUT_IDS.to_string(), t(ids)?),
+            (names::TOKEN_TYPE_IDS.to_string(), t(types)?),
+            (names::POSITION_IDS.to_string(), t(positions)?),
+            (names::ATTENTION_MASK.to_string(), t(mask)?),
+        ];
+        Ok(self.plan.run(&feeds)?)
+    }
+
+    /// Runs every sequence, in sub-batches of similar length, and returns, for each requested
+    /// `[batch, width]` output, row `i` for sequence `i`.
+    fn rows_of<const N: usize>(
+        &self,
+        encoded: &[Encoded],
+        wanted: [&str; N],
+    ) -> Result<[Vec<Vec<f32>>; N]> {
+        let mut order: Vec<usize> = (0..encoded.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].len()));
+        let mut rows: [Vec<Vec<f32>>; N] = std::array::from_fn(|_| vec![Vec::new(); encoded.len()]);
+        for chunk in order.chunks(self.max_batch) {
+            let batch: Vec<Encoded> = chunk.iter().map(|&i| encoded[i].clone()).collect();
+            let mut outputs = self.run_batch(&batch)?;
+            for (name, rows) in wanted.iter().zip(rows.iter_mut()) {
+                let pos = outputs.iter().position(|(n, _)| n == name).ok_or_else(|| {
+                    ModelError::Unsupported(format!("this model has no `{name}` output"))
+                })?;
+                let out = outputs.swap_remove(pos).1;
+                let width = *out.shape.last().unwrap_or(&0);
+                let data = out.into_f32().ok_or_else(|| {
+                    ModelError::Unsupported(format!("output `{name}` is not F32"))
+                })?;
+                for (&i, row) in chunk.iter().zip(data.chunks(width.max(1))) {
+                    rows[i] = row.to_vec();
+                }
+            }
+        }
+        Ok(rows)
+    }
+
+    /// One embedding per text (pooled and, if the model says so, normalised).
+    pub fn embed(&self, texts: &[String], truncate: bool) -> Result<Vec<Vec<f32>>> {
+        if !matches!(self.info.kind, ModelKind::Embedding { .. }) {
+            return Err(ModelError::Input(format!(
+                "model `{}` is a classifier; it does not produce embeddings",
+                self.info.id
+            )));
+        }
+        let inputs: Vec<TextInput> = texts.iter().map(|t| TextInput::Single(t.clone())).collect();
+        let encoded = self.tokenize(&inputs, truncate)?;
+        let [embeddings] = self.rows_of(&encoded, [names::SENTENCE_EMBEDDING])?;
+        Ok(embeddings)
+    }
+
+    /// Logits and probabilities per input (single texts or pairs).
+    pub fn classify(&self, inputs: &[TextInput], truncate: bool) -> Result<Vec<Classification>> {
+        if !matches!(self.info.kind, ModelKind::Classifier { .. }) {
+            return Err(ModelError::Input(format!(
+                "model `{}` is an embedding model; it has no classification head",
+                self.info.id
+            )));
+        }
+        let encoded = self.tokenize(inputs, truncate)?;
+        let [logits, probabilities] =
+            self.rows_of(&encoded, [names::LOGITS, names::PROBABILITIES])?;
+        Ok(logits
+            .into_iter()
+            .zip(probabilities)
+            .map(|(logits, probabilities)| Classification {
+                logits,
+                probabilities,
+            })
+            .collect())
+    }
+
+    /// The labels of a classifier, in id order.
+    pub fn labels(&self) -> &[String] {
+        match &self.info.kind {
+            ModelKind::Classifier { labels } => labels,
+            ModelKind::Embedding { .. } => &[],
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! Weights from `model.safetensors`, memory-mapped and read by Hugging Face parameter names.
+
+use std::path::{Path, PathBuf};
+
+use kiln_engine::HostTensor;
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, tensor::Metadata};
+
+use crate::error::{ModelError, Result};
+
+/// A memory-mapped safetensors file. Tensors are converted to f32 host tensors on request; the
+/// mapping means a weight is read from disk only when it is first touched.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    meta: Metadata,
+    /// `bert.` when the checkpoint stores the encoder under a task head's prefix.
+    prefix: String,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SafetensorsFile({})", self.path.display())
+    }
+}
+
+#[allow(unsafe_code)]
+fn map_file(path: &Path) -> Result<Mmap> {
+    let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the mapping is read-only and private to this process. The one hazard is another
+    // process truncating or rewriting the file while it is mapped; model folders are treated as
+    // immutable while served (as every mmap-based loader, PyTorch and safetensors included,
+    // assumes), and every slice taken below is bounds-checked against the mapping's length.
+    unsafe { Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and parses its header. `probe` is a parameter name used to detect whether
+    /// names carry a `bert.` prefix (`embeddings.word_embeddings.weight`, say).
+    pub fn open(path: &Path, probe: &str) -> Result<Self> {
+        let mmap = map_file(path)?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        if data_start + meta.data_len() > mmap.len() {
+            return Err(ModelError::file(
+                path,
+                format!(
+                    "truncated: header promises {} data bytes, file has {}",
+                    meta.data_len(),
+                    mmap.len().saturating_sub(data_start)
+                ),
+            ));
+        }
+        let prefix = if meta.info(probe).is_some() {
+            String::new()
+        } else if meta.info(&format!("bert.{probe}")).is_some() {
+            "bert.".to_string()
+        } else {
+            return Err(ModelError::file(
+                path,
+                format!("tensor `{probe}` not found (with or without the `bert.` prefix)"),
+            ));
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            meta,
+            prefix,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether an encoder parameter (name relative to the encoder) exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.meta.info(&format!("{}{name}", self.prefix)).is_some()
+    }
+
+    /// An encoder parameter (the `bert.` prefix is added when the file uses it).
+    pub fn encoder(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.tensor(&format!("{}{name}", self.prefix), shape)
+    }
+
+    /// A parameter by its full name, checked against the expected shape, as f32.
+    pub fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let info = self
+            .meta
+            .info(name)
+            .ok_or_else(|| ModelError::file(&self.path, format!("missing tensor `{name}`")))?;
+        if info.shape != shape {
+            return Err(ModelError::file(
+                &self.path,
+                format!(
+                    "tensor `{name}` has shape {:?}, expected {shape:?}",
+                    info.shape
+                ),
+            ));
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = self
+            .mmap
+            .get(self.data_start + start..self.data_start + end)
+            .ok_or_else(|| {
+                ModelError::file(&self.path, format!("tensor `{name}` lies outside the file"))
+            })?;
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = match info.dtype {
+            Dtype::F32 => decode(bytes, n, f32::from_le_bytes),
+            Dtype::F16 => decode(bytes, n, |b| half::f16::from_le_bytes(b).to_f32()),
+            Dtype::BF16 => decode(bytes, n, |b| half::bf16::from_le_bytes(b).to_f32()),
+            other => {
+                return Err(ModelError::file(
+                    &self.path,
+                    format!("tensor `{name}` has dtype {other:?}; kiln reads F32, F16 and BF16"),
+                ));
+            }
+        }
+        .ok_or_else(|| {
+            ModelError::file(
+                &self.path,
+                format!("tensor `{name}` has the wrong byte length"),
+            )
+        })?;
+        Ok(HostTensor::f32(shape.to_vec(), data)?)
+    }
+}
+
+fn decode<const N: usize>(bytes: &[u8], n: usize, f: impl Fn([u8; N]) -> f32) -> Option<Vec<f32>> {
+    if bytes.len() != n * N {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(N)
+            .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")))
+            .collect(),
+    )
+}

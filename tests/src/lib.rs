@@ -1,0 +1,112 @@
+//! Helpers shared by kiln's fixture and end-to-end tests.
+//!
+//! Design note. Reference outputs live outside the repository (`../shared/fixtures`, computed by
+//! PyTorch and sentence-transformers); `$KILN_FIXTURES` points elsewhere so another fixture set
+//! in the same format can be swapped in without code changes. The real all-MiniLM-L6-v2 folder
+//! comes from `scripts/fetch-model.sh` (or `$KILN_MODEL_DIR`); a missing model or fixture is a
+//! test failure with instructions, never a silent skip.
+
+use std::path::{Path, PathBuf};
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `$KILN_FIXTURES`, or `../shared/fixtures` beside the workspace.
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("KILN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("../shared/fixtures"));
+    assert!(
+        dir.is_dir(),
+        "fixtures not found at {} (set KILN_FIXTURES)",
+        dir.display()
+    );
+    dir
+}
+
+/// The all-MiniLM-L6-v2 folder: `$KILN_MODEL_DIR`, or `models/local/all-MiniLM-L6-v2`.
+pub fn minilm_dir() -> PathBuf {
+    let dir = std::env::var_os("KILN_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("models/local/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "all-MiniLM-L6-v2 not found at {}: run scripts/fetch-model.sh (or set KILN_MODEL_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+/// A `.npy` file as `(shape, f32 data)`; float64 and int64 files are converted.
+pub fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let npy = npyz::NpyFile::new(&bytes[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let shape = npy.shape().iter().map(|&d| d as usize).collect();
+    let npyz::DType::Plain(t) = npy.dtype() else {
+        panic!("{}: unsupported npy dtype", path.display())
+    };
+    let data = match (t.type_char(), t.size_field()) {
+        (npyz::TypeChar::Float, 4) => npy.into_vec::<f32>().unwrap(),
+        (npyz::TypeChar::Float, 8) => npy
+            .into_vec::<f64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
+        (npyz::TypeChar::Int, 8) => npy
+            .into_vec::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|x| x as f32)
+            .collect(),
+        other => panic!("{}: unsupported npy dtype {other:?}", path.display()),
+    };
+    (shape, data)
+}
+
+/// Reads a JSON-lines file.
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// A nested JSON array of numbers, flattened.
+pub fn flatten(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(a) => a.iter().flat_map(flatten).collect(),
+        serde_json::Value::Number(n) => vec![n.as_f64().expect("number") as f32],
+        other => panic!("not a number array: {other}"),
+    }
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}

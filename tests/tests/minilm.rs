@@ -1,0 +1,120 @@
+//! The real all-MiniLM-L6-v2 against sentence-transformers (`$KILN_FIXTURES/minilm`).
+
+use kiln_engine::DeviceKind;
+use kiln_models::{EncoderModel, LoadOptions, TextInput};
+use kiln_tests::{cosine, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy};
+
+fn load(device: DeviceKind) -> EncoderModel {
+    let opts = LoadOptions {
+        device,
+        ..LoadOptions::default()
+    };
+    EncoderModel::load(&minilm_dir(), &opts).unwrap()
+}
+
+fn texts() -> Vec<String> {
+    read_jsonl(&fixtures().join("minilm/inputs.jsonl"))
+        .iter()
+        .map(|v| v["text"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn token_ids_match_including_truncation_at_256() {
+    let model = load(DeviceKind::Cpu);
+    assert_eq!(
+        model.info().max_input_tokens,
+        256,
+        "sentence_bert_config.json overrides tokenizer.json's 128"
+    );
+    let want = read_jsonl(&fixtures().join("minilm/tokens.jsonl"));
+    let inputs: Vec<TextInput> = texts().into_iter().map(TextInput::Single).collect();
+    let got = model.tokenize(&inputs, true).unwrap();
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        let ids: Vec<i64> = w["input_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap())
+            .collect();
+        assert_eq!(g.ids, ids, "text {i}");
+        assert_eq!(
+            g.truncated(),
+            w["truncated"].as_bool().unwrap(),
+            "text {i} truncated flag"
+        );
+        assert_eq!(
+            g.untruncated_len as u64,
+            w["num_tokens_untruncated"].as_u64().unwrap(),
+            "text {i} untruncated length"
+        );
+    }
+    // Refusing instead of truncating names the input and its length.
+    let long = inputs
+        .iter()
+        .position(|_| true)
+        .and_then(|_| got.iter().position(|e| e.truncated()))
+        .unwrap();
+    let err = model
+        .tokenize(&inputs[long..=long], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at most 256"), "{err}");
+}
+
+#[test]
+fn normalized_embeddings_match_sentence_transformers_on_every_device() {
+    let (shape, want) = read_npy(&fixtures().join("minilm/embeddings_normalized.npy"));
+    let texts = texts();
+    assert_eq!(shape, vec![texts.len(), 384]);
+    for device in DeviceKind::ALL {
+        let model = load(device);
+        let got = model.embed(&texts, true).unwrap();
+        for (i, g) in got.iter().enumerate() {
+            let w = &want[i * 384..(i + 1) * 384];
+            let cos = cosine(g, w);
+            let err = max_abs_diff(g, w);
+            assert!(cos >= 0.99999, "{device}: text {i} cosine {cos}");
+            assert!(err <= 1e-4, "{device}: text {i} max abs error {err}");
+        }
+    }
+}
+
+#[test]
+fn last_hidden_states_of_first_8_texts_match() {
+    let (shape, want) = read_npy(&fixtures().join("minilm/last_hidden_state_first8.npy"));
+    let (_, lengths) = read_npy(&fixtures().join("minilm/last_hidden_state_first8_lengths.npy"));
+    let (seq, h) = (shape[1], shape[2]);
+    let model = load(DeviceKind::Cpu);
+    let inputs: Vec<TextInput> = texts().into_iter().take(8).map(TextInput::Single).collect();
+    let encoded = model.tokenize(&inputs, true).unwrap();
+    for (i, e) in encoded.iter().enumerate() {
+        assert_eq!(e.len(), lengths[i] as usize, "text {i} length");
+        let outputs = model.run_batch(std::slice::from_ref(e)).unwrap();
+        let hidden = &outputs
+            .iter()
+            .find(|(n, _)| n == "last_hidden_state")
+            .unwrap()
+            .1;
+        let got = hidden.as_f32().unwrap();
+        let w = &want[i * seq * h..(i * seq + e.len()) * h];
+        let err = max_abs_diff(got, w);
+        assert!(
+            err <= 1e-4,
+            "text {i}: last_hidden_state max abs error {err}"
+        );
+    }
+}
+
+#[test]
+fn a_text_gives_the_same_embedding_alone_and_in_a_padded_batch() {
+    let model = load(DeviceKind::Cpu);
+    let texts: Vec<String> = texts().into_iter().take(12).collect();
+    let batched = model.embed(&texts, true).unwrap();
+    for (i, t) in texts.iter().enumerate() {
+        let alone = model.embed(std::slice::from_ref(t), true).unwrap();
+        let err = max_abs_diff(&alone[0], &batched[i]);
+        assert!(err <= 1e-5, "text {i}: alone vs batched differ by {err}");
+    }
+}
