@@ -18,7 +18,12 @@ pub mod names {
 
     pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
     pub const POOLER_OUTPUT: &str = "pooler_output";
+    /// The embedding as the model folder defines it (normalised if it has a Normalize module).
     pub const SENTENCE_EMBEDDING: &str = "sentence_embedding";
+    /// Pooled, never normalised.
+    pub const POOLED_EMBEDDING: &str = "pooled_embedding";
+    /// Pooled, always L2-normalised.
+    pub const NORMALIZED_EMBEDDING: &str = "normalized_embedding";
     pub const LOGITS: &str = "logits";
     pub const PROBABILITIES: &str = "probabilities";
 }
@@ -179,12 +184,13 @@ pub fn build(
                 let p = pooler(&mut c)?;
                 outputs.push((names::POOLER_OUTPUT.to_string(), p));
             }
-            let mut e =
+            let pooled =
                 c.g.push(Op::Pool { mode: pooling }, &[x, mask], "pooling")?;
-            if normalize {
-                e = c.g.push(Op::L2Normalize, &[e], "normalize")?;
-            }
-            outputs.push((names::SENTENCE_EMBEDDING.to_string(), e));
+            let normalized = c.g.push(Op::L2Normalize, &[pooled], "normalize")?;
+            let sentence = if normalize { normalized } else { pooled };
+            outputs.push((names::SENTENCE_EMBEDDING.to_string(), sentence));
+            outputs.push((names::POOLED_EMBEDDING.to_string(), pooled));
+            outputs.push((names::NORMALIZED_EMBEDDING.to_string(), normalized));
         }
         Head::Classifier { num_labels } => {
             let p = pooler(&mut c)?;

@@ -74,6 +74,24 @@ pub struct ModelInfo {
     pub load_time: Duration,
 }
 
+/// Per-request embedding options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EmbedOptions {
+    /// Cut inputs longer than the model accepts instead of refusing them.
+    pub truncate: bool,
+    /// `None`: as the model folder says (sentence-transformers' Normalize module);
+    /// `Some(true)`: always L2-normalise; `Some(false)`: the raw pooled vector.
+    pub normalize: Option<bool>,
+}
+
+/// Embeddings for a list of texts, with the token count that produced them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens run through the model, special tokens included (OpenAI's `usage.prompt_tokens`).
+    pub tokens: usize,
+}
+
 /// One classified input.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classification {
@@ -312,8 +330,8 @@ impl EncoderModel {
         Ok(rows)
     }
 
-    /// One embedding per text (pooled and, if the model says so, normalised).
-    pub fn embed(&self, texts: &[String], truncate: bool) -> Result<Vec<Vec<f32>>> {
+    /// One embedding per text.
+    pub fn embed(&self, texts: &[String], opts: EmbedOptions) -> Result<Embeddings> {
         if !matches!(self.info.kind, ModelKind::Embedding { .. }) {
             return Err(ModelError::Input(format!(
                 "model `{}` is a classifier; it does not produce embeddings",
@@ -321,9 +339,17 @@ impl EncoderModel {
             )));
         }
         let inputs: Vec<TextInput> = texts.iter().map(|t| TextInput::Single(t.clone())).collect();
-        let encoded = self.tokenize(&inputs, truncate)?;
-        let [embeddings] = self.rows_of(&encoded, [names::SENTENCE_EMBEDDING])?;
-        Ok(embeddings)
+        let encoded = self.tokenize(&inputs, opts.truncate)?;
+        let output = match opts.normalize {
+            None => names::SENTENCE_EMBEDDING,
+            Some(true) => names::NORMALIZED_EMBEDDING,
+            Some(false) => names::POOLED_EMBEDDING,
+        };
+        let [vectors] = self.rows_of(&encoded, [output])?;
+        Ok(Embeddings {
+            vectors,
+            tokens: encoded.iter().map(Encoded::len).sum(),
+        })
     }
 
     /// Logits and probabilities per input (single texts or pairs).

@@ -1,7 +1,12 @@
 //! The real all-MiniLM-L6-v2 against sentence-transformers (`$KILN_FIXTURES/minilm`).
 
 use kiln_engine::DeviceKind;
-use kiln_models::{EncoderModel, LoadOptions, TextInput};
+use kiln_models::{EmbedOptions, EncoderModel, LoadOptions, TextInput};
+
+const TRUNCATE: EmbedOptions = EmbedOptions {
+    truncate: true,
+    normalize: None,
+};
 use kiln_tests::{cosine, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy};
 
 fn load(device: DeviceKind) -> EncoderModel {
@@ -70,7 +75,7 @@ fn normalized_embeddings_match_sentence_transformers_on_every_device() {
     assert_eq!(shape, vec![texts.len(), 384]);
     for device in DeviceKind::ALL {
         let model = load(device);
-        let got = model.embed(&texts, true).unwrap();
+        let got = model.embed(&texts, TRUNCATE).unwrap().vectors;
         for (i, g) in got.iter().enumerate() {
             let w = &want[i * 384..(i + 1) * 384];
             let cos = cosine(g, w);
@@ -111,10 +116,34 @@ fn last_hidden_states_of_first_8_texts_match() {
 fn a_text_gives_the_same_embedding_alone_and_in_a_padded_batch() {
     let model = load(DeviceKind::Cpu);
     let texts: Vec<String> = texts().into_iter().take(12).collect();
-    let batched = model.embed(&texts, true).unwrap();
+    let batched = model.embed(&texts, TRUNCATE).unwrap().vectors;
     for (i, t) in texts.iter().enumerate() {
-        let alone = model.embed(std::slice::from_ref(t), true).unwrap();
+        let alone = model
+            .embed(std::slice::from_ref(t), TRUNCATE)
+            .unwrap()
+            .vectors;
         let err = max_abs_diff(&alone[0], &batched[i]);
         assert!(err <= 1e-5, "text {i}: alone vs batched differ by {err}");
+    }
+}
+
+#[test]
+fn unnormalized_pooling_matches_the_mean_pooled_fixture() {
+    let (_, want) = read_npy(&fixtures().join("minilm/embeddings_mean.npy"));
+    let texts: Vec<String> = texts().into_iter().take(16).collect();
+    let model = load(DeviceKind::Cpu);
+    let opts = EmbedOptions {
+        truncate: true,
+        normalize: Some(false),
+    };
+    for (i, g) in model
+        .embed(&texts, opts)
+        .unwrap()
+        .vectors
+        .iter()
+        .enumerate()
+    {
+        let err = max_abs_diff(g, &want[i * 384..(i + 1) * 384]);
+        assert!(err <= 1e-4, "text {i}: mean-pooled max abs error {err}");
     }
 }

@@ -1,0 +1,93 @@
+//! The one error type of the HTTP layer. Every failure a client can cause becomes a 4xx with a
+//! precise message; internal details are logged, never sent.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use kiln_models::ModelError;
+use serde_json::json;
+
+/// How an error body is spelled: OpenAI's clients expect `{"error": {"message", "type", ...}}`,
+/// TEI's `{"error", "error_type"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    Native,
+    OpenAi,
+}
+
+#[derive(Debug, Clone)]
+pub struct AppError {
+    pub status: StatusCode,
+    /// A short machine-readable kind: `validation`, `tokenization`, `overloaded`, ...
+    pub kind: &'static str,
+    pub message: String,
+    pub style: ErrorStyle,
+}
+
+impl AppError {
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            style: ErrorStyle::Native,
+        }
+    }
+
+    pub fn validation(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "validation", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+
+    pub fn openai(mut self) -> Self {
+        self.style = ErrorStyle::OpenAi;
+        self
+    }
+}
+
+impl From<ModelError> for AppError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Input(m) => AppError::validation(m),
+            ModelError::Tokenize(m) => {
+                AppError::new(StatusCode::UNPROCESSABLE_ENTITY, "tokenization", m)
+            }
+            other => {
+                tracing::error!(error = %other, "inference failed");
+                AppError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "inference",
+                    "inference failed; see the server log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let body = match self.style {
+            ErrorStyle::Native => json!({ "error": self.message, "error_type": self.kind }),
+            ErrorStyle::OpenAi => json!({
+                "error": {
+                    "message": self.message,
+                    "type": if self.status.is_server_error() { "server_error" } else { "invalid_request_error" },
+                    "param": null,
+                    "code": self.kind,
+                }
+            }),
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

@@ -1,0 +1,69 @@
+//! Request handlers, one module per API family, and the input checks they share.
+
+pub mod native;
+pub mod openai;
+
+use serde_json::Value;
+
+use crate::error::AppError;
+
+/// A list of texts from a JSON value that must be a string or an array of strings.
+/// `field` names the request field in error messages.
+pub fn texts_from(value: &Value, field: &str, max: usize) -> Result<Vec<String>, AppError> {
+    let texts = match value {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(AppError::validation(format!(
+                    "`{field}` must not be an empty list"
+                )));
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.clone()),
+                    Value::Number(_) | Value::Array(_) => Err(AppError::validation(format!(
+                        "`{field}[{i}]` is a token id or token list; kiln takes text (strings) only"
+                    ))),
+                    other => Err(AppError::validation(format!(
+                        "`{field}[{i}]` must be a string, got {}",
+                        kind_of(other)
+                    ))),
+                })
+                .collect::<Result<_, _>>()?
+        }
+        Value::Null => return Err(AppError::validation(format!("`{field}` is required"))),
+        other => {
+            return Err(AppError::validation(format!(
+                "`{field}` must be a string or a list of strings, got {}",
+                kind_of(other)
+            )));
+        }
+    };
+    check_batch(texts.len(), max)?;
+    Ok(texts)
+}
+
+/// 413 when a request carries more inputs than `--max-client-batch-size`.
+pub fn check_batch(n: usize, max: usize) -> Result<(), AppError> {
+    if n > max {
+        return Err(AppError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            "validation",
+            format!("{n} inputs exceed the limit of {max} per request (max_client_batch_size)"),
+        ));
+    }
+    Ok(())
+}
+
+pub fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}

@@ -1,0 +1,97 @@
+//! OpenAI-compatible routes: `/v1/embeddings` and `/v1/models`.
+
+use axum::Json;
+use axum::extract::State;
+use base64::Engine as _;
+use kiln_models::EmbedOptions;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::texts_from;
+use crate::app::AppState;
+use crate::error::AppError;
+use crate::json::ApiJson;
+
+#[derive(Deserialize)]
+pub struct EmbeddingsRequest {
+    #[serde(default)]
+    input: Value,
+    /// Accepted and echoed as the served model's id: kiln serves one model per process, and
+    /// clients ported from OpenAI often keep their old model name.
+    #[serde(default)]
+    #[allow(dead_code)]
+    model: Option<String>,
+    #[serde(default)]
+    encoding_format: Option<String>,
+    #[serde(default)]
+    dimensions: Option<u64>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    user: Option<String>,
+}
+
+pub async fn embeddings(
+    State(state): State<AppState>,
+    body: Result<ApiJson<EmbeddingsRequest>, AppError>,
+) -> Result<Json<Value>, AppError> {
+    handle(state, body).await.map_err(AppError::openai)
+}
+
+async fn handle(
+    state: AppState,
+    body: Result<ApiJson<EmbeddingsRequest>, AppError>,
+) -> Result<Json<Value>, AppError> {
+    let ApiJson(req) = body?;
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(AppError::validation(format!(
+                "encoding_format `{other}` is not supported (use `float` or `base64`)"
+            )));
+        }
+    };
+    let texts = texts_from(&req.input, "input", state.config().max_client_batch_size)?;
+    let ready = state.ready()?;
+    if let Some(d) = req.dimensions
+        && d != ready.info.hidden_size as u64
+    {
+        return Err(AppError::validation(format!(
+            "model `{}` produces {}-dimensional embeddings and cannot shorten them (dimensions={d})",
+            ready.info.id, ready.info.hidden_size
+        )));
+    }
+    let opts = EmbedOptions {
+        truncate: state.config().auto_truncate,
+        normalize: None,
+    };
+    let out = ready.worker.run(move |m| m.embed(&texts, opts)).await??;
+    let data: Vec<Value> = out
+        .vectors
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({ "object": "embedding", "index": i, "embedding": embedding })
+        })
+        .collect();
+    Ok(Json(json!({
+        "object": "list",
+        "data": data,
+        "model": ready.info.id,
+        "usage": { "prompt_tokens": out.tokens, "total_tokens": out.tokens },
+    })))
+}
+
+pub async fn models(State(state): State<AppState>) -> Json<Value> {
+    let id = state.config().model_id.clone();
+    Json(json!({
+        "object": "list",
+        "data": [{ "id": id, "object": "model", "created": 0, "owned_by": "kiln" }],
+    }))
+}
