@@ -1,0 +1,422 @@
+//! One harness, every op, every backend: each op runs as a one-node graph on kiln's CPU backend
+//! and on burn-flex, and the two must agree. Plus the IR's shape checks and the executor's input
+//! validation, which must turn bad shapes and ids into errors before any backend call.
+
+use kiln_engine::ir::{
+    Activation, AttnMask, ConstRole, DType, Dim, Graph, GraphBuilder, Op, PoolMode, ValueId,
+};
+use kiln_engine::{DeviceKind, ExecOptions, HostTensor, SdpaKernel, SdpaKernelChoice, prepare};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % 20_000) as f32 / 10_000.0 - 1.0
+        })
+        .collect()
+}
+
+fn f32_tensor(shape: &[usize], seed: u64) -> HostTensor {
+    HostTensor::f32(shape.to_vec(), values(shape.iter().product(), seed)).unwrap()
+}
+
+const B: usize = 2;
+const S: usize = 5;
+const H: usize = 12;
+
+fn bs() -> [Dim; 2] {
+    [Dim::Batch, Dim::Seq]
+}
+
+/// A padding mask for a batch of two with lengths 5 and 3.
+fn mask() -> HostTensor {
+    HostTensor::i64(vec![B, S], vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0]).unwrap()
+}
+
+/// Builds a graph with `build`, runs it with `feeds` on every device, and checks agreement.
+fn agree(name: &str, build: impl Fn(&mut GraphBuilder) -> ValueId, feeds: &[(String, HostTensor)]) {
+    let results: Vec<(DeviceKind, HostTensor)> = DeviceKind::ALL
+        .iter()
+        .map(|&device| {
+            let mut g = GraphBuilder::new();
+            let out = build(&mut g);
+            let graph = g.finish(vec![("out".into(), out)]).unwrap();
+            let plan = prepare(graph, device, ExecOptions::default()).unwrap();
+            let mut outputs = plan
+                .run(feeds)
+                .unwrap_or_else(|e| panic!("{name} on {device}: {e}"));
+            (device, outputs.remove(0).1)
+        })
+        .collect();
+    let (d0, reference) = &results[0];
+    for (d, t) in &results[1..] {
+        assert_eq!(t.shape, reference.shape, "{name}: {d} vs {d0} shape");
+        let (a, b) = (t.as_f32().unwrap(), reference.as_f32().unwrap());
+        let err = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{name}: {d} vs {d0} differ by {err}");
+    }
+}
+
+fn x_input(g: &mut GraphBuilder) -> ValueId {
+    g.input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(H)])
+        .unwrap()
+}
+
+fn feeds_x() -> Vec<(String, HostTensor)> {
+    vec![
+        ("x".into(), f32_tensor(&[B, S, H], 1)),
+        ("mask".into(), mask()),
+    ]
+}
+
+#[test]
+fn every_op_agrees_across_backends() {
+    let feeds = feeds_x();
+    agree(
+        "linear",
+        |g| {
+            let x = x_input(g);
+            let w = g
+                .constant("w", f32_tensor(&[7, H], 2), ConstRole::LinearWeight)
+                .unwrap();
+            let b = g
+                .constant("b", f32_tensor(&[7], 3), ConstRole::Other)
+                .unwrap();
+            g.push(Op::Linear, &[x, w, b], "linear").unwrap()
+        },
+        &feeds,
+    );
+    agree(
+        "linear without bias",
+        |g| {
+            let x = x_input(g);
+            let w = g
+                .constant("w", f32_tensor(&[7, H], 2), ConstRole::LinearWeight)
+                .unwrap();
+            g.push(Op::Linear, &[x, w], "linear").unwrap()
+        },
+        &feeds,
+    );
+    agree(
+        "add",
+        |g| {
+            let x = x_input(g);
+            g.push(Op::Add, &[x, x], "add").unwrap()
+        },
+        &feeds,
+    );
+    agree(
+        "layer_norm",
+        |g| {
+            let x = x_input(g);
+            let gamma = g
+                .constant("g", f32_tensor(&[H], 5), ConstRole::Other)
+                .unwrap();
+            let beta = g
+                .constant("b", f32_tensor(&[H], 6), ConstRole::Other)
+                .unwrap();
+            g.push(Op::LayerNorm { eps: 1e-12 }, &[x, gamma, beta], "ln")
+                .unwrap()
+        },
+        &feeds,
+    );
+    for act in [
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Relu,
+        Activation::Tanh,
+        Activation::Silu,
+    ] {
+        agree(
+            &format!("{act:?}"),
+            |g| {
+                let x = x_input(g);
+                g.push(Op::Activation(act), &[x], "act").unwrap()
+            },
+            &feeds,
+        );
+    }
+    agree(
+        "split/merge heads",
+        |g| {
+            let x = x_input(g);
+            let s = g.push(Op::SplitHeads { heads: 3 }, &[x], "split").unwrap();
+            let s = g
+                .push(Op::Activation(Activation::Tanh), &[s], "act")
+                .unwrap();
+            g.push(Op::MergeHeads, &[s], "merge").unwrap()
+        },
+        &feeds,
+    );
+    for mask_kind in [AttnMask::None, AttnMask::KeyPadding, AttnMask::Causal] {
+        for kv_heads in [3, 1] {
+            agree(
+                &format!("sdpa {mask_kind:?} kv_heads {kv_heads}"),
+                |g| {
+                    let x = x_input(g);
+                    let q = g.push(Op::SplitHeads { heads: 3 }, &[x], "q").unwrap();
+                    let kw = g
+                        .constant(
+                            "kw",
+                            f32_tensor(&[4 * kv_heads, H], 7),
+                            ConstRole::LinearWeight,
+                        )
+                        .unwrap();
+                    let kx = g.push(Op::Linear, &[x, kw], "kx").unwrap();
+                    let k = g
+                        .push(Op::SplitHeads { heads: kv_heads }, &[kx], "k")
+                        .unwrap();
+                    let m = g.input("mask", DType::I64, &bs()).unwrap();
+                    let mut inputs = vec![q, k, k];
+                    if mask_kind == AttnMask::KeyPadding {
+                        inputs.push(m);
+                    }
+                    g.push(
+                        Op::Sdpa {
+                            mask: mask_kind,
+                            scale: Some(0.3),
+                        },
+                        &inputs,
+                        "sdpa",
+                    )
+                    .unwrap()
+                },
+                &feeds,
+            );
+        }
+    }
+    for mode in [PoolMode::Mean, PoolMode::Cls, PoolMode::Max] {
+        agree(
+            &format!("pool {mode:?}"),
+            |g| {
+                let x = x_input(g);
+                let m = g.input("mask", DType::I64, &bs()).unwrap();
+                g.push(Op::Pool { mode }, &[x, m], "pool").unwrap()
+            },
+            &feeds,
+        );
+    }
+    agree(
+        "l2_normalize",
+        |g| {
+            let x = x_input(g);
+            g.push(Op::L2Normalize, &[x], "norm").unwrap()
+        },
+        &feeds,
+    );
+    agree(
+        "softmax",
+        |g| {
+            let x = x_input(g);
+            g.push(Op::Softmax, &[x], "softmax").unwrap()
+        },
+        &feeds,
+    );
+    let ids = HostTensor::i64(vec![B, S], vec![0, 3, 9, 2, 2, 1, 0, 4, 8, 7]).unwrap();
+    agree(
+        "embedding",
+        |g| {
+            let table = g
+                .constant("table", f32_tensor(&[10, H], 8), ConstRole::Other)
+                .unwrap();
+            let ids = g.input("ids", DType::I64, &bs()).unwrap();
+            g.push(Op::Embedding, &[table, ids], "emb").unwrap()
+        },
+        &[("ids".into(), ids)],
+    );
+}
+
+#[test]
+fn forcing_the_math_kernel_gives_the_same_answer() {
+    let build = |g: &mut GraphBuilder| {
+        let x = x_input(g);
+        let q = g.push(Op::SplitHeads { heads: 4 }, &[x], "q").unwrap();
+        let m = g.input("mask", DType::I64, &bs()).unwrap();
+        g.push(
+            Op::Sdpa {
+                mask: AttnMask::KeyPadding,
+                scale: None,
+            },
+            &[q, q, q, m],
+            "sdpa",
+        )
+        .unwrap()
+    };
+    for device in DeviceKind::ALL {
+        let run = |kernel| {
+            let mut g = GraphBuilder::new();
+            let out = build(&mut g);
+            let graph = g.finish(vec![("out".into(), out)]).unwrap();
+            let plan = prepare(
+                graph,
+                device,
+                ExecOptions {
+                    sdpa_kernel: kernel,
+                },
+            )
+            .unwrap();
+            plan.run(&feeds_x())
+                .unwrap()
+                .remove(0)
+                .1
+                .into_f32()
+                .unwrap()
+        };
+        let (auto, math) = (
+            run(SdpaKernelChoice::Auto),
+            run(SdpaKernelChoice::Force(SdpaKernel::Math)),
+        );
+        let err = auto
+            .iter()
+            .zip(&math)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{device}: auto vs math differ by {err}");
+    }
+}
+
+#[test]
+fn the_builder_rejects_ill_typed_graphs_with_a_reason() {
+    let mut g = GraphBuilder::new();
+    let x = x_input(&mut g);
+    let w = g
+        .constant("w", f32_tensor(&[7, 5], 1), ConstRole::LinearWeight)
+        .unwrap();
+    let err = g
+        .push(Op::Linear, &[x, w], "bad_linear")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad_linear") && err.contains("input size 5"),
+        "{err}"
+    );
+
+    let err = g
+        .push(Op::SplitHeads { heads: 5 }, &[x], "bad_split")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not divisible by 5 heads"), "{err}");
+
+    let m = g.input("m", DType::F32, &bs()).unwrap();
+    let err = g
+        .push(
+            Op::Pool {
+                mode: PoolMode::Mean,
+            },
+            &[x, m],
+            "bad_pool",
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("mask must be I64"), "{err}");
+
+    let err = g.push(Op::Add, &[x], "bad_add").unwrap_err().to_string();
+    assert!(err.contains("expects 2 inputs"), "{err}");
+
+    // A graph edited into an inconsistent state (as a buggy pass might) fails `check`.
+    let mut g = GraphBuilder::new();
+    let x = x_input(&mut g);
+    let y = g
+        .push(Op::Activation(Activation::Relu), &[x], "relu")
+        .unwrap();
+    let mut graph: Graph = g.finish(vec![("y".into(), y)]).unwrap();
+    graph.nodes[1].ty.dims[2] = Dim::Fixed(99);
+    let err = graph.check().unwrap_err().to_string();
+    assert!(err.contains("recorded type"), "{err}");
+}
+
+#[test]
+fn bad_inputs_are_errors_before_any_kernel_runs() {
+    for device in DeviceKind::ALL {
+        let mut g = GraphBuilder::new();
+        let table = g
+            .constant("table", f32_tensor(&[10, H], 8), ConstRole::Other)
+            .unwrap();
+        let ids = g.input("ids", DType::I64, &bs()).unwrap();
+        let m = g.input("mask", DType::I64, &bs()).unwrap();
+        let e = g.push(Op::Embedding, &[table, ids], "emb").unwrap();
+        let p = g
+            .push(
+                Op::Pool {
+                    mode: PoolMode::Mean,
+                },
+                &[e, m],
+                "pool",
+            )
+            .unwrap();
+        let plan = prepare(
+            g.finish(vec![("p".into(), p)]).unwrap(),
+            device,
+            ExecOptions::default(),
+        )
+        .unwrap();
+        let ids_t = |v: Vec<i64>, shape: Vec<usize>| HostTensor::i64(shape, v).unwrap();
+        let run = |ids: HostTensor, mask: HostTensor| {
+            plan.run(&[("ids".into(), ids), ("mask".into(), mask)])
+        };
+
+        let err = run(
+            ids_t(vec![1, 2, 10], vec![1, 3]),
+            ids_t(vec![1; 3], vec![1, 3]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("id 10 is outside the vocabulary of 10"),
+            "{device}: {err}"
+        );
+        let err = run(
+            ids_t(vec![1, -1, 2], vec![1, 3]),
+            ids_t(vec![1; 3], vec![1, 3]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("id -1"), "{device}: {err}");
+        let err = run(
+            ids_t(vec![1, 2, 3], vec![1, 3]),
+            ids_t(vec![1; 4], vec![1, 4]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("seq is 4 here but 3"), "{device}: {err}");
+        let err = run(ids_t(vec![1, 2, 3], vec![3]), ids_t(vec![1; 3], vec![1, 3]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected shape"), "{device}: {err}");
+        let err = plan
+            .run(&[
+                ("ids".into(), f32_tensor(&[1, 3], 1)),
+                ("mask".into(), ids_t(vec![1; 3], vec![1, 3])),
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected I64"), "{device}: {err}");
+        let err = run(ids_t(vec![], vec![0, 3]), ids_t(vec![], vec![0, 3]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("empty batch"), "{device}: {err}");
+        let err = plan
+            .run(&[("ids".into(), ids_t(vec![1], vec![1, 1]))])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("mask") && err.contains("missing"),
+            "{device}: {err}"
+        );
+        // And the plan still runs good input afterwards.
+        assert!(
+            run(
+                ids_t(vec![1, 2, 3], vec![1, 3]),
+                ids_t(vec![1, 1, 0], vec![1, 3])
+            )
+            .is_ok()
+        );
+    }
+}

@@ -1,0 +1,76 @@
+//! The router in-process (no socket): readiness and errors while the model is loading, and a
+//! request once it is loaded.
+
+use std::path::PathBuf;
+
+use axum::body::{Body, to_bytes};
+use axum::http::{Request, StatusCode};
+use kiln_server::{AppState, ServeConfig, app};
+use tower::ServiceExt;
+
+fn bert_tiny_cls() -> PathBuf {
+    std::env::var_os("KILN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"))
+        .join("tiny/bert-tiny-cls")
+}
+
+async fn call(
+    state: &AppState,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app(state.clone()).oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn not_ready_until_loaded_then_serves() {
+    let state = AppState::new(ServeConfig::for_model(bert_tiny_cls()));
+    let (status, body) = call(&state, "GET", "/health", "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body["error"].as_str().unwrap().contains("loading"));
+    let (status, _) = call(&state, "POST", "/predict", r#"{"inputs": "hello"}"#).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    // Validation does not wait for the model.
+    let (status, _) = call(&state, "POST", "/predict", r#"{"inputs": 1}"#).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+
+    let loader = state.clone();
+    tokio::task::spawn_blocking(move || loader.load())
+        .await
+        .unwrap()
+        .unwrap();
+    let (status, _) = call(&state, "GET", "/health", "").await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = call(&state, "POST", "/predict", r#"{"inputs": "hello"}"#).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body.as_array().unwrap().len(), 3);
+    let (status, body) = call(&state, "GET", "/info", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["model_type"], "classifier");
+    assert_eq!(body["model"]["labels"][2], "positive");
+    let (status, body) = call(&state, "GET", "/v1/models", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["data"][0]["id"], "bert-tiny-cls");
+}
+
+#[test]
+fn config_validation_names_the_flag() {
+    let mut c = ServeConfig::for_model(bert_tiny_cls());
+    c.max_client_batch_size = 0;
+    assert!(
+        c.validate()
+            .unwrap_err()
+            .contains("--max-client-batch-size")
+    );
+}
