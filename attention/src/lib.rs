@@ -7,9 +7,10 @@
 //! builds a plan and logs the answer; models only ever emit an `Sdpa` node and never choose.
 //!
 //! Kernels work on plain `f32` slices in `[batch, heads, seq, head_dim]` row-major layout so that
-//! they know nothing about tensors, devices or HTTP. The **math** kernel in [`math`] is the
-//! reference: it materialises one row of scores at a time and uses a max-subtracted softmax. Faster
-//! kernels (flash, memory-efficient) are added beside it and are tested against it.
+//! they know nothing about tensors, devices or HTTP. [`reference`] is a plain safe loop that every
+//! kernel is tested against (and it against PyTorch's float64 fixtures). The **math** kernel in
+//! [`math`] materialises each head's scores with GEMMs, as PyTorch's math path does; the flash and
+//! memory-efficient kernels arrive beside it behind the same selector.
 //!
 //! Conventions follow PyTorch's `scaled_dot_product_attention`: a key-padding mask entry of `true`
 //! means "attend to this key" (burn uses the opposite convention; the engine converts).
@@ -17,6 +18,7 @@
 mod error;
 pub mod math;
 mod params;
+pub mod reference;
 mod select;
 
 pub use error::SdpaError;

@@ -1,113 +1,114 @@
-//! The math kernel: the reference every other attention kernel is tested against.
-//!
-//! For each query row it computes every score, subtracts the row maximum, exponentiates,
-//! normalises and takes the weighted sum of values. One row of scores is held at a time
-//! (`kv_len` floats per worker), so memory is `O(kv_len)` per thread, not `O(q_len * kv_len)`.
-//! Work is split over `batch * q_heads` with rayon. No `unsafe`: this is the safe reference.
+//! The math kernel: materialises each head's `q_len × kv_len` scores with one GEMM, applies the
+//! mask and a max-subtracted softmax row by row, and multiplies by V with a second GEMM — what
+//! PyTorch's math path does with `bmm`. Memory is `O(q_len · kv_len)` per worker thread, which
+//! is what the flash and memory-efficient kernels exist to avoid at long sequence lengths.
+//! Work is split over `batch × q_heads` with rayon; each GEMM runs on its worker's thread.
 
 use rayon::prelude::*;
 
-use crate::params::{CausalAlign, Mask, SdpaParams};
+use crate::params::SdpaParams;
 
-/// Number of keys query `i` may see from the start of the sequence (causal limit), or `kv_len`.
-fn visible_keys(mask: &Mask<'_>, i: usize, q_len: usize, kv_len: usize) -> usize {
-    match mask {
-        Mask::Causal(CausalAlign::TopLeft) => (i + 1).min(kv_len),
-        Mask::Causal(CausalAlign::BottomRight) => (i + 1 + kv_len - q_len).min(kv_len),
-        Mask::None | Mask::KeyPadding(_) | Mask::Bool { .. } => kv_len,
+/// `dst[m×n] = beta · lhs · rhs` with explicit strides (column stride, row stride) for each
+/// operand; `dst` is dense row-major.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+fn gemm_strided(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    lhs: &[f32],
+    (lhs_cs, lhs_rs): (usize, usize),
+    rhs: &[f32],
+    (rhs_cs, rhs_rs): (usize, usize),
+    beta: f32,
+) {
+    let last = |cs: usize, rs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(m > 0 && n > 0 && k > 0, "gemm_strided: empty problem");
+    assert!(
+        dst.len() >= m * n
+            && lhs.len() > last(lhs_cs, lhs_rs, m, k)
+            && rhs.len() > last(rhs_cs, rhs_rs, k, n),
+        "gemm_strided: operand too short for its shape and strides"
+    );
+    // SAFETY: the assert above proves that the furthest element each operand's strides reach
+    // ((rows-1)·rs + (cols-1)·cs) lies inside its slice, and dst holds m·n elements at column
+    // stride 1 and row stride n. `dst` is a unique borrow, so it aliases neither input. With
+    // `read_dst = false`, gemm writes dst without reading it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
-}
-
-/// Dot product with eight independent partial sums, which the compiler can vectorise.
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let chunks = a.len() / 8 * 8;
-    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += ca[l] * cb[l];
-        }
-    }
-    let mut tail = 0.0;
-    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
-        tail += x * y;
-    }
-    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
 }
 
 /// Runs the math kernel. The caller has validated the buffer lengths
-/// ([`SdpaParams::validate`]); a fully masked query row produces zeros.
+/// ([`SdpaParams::validate`](crate::SdpaParams::validate)); a fully masked query row produces
+/// zeros, as in [`crate::reference`].
 pub fn sdpa(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], params: &SdpaParams<'_>) {
     let s = params.shape;
     let d = s.head_dim;
-    let scale = params.scale();
-    let group = s.q_heads / s.kv_heads;
-    let head_out = s.q_len * d;
+    let (sq, sk) = (s.q_len, s.kv_len);
+    let head_out = sq * d;
     if head_out == 0 {
         return;
     }
-    out.par_chunks_mut(head_out)
-        .enumerate()
-        .for_each(|(bh, out_head)| {
-            let b = bh / s.q_heads;
-            let h = bh % s.q_heads;
-            let kvh = h / group;
+    if sk == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let scale = params.scale();
+    let group = s.q_heads / s.kv_heads;
+    out.par_chunks_mut(head_out).enumerate().for_each_init(
+        Vec::new,
+        |scores: &mut Vec<f32>, (bh, out_head)| {
+            let (b, h) = (bh / s.q_heads, bh % s.q_heads);
             let q_head = &q[bh * head_out..(bh + 1) * head_out];
-            let kv_off = (b * s.kv_heads + kvh) * s.kv_len * d;
-            let k_head = &k[kv_off..kv_off + s.kv_len * d];
-            let v_head = &v[kv_off..kv_off + s.kv_len * d];
-            // Per query row `i`, the keys it may attend (None = all within the causal limit).
-            let bool_strides = match params.mask {
-                Mask::Bool { dims, .. } => Mask::bool_strides(dims),
-                _ => [0; 4],
-            };
-            let key_ok = |i: usize| -> Option<&[bool]> {
-                match params.mask {
-                    Mask::KeyPadding(m) => Some(&m[b * s.kv_len..(b + 1) * s.kv_len]),
-                    Mask::Bool { data, dims } => {
-                        let st = bool_strides;
-                        let start = b * st[0] + h * st[1] + i * st[2];
-                        let len = if dims[3] == 1 { 1 } else { s.kv_len };
-                        Some(&data[start..start + len])
-                    }
-                    Mask::None | Mask::Causal(_) => None,
-                }
-            };
-            let mut scores = vec![0.0f32; s.kv_len];
-            for i in 0..s.q_len {
-                let qi = &q_head[i * d..(i + 1) * d];
-                let oi = &mut out_head[i * d..(i + 1) * d];
-                oi.fill(0.0);
-                let visible = visible_keys(&params.mask, i, s.q_len, s.kv_len);
-                let row_ok = key_ok(i);
+            let kv_off = (b * s.kv_heads + h / group) * sk * d;
+            let k_head = &k[kv_off..kv_off + sk * d];
+            let v_head = &v[kv_off..kv_off + sk * d];
+            scores.resize(sq * sk, 0.0);
+            // scores = scale · Q Kᵀ: Kᵀ is K read with swapped strides.
+            gemm_strided(scores, (sq, sk, d), q_head, (1, d), k_head, (d, 1), scale);
+            for (i, row) in scores.chunks_mut(sk).enumerate() {
+                let visible = params.mask.visible_keys(i, sq, sk);
+                let allowed = params.mask.row(b, h, i, sk);
                 let mut max = f32::NEG_INFINITY;
-                for j in 0..visible {
-                    let allowed = row_ok.is_none_or(|m| if m.len() == 1 { m[0] } else { m[j] });
-                    scores[j] = if allowed {
-                        dot(qi, &k_head[j * d..(j + 1) * d]) * scale
-                    } else {
-                        f32::NEG_INFINITY
-                    };
-                    max = max.max(scores[j]);
+                for (j, x) in row.iter_mut().enumerate() {
+                    if j >= visible || !allowed.allows(j) {
+                        *x = f32::NEG_INFINITY;
+                    }
+                    max = max.max(*x);
                 }
                 if max == f32::NEG_INFINITY {
-                    continue; // every key masked: defined as a zero output row
+                    row.fill(0.0); // every key masked: a zero output row
+                    continue;
                 }
                 let mut sum = 0.0f32;
-                for sc in &mut scores[..visible] {
-                    *sc = (*sc - max).exp();
-                    sum += *sc;
+                for x in row.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
                 }
                 let inv = 1.0 / sum;
-                for (j, &p) in scores[..visible].iter().enumerate() {
-                    if p == 0.0 {
-                        continue;
-                    }
-                    let w = p * inv;
-                    for (o, x) in oi.iter_mut().zip(&v_head[j * d..(j + 1) * d]) {
-                        *o += w * x;
-                    }
-                }
+                row.iter_mut().for_each(|x| *x *= inv);
             }
-        });
+            // out = P · V
+            gemm_strided(out_head, (sq, d, sk), scores, (1, sk), v_head, (1, d), 1.0);
+        },
+    );
 }

@@ -62,16 +62,57 @@ pub enum Mask<'a> {
     },
 }
 
-impl<'a> Mask<'a> {
-    /// Strides of a broadcast boolean mask over `[batch, head, query, key]`; 0 where broadcast.
-    pub(crate) fn bool_strides(dims: [usize; 4]) -> [usize; 4] {
-        let mut strides = [0usize; 4];
-        let mut acc = 1;
-        for i in (0..4).rev() {
-            strides[i] = if dims[i] == 1 { 0 } else { acc };
-            acc *= dims[i];
+/// Which keys one query row may attend to (within its causal limit).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RowMask<'a> {
+    All,
+    Keys(&'a [bool]),
+    /// A mask broadcast over keys: all or none.
+    Uniform(bool),
+}
+
+impl RowMask<'_> {
+    #[inline]
+    pub(crate) fn allows(&self, j: usize) -> bool {
+        match self {
+            RowMask::All => true,
+            RowMask::Keys(m) => m[j],
+            RowMask::Uniform(v) => *v,
         }
-        strides
+    }
+}
+
+impl<'a> Mask<'a> {
+    /// Number of keys query `i` may see from the start of the sequence (its causal limit).
+    pub(crate) fn visible_keys(&self, i: usize, q_len: usize, kv_len: usize) -> usize {
+        match self {
+            Mask::Causal(CausalAlign::TopLeft) => (i + 1).min(kv_len),
+            Mask::Causal(CausalAlign::BottomRight) => (i + 1 + kv_len - q_len).min(kv_len),
+            Mask::None | Mask::KeyPadding(_) | Mask::Bool { .. } => kv_len,
+        }
+    }
+
+    /// The keys query `i` of head `h` in batch `b` may attend to. Lengths were validated.
+    pub(crate) fn row(&self, b: usize, h: usize, i: usize, kv_len: usize) -> RowMask<'a> {
+        match *self {
+            Mask::None | Mask::Causal(_) => RowMask::All,
+            Mask::KeyPadding(m) => RowMask::Keys(&m[b * kv_len..(b + 1) * kv_len]),
+            Mask::Bool { data, dims } => {
+                // Strides over [batch, head, query, key]; 0 where the mask is broadcast.
+                let mut strides = [0usize; 4];
+                let mut acc = 1;
+                for d in (0..4).rev() {
+                    strides[d] = if dims[d] == 1 { 0 } else { acc };
+                    acc *= dims[d];
+                }
+                let start = b * strides[0] + h * strides[1] + i * strides[2];
+                if dims[3] == 1 {
+                    RowMask::Uniform(data[start])
+                } else {
+                    RowMask::Keys(&data[start..start + kv_len])
+                }
+            }
+        }
     }
 }
 
@@ -123,7 +164,7 @@ impl SdpaParams<'_> {
                 "heads and head_dim must be positive ({s})"
             )));
         }
-        if s.q_heads % s.kv_heads != 0 {
+        if !s.q_heads.is_multiple_of(s.kv_heads) {
             return Err(SdpaError::Shape(format!(
                 "q_heads {} is not a multiple of kv_heads {}",
                 s.q_heads, s.kv_heads

@@ -216,3 +216,117 @@ fn bad_shapes_are_errors_not_panics() {
     .unwrap_err();
     assert!(err.to_string().contains("q has 15 elements"), "{err}");
 }
+
+/// The math kernel against the safe reference over random shapes, masks, GQA and head sizes
+/// that are not multiples of the vector width.
+#[test]
+fn math_kernel_matches_reference_on_random_problems() {
+    let mut seed = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move |n: usize| -> usize {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    for case in 0..60 {
+        let kv_heads = 1 + next(3);
+        let shape = SdpaShape {
+            batch: 1 + next(3),
+            q_heads: kv_heads * (1 + next(3)),
+            kv_heads,
+            q_len: 1 + next(40),
+            kv_len: 1 + next(40),
+            head_dim: [1, 7, 16, 33, 64, 80, 96, 128][next(8)],
+        };
+        let vals = |n: usize, salt: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + salt * 104_729) % 2001) as f32 / 1000.0 - 1.0)
+                .collect()
+        };
+        let (q, k, v) = (
+            vals(shape.q_elems(), 1),
+            vals(shape.kv_elems(), 2),
+            vals(shape.kv_elems(), 3),
+        );
+        let pad: Vec<bool> = (0..shape.batch * shape.kv_len)
+            .map(|i| i % shape.kv_len <= (i * 31) % shape.kv_len)
+            .collect();
+        let dense: Vec<bool> = (0..shape.q_len * shape.kv_len)
+            .map(|i| (i * 13) % 5 != 0)
+            .collect();
+        let mut masks = vec![
+            Mask::None,
+            Mask::Causal(CausalAlign::TopLeft),
+            Mask::KeyPadding(&pad),
+        ];
+        masks.push(Mask::Bool {
+            data: &dense,
+            dims: [1, 1, shape.q_len, shape.kv_len],
+        });
+        if shape.q_len <= shape.kv_len {
+            masks.push(Mask::Causal(CausalAlign::BottomRight));
+        }
+        for mask in masks {
+            let params = SdpaParams {
+                shape,
+                mask,
+                scale: if case % 3 == 0 { Some(0.7) } else { None },
+            };
+            let mut want = vec![0.0f32; shape.q_elems()];
+            kiln_attention::reference::sdpa(&q, &k, &v, &mut want, &params);
+            let mut got = vec![f32::NAN; shape.q_elems()];
+            let kernel = scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                &mut got,
+                &params,
+                KernelChoice::Force(Kernel::Math),
+            )
+            .unwrap();
+            assert_eq!(kernel, Kernel::Math);
+            let err = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+                .fold(0.0f32, f32::max);
+            assert!(
+                err <= 1e-5,
+                "case {case} {shape} mask {}: relative error {err}",
+                mask.name()
+            );
+        }
+    }
+}
+
+/// The reference itself against the float64 fixtures (so it is a reference worth the name).
+#[test]
+fn reference_matches_torch_float64_too() {
+    let dir = fixtures().join("sdpa");
+    let name = "gqa_causal_d64";
+    let (qs, q) = read_npy_f32(&dir.join(format!("{name}.q.npy")));
+    let (ks, k) = read_npy_f32(&dir.join(format!("{name}.k.npy")));
+    let (_, v) = read_npy_f32(&dir.join(format!("{name}.v.npy")));
+    let (_, want) = read_npy_f32(&dir.join(format!("{name}.out.npy")));
+    let shape = SdpaShape {
+        batch: qs[0],
+        q_heads: qs[1],
+        q_len: qs[2],
+        head_dim: qs[3],
+        kv_heads: ks[1],
+        kv_len: ks[2],
+    };
+    let params = SdpaParams {
+        shape,
+        mask: Mask::Causal(CausalAlign::TopLeft),
+        scale: None,
+    };
+    let mut out = vec![0.0f32; shape.q_elems()];
+    kiln_attention::reference::sdpa(&q, &k, &v, &mut out, &params);
+    let err = out
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
+        .fold(0.0f32, f32::max);
+    assert!(err <= 1e-5, "reference vs torch: {err}");
+}
