@@ -25,7 +25,15 @@ impl Worker {
             .name("kiln-backend".into())
             .spawn(move || {
                 while let Some(job) = rx.blocking_recv() {
-                    job(&model);
+                    // A panic in a kernel is a bug, but it must cost one request, not the
+                    // server: the job's reply is dropped (its handler answers 500) and the
+                    // thread goes on.
+                    let run = std::panic::AssertUnwindSafe(|| job(&model));
+                    if std::panic::catch_unwind(run).is_err() {
+                        tracing::error!(
+                            "a backend job panicked; that request failed, serving goes on"
+                        );
+                    }
                 }
             })?;
         Ok(Self { tx })
