@@ -120,13 +120,7 @@ impl Backend for BurnBackend {
                 // burn's linear wants `[in, out]`; transpose the HF `[out, in]` once here.
                 let (shape, data) = match (role, &t.shape[..]) {
                     (ConstRole::LinearWeight, &[out, inn]) => {
-                        let mut packed = vec![0.0f32; v.len()];
-                        for o in 0..out {
-                            for i in 0..inn {
-                                packed[i * out + o] = v[o * inn + i];
-                            }
-                        }
-                        (vec![inn, out], packed)
+                        (vec![inn, out], super::transpose(v, out, inn))
                     }
                     _ => (t.shape.clone(), v.clone()),
                 };

@@ -111,13 +111,7 @@ impl Backend for CpuBackend {
                 let [out, inn] = t.shape[..] else {
                     return Err(self.err(format!("linear weight must be 2-D, got {:?}", t.shape)));
                 };
-                let mut packed = vec![0.0f32; v.len()];
-                for o in 0..out {
-                    for i in 0..inn {
-                        packed[i * out + o] = v[o * inn + i];
-                    }
-                }
-                CpuData::PackedLinear(Arc::new(packed))
+                CpuData::PackedLinear(Arc::new(super::transpose(v, out, inn)))
             }
             (HostData::F32(v), ConstRole::Other) => CpuData::F32(Arc::new(v.clone())),
             (HostData::I64(v), _) => CpuData::I64(Arc::new(v.clone())),

@@ -18,6 +18,18 @@ use crate::error::Result;
 use crate::ir::{Activation, ConstRole, PoolMode};
 use crate::tensor::HostTensor;
 
+/// Transposes a row-major `[rows, cols]` matrix: how a Hugging Face `[out, in]` linear weight
+/// becomes the `[in, out]` layout both backends' GEMMs stream best.
+pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; v.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            t[c * rows + r] = v[r * cols + c];
+        }
+    }
+    t
+}
+
 /// Mask argument of [`Backend::sdpa`].
 #[derive(Debug, Clone)]
 pub enum SdpaMaskArg<T> {
