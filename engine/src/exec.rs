@@ -37,6 +37,27 @@ pub struct Plan<B: Backend> {
     last_use: Vec<usize>,
     inputs: Vec<InputSpec>,
     options: ExecOptions,
+    sdpa_calls: KernelCounts,
+}
+
+/// How many attention calls each kernel has run since the plan was built (cumulative, for the
+/// `kiln_sdpa_kernel_calls_total` metric and tests that force a kernel).
+#[derive(Default)]
+pub struct KernelCounts(std::sync::Mutex<Vec<(&'static str, u64)>>);
+
+impl KernelCounts {
+    fn record(&self, kernel: &'static str) {
+        let mut counts = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.iter_mut().find(|(k, _)| *k == kernel) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((kernel, 1)),
+        }
+    }
+
+    /// `(kernel name, calls)` pairs in first-use order.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 const KEEP: usize = usize::MAX;
@@ -90,6 +111,7 @@ impl<B: Backend> Plan<B> {
             last_use,
             inputs,
             options,
+            sdpa_calls: KernelCounts::default(),
         })
     }
 
@@ -219,7 +241,9 @@ impl<B: Backend> Plan<B> {
                         AttnMask::Causal => SdpaMaskArg::Causal,
                         AttnMask::KeyPadding => SdpaMaskArg::KeyPadding(next()),
                     };
-                    Some(be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?)
+                    let (out, kernel) = be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?;
+                    self.sdpa_calls.record(kernel);
+                    Some(out)
                 }
                 Op::Pool { mode } => Some(be.pool(next(), next(), *mode)?),
                 Op::L2Normalize => Some(be.l2_normalize(next())?),
@@ -252,6 +276,8 @@ pub trait Runnable: Send + Sync {
     fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
     fn backend_name(&self) -> String;
     fn graph(&self) -> &Graph;
+    /// Attention calls per kernel since the plan was built.
+    fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)>;
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -265,6 +291,10 @@ impl<B: Backend> Runnable for Plan<B> {
 
     fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)> {
+        self.sdpa_calls.snapshot()
     }
 }
 

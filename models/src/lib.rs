@@ -373,6 +373,11 @@ impl EncoderModel {
             .collect())
     }
 
+    /// Attention calls per kernel (`math`, `flash`, ... or `burn`) since the model was loaded.
+    pub fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)> {
+        self.plan.sdpa_kernel_counts()
+    }
+
     /// The labels of a classifier, in id order.
     pub fn labels(&self) -> &[String] {
         match &self.info.kind {

@@ -242,7 +242,7 @@ impl Backend for BurnBackend {
         mask: SdpaMaskArg<BurnTensor>,
         scale: Option<f32>,
         kernel: KernelChoice,
-    ) -> Result<BurnTensor> {
+    ) -> Result<(BurnTensor, &'static str)> {
         if kernel == KernelChoice::Force(Kernel::Math) {
             // Forcing kiln's math kernel works on every backend: run it on host copies.
             let cpu = CpuBackend::default();
@@ -253,8 +253,8 @@ impl Backend for BurnBackend {
                 SdpaMaskArg::None => SdpaMaskArg::None,
                 SdpaMaskArg::Causal => SdpaMaskArg::Causal,
             };
-            let out = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
-            return self.upload(&cpu.download(out)?, ConstRole::Other);
+            let (out, ran) = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
+            return Ok((self.upload(&cpu.download(out)?, ConstRole::Other)?, ran));
         }
         let (q, _) = self.float(q, "q")?;
         let (mut k, _) = self.float(k, "k")?;
@@ -294,7 +294,7 @@ impl Backend for BurnBackend {
             }
         };
         let t = module::attention(q, k, v, bool_mask, None, options);
-        Ok(BurnTensor::Float { t, rank: 4 })
+        Ok((BurnTensor::Float { t, rank: 4 }, "burn"))
     }
 
     fn pool(&self, x: BurnTensor, mask: BurnTensor, mode: PoolMode) -> Result<BurnTensor> {

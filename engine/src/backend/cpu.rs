@@ -224,7 +224,7 @@ impl Backend for CpuBackend {
         mask: SdpaMaskArg<CpuTensor>,
         scale: Option<f32>,
         kernel: KernelChoice,
-    ) -> Result<CpuTensor> {
+    ) -> Result<(CpuTensor, &'static str)> {
         let (qs, ks, vs) = (
             self.f32_ref(&q, "q")?,
             self.f32_ref(&k, "k")?,
@@ -258,8 +258,8 @@ impl Backend for CpuBackend {
         };
         let mut out = vec![0.0f32; qs.len()];
         let params = SdpaParams { shape, mask, scale };
-        scaled_dot_product_attention(qs, ks, vs, &mut out, &params, kernel)?;
-        Ok(f32_tensor(q.shape.clone(), out))
+        let ran = scaled_dot_product_attention(qs, ks, vs, &mut out, &params, kernel)?;
+        Ok((f32_tensor(q.shape.clone(), out), ran.name()))
     }
 
     fn pool(&self, x: CpuTensor, mask: CpuTensor, mode: PoolMode) -> Result<CpuTensor> {

@@ -70,6 +70,8 @@ pub trait Backend: Send + Sync + 'static {
     fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     fn split_heads(&self, x: Self::Tensor, heads: usize) -> Result<Self::Tensor>;
     fn merge_heads(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+    /// Attention; returns the output and the name of the kernel that ran it (for logs and the
+    /// per-kernel metric).
     fn sdpa(
         &self,
         q: Self::Tensor,
@@ -78,7 +80,7 @@ pub trait Backend: Send + Sync + 'static {
         mask: SdpaMaskArg<Self::Tensor>,
         scale: Option<f32>,
         kernel: KernelChoice,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<(Self::Tensor, &'static str)>;
     fn pool(&self, x: Self::Tensor, mask: Self::Tensor, mode: PoolMode) -> Result<Self::Tensor>;
     fn l2_normalize(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     fn softmax(&self, x: Self::Tensor) -> Result<Self::Tensor>;
