@@ -9,27 +9,43 @@
 //! Kernels work on plain `f32` slices in `[batch, heads, seq, head_dim]` row-major layout so that
 //! they know nothing about tensors, devices or HTTP. [`reference`] is a plain safe loop that every
 //! kernel is tested against (and it against PyTorch's float64 fixtures). The **math** kernel in
-//! [`math`] materialises each head's scores with GEMMs, as PyTorch's math path does; the flash and
-//! memory-efficient kernels arrive beside it behind the same selector.
+//! [`math`] materialises each head's scores with GEMMs, as PyTorch's math path does; [`flash`] and
+//! [`mem_efficient`] tile over keys with an online softmax so memory stays linear in the sequence
+//! length. All three run on the same blocks of work (`task.rs`): a run of query rows of one
+//! (sequence, head), cut the same way from a padded batch or from a padding-free ("varlen")
+//! batch, so every kernel supports varlen and the driver parallelises over batch × heads × query
+//! blocks.
 //!
 //! Conventions follow PyTorch's `scaled_dot_product_attention`: a key-padding mask entry of `true`
 //! means "attend to this key" (burn uses the opposite convention; the engine converts).
 
 mod error;
+pub mod flash;
+mod gemm;
 pub mod math;
+pub mod mem_efficient;
 mod params;
 pub mod reference;
 mod select;
+pub mod simd;
+mod task;
+mod tiled;
 
 pub use error::SdpaError;
-pub use params::{CausalAlign, Mask, SdpaParams, SdpaShape};
-pub use select::{Kernel, KernelChoice, Selection, select};
+pub use params::{
+    CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,
+};
+pub use select::{Kernel, KernelChoice, MATH_MAX_SCORES, Selection, select, unsupported};
+pub use simd::Isa;
+
+use task::{Block, Shared};
 
 /// Runs attention with the kernel the selector picks for `params` and `choice`.
 ///
 /// `q` is `[batch, q_heads, q_len, head_dim]`, `k` and `v` are `[batch, kv_heads, kv_len,
 /// head_dim]`, and `out` receives `[batch, q_heads, q_len, head_dim]`. Every length is checked
-/// before any work; a mismatch is an error, never a panic.
+/// before any work; a mismatch, or a forced kernel that cannot run the input, is an error,
+/// never a panic. Returns the kernel that ran.
 pub fn scaled_dot_product_attention(
     q: &[f32],
     k: &[f32],
@@ -39,9 +55,50 @@ pub fn scaled_dot_product_attention(
     choice: KernelChoice,
 ) -> Result<Kernel, SdpaError> {
     params.validate(q.len(), k.len(), v.len(), out.len())?;
-    let selection = select(&params.summary(), choice)?;
-    match selection.kernel {
-        Kernel::Math => math::sdpa(q, k, v, out, params),
+    let kernel = select(&params.summary(), Isa::detect(), choice)?.kernel;
+    let shared = Shared {
+        mask: params.mask,
+        scale: params.scale(),
+    };
+    let blocks = task::padded(q, k, v, out, params, block_rows(kernel));
+    run(kernel, blocks, shared);
+    Ok(kernel)
+}
+
+/// Padding-free attention over sequences packed back to back (see [`VarlenParams`] for the
+/// layout). Each sequence attends only to itself; the output equals running every sequence
+/// alone. Returns the kernel that ran.
+pub fn scaled_dot_product_attention_varlen(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+    params: &VarlenParams<'_>,
+    choice: KernelChoice,
+) -> Result<Kernel, SdpaError> {
+    params.validate(q.len(), k.len(), v.len(), out.len())?;
+    let kernel = select(&params.summary(), Isa::detect(), choice)?.kernel;
+    let shared = Shared {
+        mask: params.causal.map_or(Mask::None, Mask::Causal),
+        scale: params.scale(),
+    };
+    let blocks = task::varlen(q, k, v, out, params, block_rows(kernel));
+    run(kernel, blocks, shared);
+    Ok(kernel)
+}
+
+fn block_rows(kernel: Kernel) -> task::BlockRows {
+    match kernel {
+        Kernel::Math => math::block_rows,
+        Kernel::Flash => flash::block_rows,
+        Kernel::MemEfficient => mem_efficient::block_rows,
     }
-    Ok(selection.kernel)
+}
+
+fn run(kernel: Kernel, blocks: Vec<Block<'_, '_>>, shared: Shared<'_>) {
+    match kernel {
+        Kernel::Math => task::run(blocks, shared, math::run_block),
+        Kernel::Flash => task::run(blocks, shared, flash::run_block),
+        Kernel::MemEfficient => task::run(blocks, shared, mem_efficient::run_block),
+    }
 }

@@ -57,7 +57,7 @@ pub fn sdpa(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], params: &SdpaParam
                 let mut max = f32::NEG_INFINITY;
                 for j in 0..visible {
                     scores[j] = if row_ok.allows(j) {
-                        dot(qi, &k_head[j * d..(j + 1) * d]) * scale
+                        dot(qi, &k_head[j * d..(j + 1) * d]) * scale + row_ok.bias(j)
                     } else {
                         f32::NEG_INFINITY
                     };

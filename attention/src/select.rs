@@ -1,30 +1,89 @@
-//! The kernel selector: a pure function of the problem and the user's choice.
+//! The kernel selector: a pure function of the problem, the CPU and the user's choice.
+//!
+//! Priority (auto), measured in `docs/BENCHMARKS.md` (`cargo bench -p kiln-attention`):
+//! 1. **math** when a head's score matrix is small (`q_len · kv_len <= MATH_MAX_SCORES`): two
+//!    GEMM calls per head beat tiling, whose per-tile bookkeeping costs more than it saves.
+//! 2. **flash** for longer sequences with an index-computable mask (none, causal, key padding,
+//!    varlen) and `head_dim <= 256`: fastest, O(S) memory, skips masked tiles.
+//! 3. **memory-efficient** for everything else at length: dense boolean masks, additive biases,
+//!    and head sizes above 256. O(S) memory.
+//!
+//! Math runs everything but needs `O(q_len · kv_len)` memory per thread.
 
 use crate::SdpaError;
+use crate::flash;
 use crate::params::ProblemSummary;
+use crate::simd::Isa;
+
+/// Largest `q_len · kv_len` for which auto picks math (measured crossover, see module docs).
+pub const MATH_MAX_SCORES: usize = 128 * 128;
 
 /// An attention kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// Materialises scores row by row; the reference every other kernel is tested against.
+    /// Materialises scores with one GEMM per head; the reference every other kernel is tested
+    /// against, and the fastest for short sequences.
     Math,
+    /// Tiled online softmax over query and key blocks; index-computable masks only.
+    Flash,
+    /// Key-chunked online softmax; any mask or additive bias.
+    MemEfficient,
 }
 
 impl Kernel {
+    pub const ALL: [Kernel; 3] = [Kernel::Math, Kernel::Flash, Kernel::MemEfficient];
+
+    /// The name used in config, CLI, logs and metrics.
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Math => "math",
+            Kernel::Flash => "flash",
+            Kernel::MemEfficient => "mem_efficient",
         }
     }
 }
 
+impl std::fmt::Display for Kernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What the user asked for: `auto` lets the selector decide; a named kernel is a hard
-/// requirement (an input it cannot run is an error, never a silent fallback).
+/// requirement (an input it cannot run is an error, never a silent fallback). This is
+/// PyTorch's `torch.nn.attention.sdpa_kernel`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KernelChoice {
     #[default]
     Auto,
     Force(Kernel),
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(KernelChoice::Auto),
+            "math" => Ok(KernelChoice::Force(Kernel::Math)),
+            "flash" => Ok(KernelChoice::Force(Kernel::Flash)),
+            "mem_efficient" | "mem-efficient" | "efficient" => {
+                Ok(KernelChoice::Force(Kernel::MemEfficient))
+            }
+            other => Err(format!(
+                "unknown sdpa kernel `{other}` (expected auto, flash, mem_efficient or math)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KernelChoice::Auto => f.write_str("auto"),
+            KernelChoice::Force(k) => f.write_str(k.name()),
+        }
+    }
 }
 
 /// The selector's answer: which kernel, and why.
@@ -34,21 +93,69 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// Picks the kernel for `problem`. The same function answers "is this supported": an `Err`
-/// names the constraint that rules the input out.
-pub fn select(problem: &ProblemSummary, choice: KernelChoice) -> Result<Selection, SdpaError> {
-    // Only the math kernel exists so far; it runs every shape and mask the API accepts.
+/// Why `kernel` cannot run `problem`, or `None` if it can.
+pub fn unsupported(kernel: Kernel, problem: &ProblemSummary) -> Option<String> {
+    match kernel {
+        Kernel::Math | Kernel::MemEfficient => None,
+        Kernel::Flash if !problem.mask.is_structured() => Some(format!(
+            "flash takes only index-computable masks (none, causal, key padding, varlen), not a \
+             dense {} mask; use mem_efficient or math",
+            problem.mask.name()
+        )),
+        Kernel::Flash if problem.shape.head_dim > flash::MAX_HEAD_DIM => Some(format!(
+            "flash takes head_dim up to {}, got {}; use mem_efficient or math",
+            flash::MAX_HEAD_DIM,
+            problem.shape.head_dim
+        )),
+        Kernel::Flash => None,
+    }
+}
+
+/// Picks the kernel for `problem` on a CPU with `isa`. The same function answers "is this
+/// supported": for a forced kernel, an `Err` names the constraint that rules the input out.
+pub fn select(
+    problem: &ProblemSummary,
+    isa: Isa,
+    choice: KernelChoice,
+) -> Result<Selection, SdpaError> {
+    let s = &problem.shape;
+    let scores = s.q_len * s.kv_len;
     match choice {
-        KernelChoice::Auto => Ok(Selection {
+        KernelChoice::Force(kernel) => match unsupported(kernel, problem) {
+            Some(reason) => Err(SdpaError::Unsupported {
+                kernel: kernel.name(),
+                reason,
+            }),
+            None => Ok(Selection {
+                kernel,
+                reason: format!("forced by configuration (sdpa_kernel = {kernel})"),
+            }),
+        },
+        KernelChoice::Auto if scores <= MATH_MAX_SCORES => Ok(Selection {
             kernel: Kernel::Math,
             reason: format!(
-                "math is the only CPU kernel built; it supports every mask ({}) and head_dim {}",
-                problem.mask, problem.shape.head_dim
+                "q_len {} × kv_len {} = {scores} scores per head <= {MATH_MAX_SCORES}: two GEMMs \
+                 per head beat tiling",
+                s.q_len, s.kv_len
             ),
         }),
-        KernelChoice::Force(kernel) => Ok(Selection {
-            kernel,
-            reason: format!("forced by configuration ({})", kernel.name()),
-        }),
+        KernelChoice::Auto => match unsupported(Kernel::Flash, problem) {
+            None => Ok(Selection {
+                kernel: Kernel::Flash,
+                reason: format!(
+                    "{scores} scores per head > {MATH_MAX_SCORES} with a {} mask and head_dim \
+                     {}: flash (row ops: {})",
+                    problem.mask.name(),
+                    s.head_dim,
+                    isa.name()
+                ),
+            }),
+            Some(why_not) => Ok(Selection {
+                kernel: Kernel::MemEfficient,
+                reason: format!(
+                    "{scores} scores per head > {MATH_MAX_SCORES}; not flash because {why_not}"
+                ),
+            }),
+        },
     }
 }

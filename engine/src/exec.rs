@@ -127,6 +127,8 @@ impl<B: Backend> Plan<B> {
     fn bind(&self, feeds: &[(String, HostTensor)]) -> Result<Bindings> {
         let mut batch = None;
         let mut seq = None;
+        let mut sequences = None;
+        let mut lengths: Option<(&str, &[i64])> = None;
         for spec in &self.inputs {
             let bad = |reason: String| EngineError::Input {
                 name: spec.name.clone(),
@@ -154,6 +156,7 @@ impl<B: Backend> Plan<B> {
                 let slot = match dim {
                     Dim::Batch => &mut batch,
                     Dim::Seq => &mut seq,
+                    Dim::Sequences => &mut sequences,
                     Dim::Fixed(n) if n == size => continue,
                     Dim::Fixed(n) => return Err(bad(format!("dimension must be {n}, got {size}"))),
                 };
@@ -166,6 +169,11 @@ impl<B: Backend> Plan<B> {
                     _ => *slot = Some(size),
                 }
             }
+            if spec.ty.dims == [Dim::Sequences]
+                && let HostData::I64(l) = &t.data
+            {
+                lengths = Some((&spec.name, l));
+            }
             if let (Some(limit), HostData::I64(ids)) = (spec.id_limit, &t.data)
                 && let Some(bad_id) = ids.iter().find(|&&id| id < 0 || id as u64 >= limit as u64)
             {
@@ -177,7 +185,28 @@ impl<B: Backend> Plan<B> {
         let b = Bindings {
             batch: batch.unwrap_or(1),
             seq: seq.unwrap_or(1),
+            sequences: sequences.unwrap_or(0),
         };
+        if let Some((name, lens)) = lengths {
+            // A packed batch: lengths must tile the token dimension exactly.
+            let bad = |reason: String| EngineError::Input {
+                name: name.to_string(),
+                reason,
+            };
+            if b.batch != 1 {
+                return Err(bad(format!("a packed batch has batch 1, got {}", b.batch)));
+            }
+            if let Some(l) = lens.iter().find(|&&l| l <= 0) {
+                return Err(bad(format!("sequence length {l} must be positive")));
+            }
+            let total: i64 = lens.iter().sum();
+            if total != b.seq as i64 {
+                return Err(bad(format!(
+                    "sequence lengths sum to {total} but the batch has {} tokens",
+                    b.seq
+                )));
+            }
+        }
         if b.batch == 0 || b.seq == 0 {
             return Err(EngineError::Input {
                 name: self
@@ -240,6 +269,7 @@ impl<B: Backend> Plan<B> {
                         AttnMask::None => SdpaMaskArg::None,
                         AttnMask::Causal => SdpaMaskArg::Causal,
                         AttnMask::KeyPadding => SdpaMaskArg::KeyPadding(next()),
+                        AttnMask::Varlen => SdpaMaskArg::Varlen(next()),
                     };
                     let (out, kernel) = be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?;
                     self.sdpa_calls.record(kernel);

@@ -25,8 +25,12 @@ pub enum DType {
 pub enum Dim {
     /// Number of sequences in the batch; bound at run time.
     Batch,
-    /// Tokens per sequence (after padding); bound at run time.
+    /// Tokens per sequence (after padding); bound at run time. In a packed (padding-free)
+    /// batch, `batch` is 1 and `seq` is the total number of tokens.
     Seq,
+    /// Number of sequences packed into a padding-free batch. An I64 input of type
+    /// `[sequences]` holds their lengths: the executor checks they are positive and sum to `seq`.
+    Sequences,
     Fixed(usize),
 }
 
@@ -35,6 +39,7 @@ impl fmt::Display for Dim {
         match self {
             Dim::Batch => f.write_str("batch"),
             Dim::Seq => f.write_str("seq"),
+            Dim::Sequences => f.write_str("sequences"),
             Dim::Fixed(n) => write!(f, "{n}"),
         }
     }
@@ -119,6 +124,17 @@ pub enum AttnMask {
     KeyPadding,
     /// Top-left aligned causal mask.
     Causal,
+    /// Padding-free batch: `q`/`k`/`v` are `[1, heads, tokens, d]` holding sequences back to
+    /// back, and a fourth input `[sequences]` (I64) gives their lengths. Each sequence attends
+    /// only to itself.
+    Varlen,
+}
+
+impl AttnMask {
+    /// Whether the op takes a fourth (mask or lengths) input.
+    pub fn has_input(self) -> bool {
+        matches!(self, AttnMask::KeyPadding | AttnMask::Varlen)
+    }
 }
 
 /// What a constant is used for, so a backend can store it in the layout its kernels want.
@@ -165,7 +181,8 @@ pub enum Op {
         mask: AttnMask,
         scale: Option<f32>,
     },
-    /// `x [batch, seq, h]`, `mask [batch, seq] (I64)` → `[batch, h]`.
+    /// `x [batch, seq, h]`, `mask [batch, seq] (I64)` → `[batch, h]`; or, for a packed batch,
+    /// `x [1, tokens, h]`, `lengths [sequences] (I64)` → `[sequences, h]`.
     Pool {
         mode: PoolMode,
     },
@@ -221,6 +238,7 @@ pub struct Graph {
 pub struct Bindings {
     pub batch: usize,
     pub seq: usize,
+    pub sequences: usize,
 }
 
 impl Bindings {
@@ -229,6 +247,7 @@ impl Bindings {
             .map(|d| match d {
                 Dim::Batch => self.batch,
                 Dim::Seq => self.seq,
+                Dim::Sequences => self.sequences,
                 Dim::Fixed(n) => *n,
             })
             .collect()
@@ -395,7 +414,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             }
         }
         Op::Sdpa { mask, scale } => {
-            let n = if *mask == AttnMask::KeyPadding { 4 } else { 3 };
+            let n = if mask.has_input() { 4 } else { 3 };
             arity(n)?;
             all_f32(&[0, 1, 2])?;
             if let Some(s) = scale {
@@ -435,6 +454,14 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
                     },
                 )?;
             }
+            if *mask == AttnMask::Varlen {
+                let m = inputs[3];
+                expect(
+                    m.dtype == DType::I64 && m.dims == [Dim::Sequences],
+                    op,
+                    || format!("varlen lengths must be I64[sequences], got {m}"),
+                )?;
+            }
             Ok(q.clone())
         }
         Op::Pool { .. } => {
@@ -444,6 +471,12 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             expect(x.dims.len() == 3, op, || {
                 format!("x must be [batch, seq, h], got {x}")
             })?;
+            if m.dims == [Dim::Sequences] {
+                expect(m.dtype == DType::I64, op, || {
+                    format!("sequence lengths must be I64[sequences], got {m}")
+                })?;
+                return Ok(TensorType::f32([Dim::Sequences, x.dims[2]]));
+            }
             expect(m.dtype == DType::I64 && m.dims == x.dims[..2], op, || {
                 format!("mask must be I64[{}, {}], got {m}", x.dims[0], x.dims[1])
             })?;

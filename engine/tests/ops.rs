@@ -420,3 +420,125 @@ fn bad_inputs_are_errors_before_any_kernel_runs() {
         );
     }
 }
+
+/// Attention + pooling over a packed (padding-free) batch equals the padded batch with a
+/// key-padding mask, on every device and with every kiln kernel forced; bad lengths are errors.
+#[test]
+fn packed_batches_equal_padded_batches() {
+    let lens = [5usize, 3];
+    let build = |packed: bool| {
+        let mut g = GraphBuilder::new();
+        let x = x_input(&mut g);
+        let m = if packed {
+            g.input("lengths", DType::I64, &[Dim::Sequences]).unwrap()
+        } else {
+            g.input("mask", DType::I64, &bs()).unwrap()
+        };
+        let q = g.push(Op::SplitHeads { heads: 3 }, &[x], "q").unwrap();
+        let kw = g
+            .constant("kw", f32_tensor(&[H, H], 7), ConstRole::LinearWeight)
+            .unwrap();
+        let kx = g.push(Op::Linear, &[x, kw], "kx").unwrap();
+        let k = g.push(Op::SplitHeads { heads: 3 }, &[kx], "k").unwrap();
+        let mask = if packed {
+            AttnMask::Varlen
+        } else {
+            AttnMask::KeyPadding
+        };
+        let a = g
+            .push(Op::Sdpa { mask, scale: None }, &[q, k, k, m], "sdpa")
+            .unwrap();
+        let a = g.push(Op::MergeHeads, &[a], "merge").unwrap();
+        let p = g
+            .push(
+                Op::Pool {
+                    mode: PoolMode::Mean,
+                },
+                &[a, m],
+                "pool",
+            )
+            .unwrap();
+        let c = g
+            .push(
+                Op::Pool {
+                    mode: PoolMode::Cls,
+                },
+                &[a, m],
+                "cls",
+            )
+            .unwrap();
+        g.finish(vec![
+            ("attn".into(), a),
+            ("mean".into(), p),
+            ("cls".into(), c),
+        ])
+        .unwrap()
+    };
+    let x = f32_tensor(&[B, S, H], 1);
+    let xs = x.as_f32().unwrap();
+    let packed_x: Vec<f32> = (0..B)
+        .flat_map(|b| xs[b * S * H..(b * S + lens[b]) * H].to_vec())
+        .collect();
+    let total: usize = lens.iter().sum();
+    let padded_feeds = feeds_x();
+    let packed_feeds = vec![
+        (
+            "x".to_string(),
+            HostTensor::f32(vec![1, total, H], packed_x).unwrap(),
+        ),
+        (
+            "lengths".to_string(),
+            HostTensor::i64(vec![2], lens.iter().map(|&l| l as i64).collect()).unwrap(),
+        ),
+    ];
+    let choices = [
+        SdpaKernelChoice::Auto,
+        SdpaKernelChoice::Force(SdpaKernel::Math),
+        SdpaKernelChoice::Force(SdpaKernel::Flash),
+        SdpaKernelChoice::Force(SdpaKernel::MemEfficient),
+    ];
+    for device in DeviceKind::ALL {
+        for sdpa_kernel in choices {
+            let opts = ExecOptions { sdpa_kernel };
+            let padded = prepare(build(false), device, opts).unwrap();
+            let packed = prepare(build(true), device, opts).unwrap();
+            let want = padded.run(&padded_feeds).unwrap();
+            let got = packed.run(&packed_feeds).unwrap();
+            let close = |a: &[f32], b: &[f32], what: &str| {
+                assert_eq!(a.len(), b.len(), "{what}");
+                let err = a
+                    .iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(err <= 1e-5, "{device} {sdpa_kernel:?} {what}: {err}");
+            };
+            let wa = want[0].1.as_f32().unwrap();
+            let valid: Vec<f32> = (0..B)
+                .flat_map(|b| wa[b * S * H..(b * S + lens[b]) * H].to_vec())
+                .collect();
+            close(got[0].1.as_f32().unwrap(), &valid, "attention rows");
+            close(
+                got[1].1.as_f32().unwrap(),
+                want[1].1.as_f32().unwrap(),
+                "mean pool",
+            );
+            close(
+                got[2].1.as_f32().unwrap(),
+                want[2].1.as_f32().unwrap(),
+                "cls pool",
+            );
+        }
+        let packed = prepare(build(true), device, ExecOptions::default()).unwrap();
+        for (lengths, why) in [
+            (vec![5i64, 2], "sum to 7"),
+            (vec![8i64, 0], "must be positive"),
+            (vec![9i64, -1], "must be positive"),
+        ] {
+            let mut feeds = packed_feeds.clone();
+            feeds[1].1 = HostTensor::i64(vec![2], lengths).unwrap();
+            let err = packed.run(&feeds).unwrap_err().to_string();
+            assert!(err.contains(why), "{device}: {err}");
+        }
+    }
+}

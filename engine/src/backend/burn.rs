@@ -10,7 +10,7 @@ use burn_tensor::activation;
 use burn_tensor::module;
 use burn_tensor::ops::AttentionModuleOptions;
 use burn_tensor::{Bool, Device, Int, Tensor, TensorData};
-use kiln_attention::{Kernel, KernelChoice};
+use kiln_attention::KernelChoice;
 
 use super::{Backend, CpuBackend, SdpaMaskArg};
 use crate::error::{EngineError, Result};
@@ -89,6 +89,50 @@ impl BurnBackend {
             BurnTensor::Int { t, shape } => Ok((t, shape)),
             BurnTensor::Float { .. } => Err(self.err(format!("{what}: expected an int tensor"))),
         }
+    }
+
+    /// Cumulative offsets `[0, l0, l0 + l1, ...]` from a packed batch's `[sequences]` lengths.
+    fn lengths(&self, t: BurnTensor) -> Result<Vec<usize>> {
+        let HostData::I64(lens) = self.download(t)?.data else {
+            return Err(self.err("sequence lengths must be I64"));
+        };
+        let mut cu = vec![0usize];
+        for l in lens {
+            let l = usize::try_from(l).map_err(|_| self.err("negative sequence length"))?;
+            cu.push(cu.last().copied().unwrap_or(0) + l);
+        }
+        Ok(cu)
+    }
+
+    /// Pooling of a packed `[1, tokens, h]` batch: one slice per sequence.
+    fn pool_packed(
+        &self,
+        x: BurnTensor,
+        lengths: BurnTensor,
+        mode: PoolMode,
+    ) -> Result<BurnTensor> {
+        let (x, _) = self.float(x, "pool input")?;
+        let [_, b, s, h] = x.dims();
+        let cu = self.lengths(lengths)?;
+        if b != 1 || cu.last() != Some(&s) || cu.windows(2).any(|w| w[1] == w[0]) {
+            return Err(self.err("pool: sequence lengths do not tile the packed batch"));
+        }
+        let x: Tensor<2> = x.reshape([s, h]);
+        let rows: Vec<Tensor<2>> = cu
+            .windows(2)
+            .map(|w| {
+                let seg = x.clone().slice([w[0]..w[1], 0..h]);
+                match mode {
+                    PoolMode::Cls => seg.slice([0..1, 0..h]),
+                    PoolMode::Mean => seg.mean_dim(0),
+                    PoolMode::Max => seg.max_dim(0),
+                }
+            })
+            .collect();
+        Ok(BurnTensor::Float {
+            t: Tensor::cat(rows, 0).unsqueeze_dims::<4>(&[0, 0]),
+            rank: 2,
+        })
     }
 
     fn vec1(&self, t: BurnTensor, what: &str) -> Result<Tensor<1>> {
@@ -243,8 +287,9 @@ impl Backend for BurnBackend {
         scale: Option<f32>,
         kernel: KernelChoice,
     ) -> Result<(BurnTensor, &'static str)> {
-        if kernel == KernelChoice::Force(Kernel::Math) {
-            // Forcing kiln's math kernel works on every backend: run it on host copies.
+        if let KernelChoice::Force(_) = kernel {
+            // burn has one attention path; forcing one of kiln's kernels runs that kernel on
+            // host copies, so the override means the same thing on every backend.
             let cpu = CpuBackend::default();
             let host =
                 |t: BurnTensor| -> Result<_> { cpu.upload(&self.download(t)?, ConstRole::Other) };
@@ -252,6 +297,7 @@ impl Backend for BurnBackend {
                 SdpaMaskArg::KeyPadding(m) => SdpaMaskArg::KeyPadding(host(m)?),
                 SdpaMaskArg::None => SdpaMaskArg::None,
                 SdpaMaskArg::Causal => SdpaMaskArg::Causal,
+                SdpaMaskArg::Varlen(m) => SdpaMaskArg::Varlen(host(m)?),
             };
             let (out, ran) = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
             return Ok((self.upload(&cpu.download(out)?, ConstRole::Other)?, ran));
@@ -278,6 +324,22 @@ impl Backend for BurnBackend {
             is_causal: false,
         };
         let bool_mask: Option<Tensor<4, Bool>> = match mask {
+            SdpaMaskArg::Varlen(lengths) => {
+                // One attention call per sequence slice of the packed tokens.
+                let cu = self.lengths(lengths)?;
+                if b != 1 || cu.last() != Some(&sq) {
+                    return Err(self.err("sdpa: sequence lengths do not tile the packed batch"));
+                }
+                let parts: Vec<Tensor<4>> = cu
+                    .windows(2)
+                    .map(|w| {
+                        let r = |t: &Tensor<4>| t.clone().slice([0..1, 0..hq, w[0]..w[1], 0..d]);
+                        module::attention(r(&q), r(&k), r(&v), None, None, options)
+                    })
+                    .collect();
+                let t = Tensor::cat(parts, 2);
+                return Ok((BurnTensor::Float { t, rank: 4 }, "burn"));
+            }
             SdpaMaskArg::None => None,
             SdpaMaskArg::Causal => {
                 options.is_causal = true;
@@ -298,6 +360,9 @@ impl Backend for BurnBackend {
     }
 
     fn pool(&self, x: BurnTensor, mask: BurnTensor, mode: PoolMode) -> Result<BurnTensor> {
+        if matches!(&mask, BurnTensor::Int { shape, .. } if shape.len() == 1) {
+            return self.pool_packed(x, mask, mode);
+        }
         let (x, _) = self.float(x, "pool input")?;
         let (m, _) = self.int(mask, "pool mask")?;
         let [_, b, s, h] = x.dims();

@@ -3,7 +3,10 @@
 
 use std::sync::Arc;
 
-use kiln_attention::{KernelChoice, Mask, SdpaParams, SdpaShape, scaled_dot_product_attention};
+use kiln_attention::{
+    KernelChoice, Mask, SdpaParams, SdpaShape, VarlenParams, scaled_dot_product_attention,
+    scaled_dot_product_attention_varlen,
+};
 
 use super::{Backend, SdpaMaskArg};
 use crate::error::{EngineError, Result};
@@ -243,10 +246,30 @@ impl Backend for CpuBackend {
             kv_len,
             head_dim,
         };
+        if let SdpaMaskArg::Varlen(lengths) = &mask {
+            if batch != 1 {
+                return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
+            }
+            let cu = cumulative(self.i64_ref(lengths, "sequence lengths")?)
+                .ok_or_else(|| self.err("sdpa: sequence lengths must be non-negative"))?;
+            let mut out = vec![0.0f32; qs.len()];
+            let params = VarlenParams {
+                q_heads,
+                kv_heads,
+                head_dim,
+                cu_seqlens_q: &cu,
+                cu_seqlens_k: &cu,
+                causal: None,
+                scale,
+            };
+            let ran = scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?;
+            return Ok((f32_tensor(q.shape.clone(), out), ran.name()));
+        }
         let keep: Vec<bool>;
         let mask = match &mask {
             SdpaMaskArg::None => Mask::None,
             SdpaMaskArg::Causal => Mask::Causal(kiln_attention::CausalAlign::TopLeft),
+            SdpaMaskArg::Varlen(_) => unreachable!("handled above"),
             SdpaMaskArg::KeyPadding(m) => {
                 keep = self
                     .i64_ref(m, "key-padding mask")?
@@ -268,32 +291,50 @@ impl Backend for CpuBackend {
         };
         let xs = self.f32_ref(&x, "pool input")?;
         let ms = self.i64_ref(&mask, "pool mask")?;
-        let mut out = vec![0.0f32; b * h];
-        for (bi, o) in out.chunks_mut(h).enumerate() {
-            let rows = (0..s).filter(|&si| ms[bi * s + si] != 0);
-            let row = |si: usize| &xs[(bi * s + si) * h..(bi * s + si + 1) * h];
+        // Each output row pools a list of token rows of x: a padded batch's sequence `bi` is
+        // rows `bi·s ..` where the mask is 1; a packed batch's sequence is a run of rows.
+        let segments: Vec<Vec<usize>> = if mask.shape.len() == 1 {
+            let cu = cumulative(ms)
+                .filter(|cu| b == 1 && cu.last() == Some(&s))
+                .ok_or_else(|| self.err("pool: sequence lengths do not tile the batch"))?;
+            cu.windows(2).map(|w| (w[0]..w[1]).collect()).collect()
+        } else {
+            (0..b)
+                .map(|bi| {
+                    (0..s)
+                        .filter(|&si| ms[bi * s + si] != 0)
+                        .map(|si| bi * s + si)
+                        .collect()
+                })
+                .collect()
+        };
+        let mut out = vec![0.0f32; segments.len() * h];
+        for (rows, o) in segments.iter().zip(out.chunks_mut(h)) {
+            let row = |r: usize| &xs[r * h..(r + 1) * h];
             match mode {
-                PoolMode::Cls => o.copy_from_slice(row(0)),
+                PoolMode::Cls => {
+                    if let Some(&first) = rows.first() {
+                        o.copy_from_slice(row(first));
+                    }
+                }
                 PoolMode::Mean => {
-                    let mut count = 0usize;
-                    for si in rows {
-                        o.iter_mut().zip(row(si)).for_each(|(a, v)| *a += v);
-                        count += 1;
+                    for &r in rows {
+                        o.iter_mut().zip(row(r)).for_each(|(a, v)| *a += v);
                     }
                     // sentence-transformers clamps the token count at 1e-9.
-                    let denom = (count as f32).max(1e-9);
+                    let denom = (rows.len() as f32).max(1e-9);
                     o.iter_mut().for_each(|a| *a /= denom);
                 }
                 PoolMode::Max => {
                     // sentence-transformers fills padding with -1e9 before taking the max.
                     o.fill(-1e9);
-                    for si in rows {
-                        o.iter_mut().zip(row(si)).for_each(|(a, v)| *a = a.max(*v));
+                    for &r in rows {
+                        o.iter_mut().zip(row(r)).for_each(|(a, v)| *a = a.max(*v));
                     }
                 }
             }
         }
-        Ok(f32_tensor(vec![b, h], out))
+        Ok(f32_tensor(vec![segments.len(), h], out))
     }
 
     fn l2_normalize(&self, x: CpuTensor) -> Result<CpuTensor> {
@@ -309,4 +350,14 @@ impl Backend for CpuBackend {
         rowwise::softmax(&mut xv, width);
         Ok(f32_tensor(shape, xv))
     }
+}
+
+/// `[0, l0, l0 + l1, ...]` from sequence lengths; `None` if a length is negative.
+fn cumulative(lengths: &[i64]) -> Option<Vec<usize>> {
+    let mut cu = Vec::with_capacity(lengths.len() + 1);
+    cu.push(0usize);
+    for &l in lengths {
+        cu.push(cu.last()? + usize::try_from(l).ok()?);
+    }
+    Some(cu)
 }

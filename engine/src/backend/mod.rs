@@ -37,6 +37,8 @@ pub enum SdpaMaskArg<T> {
     /// `[batch, kv_len]` I64, 1 = attend.
     KeyPadding(T),
     Causal,
+    /// `[sequences]` I64 lengths of a packed batch (`q`/`k`/`v` are `[1, heads, tokens, d]`).
+    Varlen(T),
 }
 
 /// Ops a device provides. Every method takes its tensor arguments by value so a backend may
@@ -81,6 +83,8 @@ pub trait Backend: Send + Sync + 'static {
         scale: Option<f32>,
         kernel: KernelChoice,
     ) -> Result<(Self::Tensor, &'static str)>;
+    /// Pools `x [batch, seq, h]` with a `[batch, seq]` mask, or a packed `x [1, tokens, h]` with
+    /// `[sequences]` lengths (the mask's rank tells which).
     fn pool(&self, x: Self::Tensor, mask: Self::Tensor, mode: PoolMode) -> Result<Self::Tensor>;
     fn l2_normalize(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     fn softmax(&self, x: Self::Tensor) -> Result<Self::Tensor>;

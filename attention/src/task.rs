@@ -1,0 +1,173 @@
+//! Cutting an attention call into independent blocks of work.
+//!
+//! Every kernel runs on [`Block`]s: a run of query rows of one (sequence, query head) pair, with
+//! that head's keys and values and the disjoint slice of the output it writes. Padded
+//! (`[batch, heads, seq, head_dim]`) and varlen (`[heads, tokens, head_dim]` + `cu_seqlens`)
+//! calls produce the same blocks, so the kernels do not know which layout they run on, and the
+//! driver parallelises over `batch × heads × query blocks` with rayon.
+
+use rayon::prelude::*;
+
+use crate::params::{Mask, RowMask, SdpaParams, VarlenParams};
+
+/// One (sequence, query head) problem. `q`, `k` and `v` are dense `[len, head_dim]` rows.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadTask<'a> {
+    pub q: &'a [f32],
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub q_len: usize,
+    pub kv_len: usize,
+    pub head_dim: usize,
+    /// Batch index (the sequence index for varlen) and query head, for mask lookups.
+    pub b: usize,
+    pub h: usize,
+}
+
+/// Query rows `row0..row0 + rows` of one task and the output rows they produce.
+pub(crate) struct Block<'a, 'o> {
+    pub task: HeadTask<'a>,
+    pub row0: usize,
+    pub out: &'o mut [f32],
+}
+
+impl Block<'_, '_> {
+    pub fn rows(&self) -> usize {
+        self.out.len() / self.task.head_dim
+    }
+}
+
+/// The mask and scale shared by every block of a call.
+#[derive(Clone, Copy)]
+pub(crate) struct Shared<'a> {
+    pub mask: Mask<'a>,
+    pub scale: f32,
+}
+
+impl<'a> Shared<'a> {
+    /// Number of keys query `i` of `task` may see from the start (its causal limit).
+    #[inline]
+    pub fn visible(&self, task: &HeadTask<'_>, i: usize) -> usize {
+        self.mask.visible_keys(i, task.q_len, task.kv_len)
+    }
+
+    #[inline]
+    pub fn row(&self, task: &HeadTask<'_>, i: usize) -> RowMask<'a> {
+        self.mask.row(task.b, task.h, i, task.kv_len)
+    }
+}
+
+/// How many query rows a block holds for a task of `q_len` rows.
+pub(crate) type BlockRows = fn(q_len: usize) -> usize;
+
+fn push_task<'a, 'o>(
+    blocks: &mut Vec<Block<'a, 'o>>,
+    task: HeadTask<'a>,
+    out: &'o mut [f32],
+    block_rows: BlockRows,
+) {
+    let rows = block_rows(task.q_len).max(1);
+    for (n, chunk) in out.chunks_mut(rows * task.head_dim).enumerate() {
+        blocks.push(Block {
+            task,
+            row0: n * rows,
+            out: chunk,
+        });
+    }
+}
+
+/// Blocks of a padded call (lengths validated).
+pub(crate) fn padded<'a, 'o>(
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    out: &'o mut [f32],
+    params: &SdpaParams<'_>,
+    block_rows: BlockRows,
+) -> Vec<Block<'a, 'o>> {
+    let s = params.shape;
+    let d = s.head_dim;
+    let group = s.q_heads / s.kv_heads;
+    let (q_head, kv_head) = (s.q_len * d, s.kv_len * d);
+    let mut blocks = Vec::new();
+    if q_head == 0 {
+        return blocks;
+    }
+    for (bh, out_head) in out.chunks_mut(q_head).enumerate() {
+        let (b, h) = (bh / s.q_heads, bh % s.q_heads);
+        let kv_off = (b * s.kv_heads + h / group) * kv_head;
+        let task = HeadTask {
+            q: &q[bh * q_head..(bh + 1) * q_head],
+            k: &k[kv_off..kv_off + kv_head],
+            v: &v[kv_off..kv_off + kv_head],
+            q_len: s.q_len,
+            kv_len: s.kv_len,
+            head_dim: d,
+            b,
+            h,
+        };
+        push_task(&mut blocks, task, out_head, block_rows);
+    }
+    blocks
+}
+
+/// Blocks of a varlen call (offsets and lengths validated).
+pub(crate) fn varlen<'a, 'o>(
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    out: &'o mut [f32],
+    params: &VarlenParams<'_>,
+    block_rows: BlockRows,
+) -> Vec<Block<'a, 'o>> {
+    let d = params.head_dim;
+    let group = params.q_heads / params.kv_heads;
+    let (tq, tk) = (params.total_q(), params.total_kv());
+    let mut blocks = Vec::new();
+    if tq == 0 {
+        return blocks;
+    }
+    for (h, mut rest) in out.chunks_mut(tq * d).enumerate() {
+        let kvh = h / group;
+        for (s, (wq, wk)) in params
+            .cu_seqlens_q
+            .windows(2)
+            .zip(params.cu_seqlens_k.windows(2))
+            .enumerate()
+        {
+            let (q_len, kv_len) = (wq[1] - wq[0], wk[1] - wk[0]);
+            let (out_seq, tail) = rest.split_at_mut(q_len * d);
+            rest = tail;
+            if q_len == 0 {
+                continue;
+            }
+            let q0 = (h * tq + wq[0]) * d;
+            let k0 = (kvh * tk + wk[0]) * d;
+            let task = HeadTask {
+                q: &q[q0..q0 + q_len * d],
+                k: &k[k0..k0 + kv_len * d],
+                v: &v[k0..k0 + kv_len * d],
+                q_len,
+                kv_len,
+                head_dim: d,
+                b: s,
+                h,
+            };
+            push_task(&mut blocks, task, out_seq, block_rows);
+        }
+    }
+    blocks
+}
+
+/// Runs `kernel` on every block in parallel, each worker thread with its own scratch space.
+pub(crate) fn run<S: Default + Send>(
+    blocks: Vec<Block<'_, '_>>,
+    shared: Shared<'_>,
+    kernel: impl Fn(&mut Block<'_, '_>, &Shared<'_>, &mut S) + Sync,
+) {
+    blocks
+        .into_par_iter()
+        .for_each_init(S::default, |scratch, mut block| {
+            kernel(&mut block, &shared, scratch)
+        });
+}
