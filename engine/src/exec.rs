@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use kiln_attention::KernelChoice;
+use kiln_attention::{KernelChoice, MaskKind, ProblemSummary, SdpaShape};
 
 use crate::backend::{Backend, SdpaMaskArg};
 use crate::error::{EngineError, Result, graph_err};
@@ -121,6 +121,52 @@ impl<B: Backend> Plan<B> {
 
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The attention kernel each distinct `Sdpa` node would run with sequences of `seq` tokens,
+    /// and why: `(node label, kernel, reason)`. An error if a forced kernel cannot run a node
+    /// (e.g. flash with head_dim 512), so an impossible override fails at load, not per request.
+    pub fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
+        let mut seen = Vec::new();
+        let mut plan = Vec::new();
+        for node in &self.graph.nodes {
+            let Op::Sdpa { mask, .. } = node.op else {
+                continue;
+            };
+            let ty = |v: ValueId| &self.graph.nodes[v.0].ty;
+            let (q, k) = (ty(node.inputs[0]), ty(node.inputs[1]));
+            let dim = |d: Dim| match d {
+                Dim::Fixed(n) => n,
+                Dim::Batch | Dim::Sequences => 1,
+                Dim::Seq => seq,
+            };
+            let problem = ProblemSummary {
+                shape: SdpaShape {
+                    batch: 1,
+                    q_heads: dim(q.dims[1]),
+                    kv_heads: dim(k.dims[1]),
+                    q_len: dim(q.dims[2]),
+                    kv_len: dim(k.dims[2]),
+                    head_dim: dim(q.dims[3]),
+                },
+                mask: match mask {
+                    AttnMask::None | AttnMask::Varlen => MaskKind::None,
+                    AttnMask::KeyPadding => MaskKind::KeyPadding,
+                    AttnMask::Causal => MaskKind::CausalTopLeft,
+                },
+                varlen: mask == AttnMask::Varlen,
+            };
+            if seen.contains(&problem) {
+                continue;
+            }
+            seen.push(problem);
+            let (kernel, reason) = self
+                .backend
+                .sdpa_plan(&problem, self.options.sdpa_kernel)
+                .map_err(|e| graph_err(format!("{}: {e}", node.label)))?;
+            plan.push((node.label.clone(), kernel, reason));
+        }
+        Ok(plan)
     }
 
     /// Checks the feeds against the graph's inputs and binds `batch` and `seq`.
@@ -308,6 +354,8 @@ pub trait Runnable: Send + Sync {
     fn graph(&self) -> &Graph;
     /// Attention calls per kernel since the plan was built.
     fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)>;
+    /// See [`Plan::attention_plan`].
+    fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>>;
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -325,6 +373,10 @@ impl<B: Backend> Runnable for Plan<B> {
 
     fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)> {
         self.sdpa_calls.snapshot()
+    }
+
+    fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
+        Plan::attention_plan(self, seq)
     }
 }
 

@@ -542,3 +542,53 @@ fn packed_batches_equal_padded_batches() {
         }
     }
 }
+
+/// The plan names the kernel for each attention node with its reason, refuses a forced kernel
+/// that cannot run the graph, and counts the kernels that actually ran.
+#[test]
+fn attention_plan_logs_refuses_and_counts() {
+    let build = |head_dim: usize| {
+        let mut g = GraphBuilder::new();
+        let x = g
+            .input(
+                "x",
+                DType::F32,
+                &[Dim::Batch, Dim::Seq, Dim::Fixed(2 * head_dim)],
+            )
+            .unwrap();
+        let q = g.push(Op::SplitHeads { heads: 2 }, &[x], "q").unwrap();
+        let a = g
+            .push(
+                Op::Sdpa {
+                    mask: AttnMask::None,
+                    scale: None,
+                },
+                &[q, q, q],
+                "layer.sdpa",
+            )
+            .unwrap();
+        g.finish(vec![("out".into(), a)]).unwrap()
+    };
+    let flash = ExecOptions {
+        sdpa_kernel: SdpaKernelChoice::Force(SdpaKernel::Flash),
+    };
+    for device in DeviceKind::ALL {
+        let auto = prepare(build(64), device, ExecOptions::default()).unwrap();
+        let plan = auto.attention_plan(512).unwrap();
+        assert_eq!(plan.len(), 1);
+        assert_eq!(plan[0].0, "layer.sdpa");
+        if device == DeviceKind::Cpu {
+            assert_eq!(plan[0].1, "flash", "{}", plan[0].2);
+            assert_eq!(auto.attention_plan(16).unwrap()[0].1, "math");
+        }
+        let wide = prepare(build(320), device, flash).unwrap();
+        let err = wide.attention_plan(16).unwrap_err().to_string();
+        assert!(err.contains("head_dim up to 256"), "{device}: {err}");
+
+        let forced = prepare(build(64), device, flash).unwrap();
+        let x = HostTensor::f32(vec![1, 300, 128], values(300 * 128, 3)).unwrap();
+        forced.run(&[("x".into(), x.clone())]).unwrap();
+        forced.run(&[("x".into(), x)]).unwrap();
+        assert_eq!(forced.sdpa_kernel_counts(), vec![("flash", 2)], "{device}");
+    }
+}

@@ -9,12 +9,14 @@ use crate::config::BertConfig;
 use crate::error::Result;
 use crate::weights::SafetensorsFile;
 
-/// Names of the graph's inputs (all I64 `[batch, seq]`) and outputs.
+/// Names of the graph's inputs (I64 `[batch, seq]`, `[1, tokens]` when packed) and outputs.
 pub mod names {
     pub const INPUT_IDS: &str = "input_ids";
     pub const TOKEN_TYPE_IDS: &str = "token_type_ids";
     pub const POSITION_IDS: &str = "position_ids";
     pub const ATTENTION_MASK: &str = "attention_mask";
+    /// Packed layout only: I64 `[sequences]`, the length of each sequence.
+    pub const SEQUENCE_LENGTHS: &str = "sequence_lengths";
 
     pub const LAST_HIDDEN_STATE: &str = "last_hidden_state";
     pub const POOLER_OUTPUT: &str = "pooler_output";
@@ -26,6 +28,31 @@ pub mod names {
     pub const NORMALIZED_EMBEDDING: &str = "normalized_embedding";
     pub const LOGITS: &str = "logits";
     pub const PROBABILITIES: &str = "probabilities";
+}
+
+/// How a batch of sequences is laid out for the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BatchLayout {
+    /// Sequences packed back to back as `[1, tokens]` with their lengths: no padding is
+    /// computed, and attention runs the varlen kernels.
+    #[default]
+    Packed,
+    /// Right-padded to the longest sequence as `[batch, seq]` with an attention mask.
+    Padded,
+}
+
+impl std::str::FromStr for BatchLayout {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "packed" | "varlen" => Ok(BatchLayout::Packed),
+            "padded" => Ok(BatchLayout::Padded),
+            other => Err(format!(
+                "unknown batch layout `{other}` (expected packed or padded)"
+            )),
+        }
+    }
 }
 
 /// What to put on top of the encoder.
@@ -75,6 +102,7 @@ pub fn build(
     cfg: &BertConfig,
     weights: &SafetensorsFile,
     head: Head,
+    layout: BatchLayout,
 ) -> Result<kiln_engine::ir::Graph> {
     let h = cfg.hidden_size;
     let eps = cfg.layer_norm_eps as f32;
@@ -89,7 +117,18 @@ pub fn build(
     let ids = c.g.input(names::INPUT_IDS, DType::I64, &bs)?;
     let types = c.g.input(names::TOKEN_TYPE_IDS, DType::I64, &bs)?;
     let positions = c.g.input(names::POSITION_IDS, DType::I64, &bs)?;
-    let mask = c.g.input(names::ATTENTION_MASK, DType::I64, &bs)?;
+    // Padded: a [batch, seq] mask. Packed: the sequences' lengths. Attention and pooling take
+    // either; the engine runs the matching kernels.
+    let (mask, attn_mask) = match layout {
+        BatchLayout::Padded => (
+            c.g.input(names::ATTENTION_MASK, DType::I64, &bs)?,
+            AttnMask::KeyPadding,
+        ),
+        BatchLayout::Packed => (
+            c.g.input(names::SEQUENCE_LENGTHS, DType::I64, &[Dim::Sequences])?,
+            AttnMask::Varlen,
+        ),
+    };
 
     // Embeddings: word + position + token type, then LayerNorm.
     let word_t = c.weight(
@@ -137,7 +176,7 @@ pub fn build(
         );
         let attn = c.g.push(
             Op::Sdpa {
-                mask: AttnMask::KeyPadding,
+                mask: attn_mask,
                 scale: None,
             },
             &[q, k, v, mask],

@@ -5,7 +5,8 @@
 //! sentence-transformers files, and builds an engine graph ([`bert::build`]). It never picks a
 //! kernel or a device — it emits an `Sdpa` node and the engine's selector decides. What a caller
 //! gets back is an [`EncoderModel`]: text in, tokenization with kiln's truncation policy, batches
-//! sorted by length and padded only to their longest member, vectors out.
+//! sorted by length and run padding-free (sequences packed back to back, attention by the varlen
+//! kernels; the padded layout stays available for comparison), vectors out.
 //!
 //! Every failure names the file and, for weights, the tensor; a caller's bad input is a
 //! [`ModelError::Input`], distinct from a broken model folder.
@@ -27,6 +28,7 @@ pub use config::{Architecture, BertConfig};
 pub use error::{ModelError, Result};
 pub use text::{Encoded, TextInput, TextTokenizer};
 
+pub use bert::BatchLayout;
 use bert::{Head, names};
 
 /// How to load a model.
@@ -39,6 +41,8 @@ pub struct LoadOptions {
     pub max_batch_sequences: usize,
     /// Overrides the folder's `max_seq_length` (never beyond the position table).
     pub max_seq_length: Option<usize>,
+    /// Packed (padding-free, the default) or padded batches.
+    pub layout: BatchLayout,
 }
 
 impl Default for LoadOptions {
@@ -48,6 +52,7 @@ impl Default for LoadOptions {
             exec: ExecOptions::default(),
             max_batch_sequences: 32,
             max_seq_length: None,
+            layout: BatchLayout::default(),
         }
     }
 }
@@ -105,6 +110,7 @@ pub struct EncoderModel {
     tokenizer: TextTokenizer,
     plan: Box<dyn Runnable>,
     max_batch: usize,
+    layout: BatchLayout,
 }
 
 impl std::fmt::Debug for EncoderModel {
@@ -194,8 +200,18 @@ impl EncoderModel {
             )));
         }
         let tokenizer = TextTokenizer::load(&require(dir, "tokenizer.json")?, max_len)?;
-        let graph = bert::build(&cfg, &weights, head)?;
+        let graph = bert::build(&cfg, &weights, head, opts.layout)?;
         let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
+        // Ask the engine which attention kernel runs at a short and at the longest length, log
+        // it with the reason, and refuse a forced kernel that cannot run this model.
+        for seq in [16.min(max_len), max_len] {
+            let attention = plan.attention_plan(seq).map_err(|e| {
+                ModelError::Unsupported(format!("sdpa_kernel = {}: {e}", opts.exec.sdpa_kernel))
+            })?;
+            for (node, kernel, reason) in attention {
+                tracing::info!(seq, node = %node, kernel, reason = %reason, "attention kernel");
+            }
+        }
         let info = ModelInfo {
             id: dir
                 .file_name()
@@ -227,6 +243,7 @@ impl EncoderModel {
             tokenizer,
             plan,
             max_batch: opts.max_batch_sequences.max(1),
+            layout: opts.layout,
         })
     }
 
@@ -254,8 +271,10 @@ impl EncoderModel {
         Ok(encoded)
     }
 
-    /// Runs one padded batch, in the given order: every sequence is right-padded to the longest
-    /// one. Returns the graph's outputs (`last_hidden_state` `[batch, seq, hidden]`, ...).
+    /// Runs one batch, in the given order. With the packed layout (the default) the sequences
+    /// run back to back with no padding; with the padded one each is right-padded to the longest.
+    /// Either way the outputs have the padded shapes (`last_hidden_state` is `[batch, seq,
+    /// hidden]` with `seq` the longest sequence; in the packed layout its padding rows are zero).
     pub fn run_batch(&self, batch: &[Encoded]) -> Result<Vec<(String, HostTensor)>> {
         if batch.is_empty() || batch.iter().any(|e| e.is_empty()) {
             return Err(ModelError::Input(
@@ -269,19 +288,30 @@ impl EncoderModel {
                 self.info.max_input_tokens
             )));
         }
+        if let Some((r, e)) = batch
+            .iter()
+            .enumerate()
+            .find(|(_, e)| e.type_ids.len() != e.ids.len())
+        {
+            return Err(ModelError::Input(format!(
+                "sequence {r}: {} token type ids for {} ids",
+                e.type_ids.len(),
+                e.ids.len()
+            )));
+        }
+        match self.layout {
+            BatchLayout::Padded => self.run_padded(batch, seq),
+            BatchLayout::Packed => self.run_packed(batch, seq),
+        }
+    }
+
+    fn run_padded(&self, batch: &[Encoded], seq: usize) -> Result<Vec<(String, HostTensor)>> {
         let b = batch.len();
         let mut ids = vec![0i64; b * seq];
         let mut types = vec![0i64; b * seq];
         let mut mask = vec![0i64; b * seq];
         let mut positions = vec![0i64; b * seq];
         for (r, e) in batch.iter().enumerate() {
-            if e.type_ids.len() != e.ids.len() {
-                return Err(ModelError::Input(format!(
-                    "sequence {r}: {} token type ids for {} ids",
-                    e.type_ids.len(),
-                    e.ids.len()
-                )));
-            }
             let row = r * seq;
             ids[row..row + e.len()].copy_from_slice(&e.ids);
             types[row..row + e.len()].copy_from_slice(&e.type_ids);
@@ -298,6 +328,52 @@ impl EncoderModel {
             (names::ATTENTION_MASK.to_string(), t(mask)?),
         ];
         Ok(self.plan.run(&feeds)?)
+    }
+
+    fn run_packed(&self, batch: &[Encoded], seq: usize) -> Result<Vec<(String, HostTensor)>> {
+        let total: usize = batch.iter().map(Encoded::len).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut types = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        for e in batch {
+            ids.extend_from_slice(&e.ids);
+            types.extend_from_slice(&e.type_ids);
+            positions.extend(0..e.len() as i64);
+        }
+        let lengths: Vec<i64> = batch.iter().map(|e| e.len() as i64).collect();
+        let t = |v: Vec<i64>| HostTensor::i64(vec![1, total], v);
+        let feeds = vec![
+            (names::INPUT_IDS.to_string(), t(ids)?),
+            (names::TOKEN_TYPE_IDS.to_string(), t(types)?),
+            (names::POSITION_IDS.to_string(), t(positions)?),
+            (
+                names::SEQUENCE_LENGTHS.to_string(),
+                HostTensor::i64(vec![batch.len()], lengths)?,
+            ),
+        ];
+        let mut outputs = self.plan.run(&feeds)?;
+        // Give last_hidden_state its padded shape so callers see one layout.
+        if let Some((_, hidden)) = outputs
+            .iter_mut()
+            .find(|(n, _)| n == names::LAST_HIDDEN_STATE)
+        {
+            let h = *hidden.shape.last().unwrap_or(&0);
+            let packed = hidden
+                .as_f32()
+                .filter(|p| p.len() == total * h)
+                .ok_or_else(|| {
+                    ModelError::Unsupported("last_hidden_state is not [1, tokens, h] F32".into())
+                })?;
+            let mut padded = vec![0.0f32; batch.len() * seq * h];
+            let mut start = 0;
+            for (r, e) in batch.iter().enumerate() {
+                let n = e.len() * h;
+                padded[r * seq * h..r * seq * h + n].copy_from_slice(&packed[start..start + n]);
+                start += n;
+            }
+            *hidden = HostTensor::f32(vec![batch.len(), seq, h], padded)?;
+        }
+        Ok(outputs)
     }
 
     /// Runs every sequence, in sub-batches of similar length, and returns, for each requested

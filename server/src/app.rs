@@ -68,6 +68,7 @@ impl AppState {
             },
             max_batch_sequences: c.max_batch_sequences,
             max_seq_length: c.max_seq_length,
+            layout: c.batch_layout,
         };
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;

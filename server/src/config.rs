@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
+use kiln_models::BatchLayout;
 
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -11,6 +12,8 @@ pub struct ServeConfig {
     pub model_id: String,
     pub device: DeviceKind,
     pub sdpa_kernel: SdpaKernelChoice,
+    /// Packed (padding-free) or padded engine batches.
+    pub batch_layout: BatchLayout,
     /// Most sequences one engine call runs; bigger requests are split.
     pub max_batch_sequences: usize,
     /// Most inputs one request may carry (413 beyond).
@@ -57,6 +60,7 @@ impl ServeConfig {
             model_id,
             device: DeviceKind::Cpu,
             sdpa_kernel: SdpaKernelChoice::Auto,
+            batch_layout: BatchLayout::Packed,
             max_batch_sequences: 32,
             max_client_batch_size: 256,
             max_queued_requests: 512,

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
-use kiln_engine::{DeviceKind, SdpaKernel, SdpaKernelChoice};
-use kiln_models::{EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
+use kiln_engine::{DeviceKind, SdpaKernelChoice};
+use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
 use kiln_server::{AppState, ServeConfig, app};
 
 /// kiln: a transformer inference server.
@@ -43,9 +43,13 @@ struct ModelArgs {
     /// Where to run: `cpu` (kiln's kernels) or `burn-flex` (burn's CPU backend).
     #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
     device: DeviceKind,
-    /// Attention kernel: `auto` or `math`.
-    #[arg(long, env = "KILN_SDPA_KERNEL", default_value = "auto", value_parser = parse_sdpa)]
+    /// Attention kernel: `auto` (the selector picks per input), `flash`, `mem_efficient` or
+    /// `math`. A forced kernel that cannot run the model fails at load, naming the constraint.
+    #[arg(long, env = "KILN_SDPA_KERNEL", default_value = "auto")]
     sdpa_kernel: SdpaKernelChoice,
+    /// Batch layout: `packed` (padding-free, varlen attention) or `padded`.
+    #[arg(long, env = "KILN_BATCH_LAYOUT", default_value = "packed")]
+    batch_layout: BatchLayout,
     /// Truncate inputs at this many tokens instead of the model's max_seq_length.
     #[arg(long, env = "KILN_MAX_SEQ_LENGTH")]
     max_seq_length: Option<usize>,
@@ -103,16 +107,6 @@ struct BenchArgs {
     max_seconds: f64,
 }
 
-fn parse_sdpa(s: &str) -> Result<SdpaKernelChoice, String> {
-    match s {
-        "auto" => Ok(SdpaKernelChoice::Auto),
-        "math" => Ok(SdpaKernelChoice::Force(SdpaKernel::Math)),
-        other => Err(format!(
-            "unknown sdpa kernel `{other}` (expected `auto` or `math`)"
-        )),
-    }
-}
-
 impl ModelArgs {
     fn load_options(&self) -> LoadOptions {
         LoadOptions {
@@ -122,6 +116,7 @@ impl ModelArgs {
             },
             max_batch_sequences: self.max_batch_sequences,
             max_seq_length: self.max_seq_length,
+            layout: self.batch_layout,
         }
     }
 
@@ -143,6 +138,7 @@ impl ServeArgs {
         }
         config.device = m.device;
         config.sdpa_kernel = m.sdpa_kernel;
+        config.batch_layout = m.batch_layout;
         config.max_batch_sequences = m.max_batch_sequences;
         config.max_seq_length = m.max_seq_length;
         config.max_client_batch_size = self.max_client_batch_size;

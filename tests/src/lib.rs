@@ -110,3 +110,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Every way of running a model the fixture tests must hold for: each device, both batch
+/// layouts, and each attention kernel forced (`sdpa_kernel`), as `(label, options)`.
+pub fn engine_configurations() -> Vec<(String, kiln_models::LoadOptions)> {
+    use kiln_engine::{DeviceKind, ExecOptions, SdpaKernel, SdpaKernelChoice};
+    use kiln_models::{BatchLayout, LoadOptions};
+    let mut all = Vec::new();
+    let mut push = |device: DeviceKind, layout: BatchLayout, sdpa_kernel: SdpaKernelChoice| {
+        let label = format!("{device}/{layout:?}/sdpa={sdpa_kernel}");
+        let opts = LoadOptions {
+            device,
+            layout,
+            exec: ExecOptions { sdpa_kernel },
+            ..LoadOptions::default()
+        };
+        all.push((label, opts));
+    };
+    for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+        push(DeviceKind::Cpu, layout, SdpaKernelChoice::Auto);
+        for kernel in SdpaKernel::ALL {
+            push(DeviceKind::Cpu, layout, SdpaKernelChoice::Force(kernel));
+        }
+        push(DeviceKind::BurnFlex, layout, SdpaKernelChoice::Auto);
+    }
+    all
+}

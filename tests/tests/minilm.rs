@@ -1,13 +1,15 @@
 //! The real all-MiniLM-L6-v2 against sentence-transformers (`$KILN_FIXTURES/minilm`).
 
 use kiln_engine::DeviceKind;
-use kiln_models::{EmbedOptions, EncoderModel, LoadOptions, TextInput};
+use kiln_models::{BatchLayout, EmbedOptions, EncoderModel, LoadOptions, TextInput};
 
 const TRUNCATE: EmbedOptions = EmbedOptions {
     truncate: true,
     normalize: None,
 };
-use kiln_tests::{cosine, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy};
+use kiln_tests::{
+    cosine, engine_configurations, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy,
+};
 
 fn load(device: DeviceKind) -> EncoderModel {
     let opts = LoadOptions {
@@ -73,8 +75,8 @@ fn normalized_embeddings_match_sentence_transformers_on_every_device() {
     let (shape, want) = read_npy(&fixtures().join("minilm/embeddings_normalized.npy"));
     let texts = texts();
     assert_eq!(shape, vec![texts.len(), 384]);
-    for device in DeviceKind::ALL {
-        let model = load(device);
+    for (device, opts) in engine_configurations() {
+        let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
         let got = model.embed(&texts, TRUNCATE).unwrap().vectors;
         for (i, g) in got.iter().enumerate() {
             let w = &want[i * 384..(i + 1) * 384];
@@ -91,39 +93,64 @@ fn last_hidden_states_of_first_8_texts_match() {
     let (shape, want) = read_npy(&fixtures().join("minilm/last_hidden_state_first8.npy"));
     let (_, lengths) = read_npy(&fixtures().join("minilm/last_hidden_state_first8_lengths.npy"));
     let (seq, h) = (shape[1], shape[2]);
-    let model = load(DeviceKind::Cpu);
-    let inputs: Vec<TextInput> = texts().into_iter().take(8).map(TextInput::Single).collect();
-    let encoded = model.tokenize(&inputs, true).unwrap();
-    for (i, e) in encoded.iter().enumerate() {
-        assert_eq!(e.len(), lengths[i] as usize, "text {i} length");
-        let outputs = model.run_batch(std::slice::from_ref(e)).unwrap();
-        let hidden = &outputs
+    for (config, opts) in engine_configurations() {
+        let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+        let inputs: Vec<TextInput> = texts().into_iter().take(8).map(TextInput::Single).collect();
+        let encoded = model.tokenize(&inputs, true).unwrap();
+        // Each text alone, and all 8 as one batch (padded or packed): the same valid rows.
+        let outputs = model.run_batch(&encoded).unwrap();
+        let batch_hidden = &outputs
             .iter()
             .find(|(n, _)| n == "last_hidden_state")
             .unwrap()
             .1;
-        let got = hidden.as_f32().unwrap();
-        let w = &want[i * seq * h..(i * seq + e.len()) * h];
-        let err = max_abs_diff(got, w);
-        assert!(
-            err <= 1e-4,
-            "text {i}: last_hidden_state max abs error {err}"
-        );
+        let longest = encoded.iter().map(|e| e.len()).max().unwrap();
+        for (i, e) in encoded.iter().enumerate() {
+            assert_eq!(e.len(), lengths[i] as usize, "text {i} length");
+            let outputs = model.run_batch(std::slice::from_ref(e)).unwrap();
+            let hidden = &outputs
+                .iter()
+                .find(|(n, _)| n == "last_hidden_state")
+                .unwrap()
+                .1;
+            let got = hidden.as_f32().unwrap();
+            let w = &want[i * seq * h..(i * seq + e.len()) * h];
+            let err = max_abs_diff(got, w);
+            assert!(
+                err <= 1e-4,
+                "{config}: text {i}: last_hidden_state max abs error {err}"
+            );
+            let in_batch = &batch_hidden.as_f32().unwrap()[i * longest * h..][..e.len() * h];
+            let err = max_abs_diff(in_batch, w);
+            assert!(
+                err <= 1e-4,
+                "{config}: text {i} in a batch: last_hidden_state max abs error {err}"
+            );
+        }
     }
 }
 
 #[test]
-fn a_text_gives_the_same_embedding_alone_and_in_a_padded_batch() {
-    let model = load(DeviceKind::Cpu);
-    let texts: Vec<String> = texts().into_iter().take(12).collect();
-    let batched = model.embed(&texts, TRUNCATE).unwrap().vectors;
-    for (i, t) in texts.iter().enumerate() {
-        let alone = model
-            .embed(std::slice::from_ref(t), TRUNCATE)
-            .unwrap()
-            .vectors;
-        let err = max_abs_diff(&alone[0], &batched[i]);
-        assert!(err <= 1e-5, "text {i}: alone vs batched differ by {err}");
+fn a_text_gives_the_same_embedding_alone_and_in_a_batch_of_either_layout() {
+    for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+        let opts = LoadOptions {
+            layout,
+            ..LoadOptions::default()
+        };
+        let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+        let texts: Vec<String> = texts().into_iter().take(12).collect();
+        let batched = model.embed(&texts, TRUNCATE).unwrap().vectors;
+        for (i, t) in texts.iter().enumerate() {
+            let alone = model
+                .embed(std::slice::from_ref(t), TRUNCATE)
+                .unwrap()
+                .vectors;
+            let err = max_abs_diff(&alone[0], &batched[i]);
+            assert!(
+                err <= 1e-5,
+                "{layout:?}: text {i}: alone vs batched differ by {err}"
+            );
+        }
     }
 }
 

@@ -1,19 +1,14 @@
 //! The tiny random-weight BERT fixtures (`$KILN_FIXTURES/tiny`): encoder hidden states and pooler
 //! output, and classifier logits for single texts and sentence pairs, on every device.
 
-use kiln_engine::DeviceKind;
 use kiln_models::{Encoded, EncoderModel, LoadOptions, TextInput};
-use kiln_tests::{fixtures, flatten, max_abs_diff, read_json};
+use kiln_tests::{engine_configurations, fixtures, flatten, max_abs_diff, read_json};
 
 const TOL: f32 = 1e-4;
 
-fn load(name: &str, device: DeviceKind) -> (EncoderModel, serde_json::Value) {
+fn load(name: &str, opts: &LoadOptions) -> (EncoderModel, serde_json::Value) {
     let dir = fixtures().join("tiny").join(name);
-    let opts = LoadOptions {
-        device,
-        ..LoadOptions::default()
-    };
-    let model = EncoderModel::load(&dir, &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let model = EncoderModel::load(&dir, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
     (model, read_json(&dir.join("reference.json")))
 }
 
@@ -71,8 +66,8 @@ fn output(outputs: &[(String, kiln_engine::HostTensor)], name: &str) -> kiln_eng
 
 #[test]
 fn bert_tiny_hidden_states_and_pooler_match_on_every_device() {
-    for device in DeviceKind::ALL {
-        let (model, r) = load("bert-tiny", device);
+    for (device, opts) in engine_configurations() {
+        let (model, r) = load("bert-tiny", &opts);
         let batch = reference_batch(&r);
         // Our tokenizer gives the reference ids.
         let inputs: Vec<TextInput> = texts(&r).into_iter().map(TextInput::Single).collect();
@@ -109,8 +104,8 @@ fn bert_tiny_hidden_states_and_pooler_match_on_every_device() {
 
 #[test]
 fn bert_tiny_cls_logits_match_for_texts_and_pairs_on_every_device() {
-    for device in DeviceKind::ALL {
-        let (model, r) = load("bert-tiny-cls", device);
+    for (device, opts) in engine_configurations() {
+        let (model, r) = load("bert-tiny-cls", &opts);
         assert_eq!(model.labels(), ["negative", "neutral", "positive"]);
 
         let inputs: Vec<TextInput> = texts(&r).into_iter().map(TextInput::Single).collect();

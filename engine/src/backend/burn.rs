@@ -278,6 +278,24 @@ impl Backend for BurnBackend {
         Ok(BurnTensor::Float { t, rank: 3 })
     }
 
+    fn sdpa_plan(
+        &self,
+        problem: &kiln_attention::ProblemSummary,
+        choice: KernelChoice,
+    ) -> Result<(&'static str, String)> {
+        match choice {
+            KernelChoice::Auto => Ok((
+                "burn",
+                "burn-tensor's attention on this device (force a kiln kernel with sdpa_kernel)"
+                    .into(),
+            )),
+            KernelChoice::Force(_) => {
+                let s = kiln_attention::select(problem, kiln_attention::Isa::detect(), choice)?;
+                Ok((s.kernel.name(), format!("{} (on host copies)", s.reason)))
+            }
+        }
+    }
+
     fn sdpa(
         &self,
         q: BurnTensor,

@@ -12,7 +12,7 @@ mod cpu;
 pub use self::burn::BurnBackend;
 pub use self::cpu::CpuBackend;
 
-use kiln_attention::KernelChoice;
+use kiln_attention::{KernelChoice, ProblemSummary};
 
 use crate::error::Result;
 use crate::ir::{Activation, ConstRole, PoolMode};
@@ -72,6 +72,18 @@ pub trait Backend: Send + Sync + 'static {
     fn activation(&self, x: Self::Tensor, act: Activation) -> Result<Self::Tensor>;
     fn split_heads(&self, x: Self::Tensor, heads: usize) -> Result<Self::Tensor>;
     fn merge_heads(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+    /// Which attention kernel this backend would run for `problem` under `choice`, and why; an
+    /// error if a forced kernel cannot run it. Used at load time to log the plan and to refuse an
+    /// impossible override before serving.
+    fn sdpa_plan(
+        &self,
+        problem: &ProblemSummary,
+        choice: KernelChoice,
+    ) -> Result<(&'static str, String)> {
+        let s = kiln_attention::select(problem, kiln_attention::Isa::detect(), choice)?;
+        Ok((s.kernel.name(), s.reason))
+    }
+
     /// Attention; returns the output and the name of the kernel that ran it (for logs and the
     /// per-kernel metric).
     fn sdpa(
