@@ -96,7 +96,9 @@ struct EmbedArgs {
 struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Comma-separated batch×seq shapes, every position a real token (no padding).
+    /// Comma-separated batch×seq shapes, every position a real token. `BxLO-HI` is a
+    /// mixed-length batch: B sequences with lengths spread evenly from LO to HI (where padded
+    /// and packed layouts differ).
     #[arg(long, default_value = "1x16,8x16,32x128")]
     shapes: String,
     /// Timed repetitions per shape (after one warm-up run).
@@ -239,15 +241,32 @@ fn embed(args: EmbedArgs) -> Result<()> {
 
 fn bench(args: BenchArgs) -> Result<()> {
     let model = args.model.load()?;
-    let shapes: Vec<(usize, usize)> = args
+    // Each shape is a label and the length of every sequence in the batch.
+    let shapes: Vec<(String, Vec<usize>)> = args
         .shapes
         .split(',')
         .map(|s| {
+            let s = s.trim();
             let (b, q) = s
-                .trim()
                 .split_once('x')
-                .ok_or_else(|| anyhow!("shape `{s}` is not BxS"))?;
-            Ok((b.parse()?, q.parse()?))
+                .ok_or_else(|| anyhow!("shape `{s}` is not BxS or BxLO-HI"))?;
+            let b: usize = b.parse()?;
+            if b == 0 {
+                return Err(anyhow!("shape `{s}`: batch must be at least 1"));
+            }
+            let lengths = match q.split_once('-') {
+                None => vec![q.parse::<usize>()?; b],
+                Some((lo, hi)) => {
+                    let (lo, hi): (usize, usize) = (lo.parse()?, hi.parse()?);
+                    if hi < lo {
+                        return Err(anyhow!("shape `{s}`: {hi} < {lo}"));
+                    }
+                    (0..b)
+                        .map(|i| lo + (hi - lo) * i / (b - 1).max(1))
+                        .collect()
+                }
+            };
+            Ok((s.replace('x', "×"), lengths))
         })
         .collect::<Result<_>>()?;
     // A long text, truncated to the model's limit, gives real ids for any length up to it.
@@ -258,24 +277,29 @@ fn bench(args: BenchArgs) -> Result<()> {
         .remove(0);
     let cpu = kiln_engine::CpuCaps::detect();
     println!(
-        "model {} on {} ({cpu})",
+        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}",
         model.info().id,
-        model.info().device
+        model.info().device,
+        args.model.batch_layout,
+        args.model.sdpa_kernel
     );
     println!("| batch×seq | median ms | min ms | tokens/s | runs |");
     println!("|---|---|---|---|---|");
-    for (b, s) in shapes {
-        if s < 2 || s > full.len() {
-            return Err(anyhow!("seq {s} must be between 2 and {}", full.len()));
+    for (label, lengths) in shapes {
+        let mut batch = Vec::with_capacity(lengths.len());
+        for &s in &lengths {
+            if s < 2 || s > full.len() {
+                return Err(anyhow!("seq {s} must be between 2 and {}", full.len()));
+            }
+            let mut ids = full.ids[..s - 1].to_vec();
+            ids.push(*full.ids.last().expect("non-empty"));
+            batch.push(Encoded {
+                type_ids: vec![0; s],
+                untruncated_len: s,
+                ids,
+            });
         }
-        let mut ids = full.ids[..s - 1].to_vec();
-        ids.push(*full.ids.last().expect("non-empty"));
-        let seq = Encoded {
-            type_ids: vec![0; s],
-            untruncated_len: s,
-            ids,
-        };
-        let batch = vec![seq; b];
+        let tokens: usize = lengths.iter().sum();
         model.run_batch(&batch).map_err(|e| anyhow!("{e}"))?; // warm-up
         let mut times = Vec::new();
         let started = Instant::now();
@@ -289,9 +313,9 @@ fn bench(args: BenchArgs) -> Result<()> {
         times.sort_by(f64::total_cmp);
         let median = times[times.len() / 2];
         println!(
-            "| {b}×{s} | {median:.2} | {:.2} | {:.0} | {} |",
+            "| {label} | {median:.2} | {:.2} | {:.0} | {} |",
             times[0],
-            (b * s) as f64 / (median / 1e3),
+            tokens as f64 / (median / 1e3),
             times.len()
         );
     }
