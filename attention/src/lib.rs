@@ -60,7 +60,9 @@ pub fn scaled_dot_product_attention(
         mask: params.mask,
         scale: params.scale(),
     };
-    let blocks = task::padded(q, k, v, out, params, block_rows(kernel));
+    let s = params.shape;
+    let k_t = keys_transposed(kernel, k, s.kv_len, s.head_dim);
+    let blocks = task::padded(q, k, &k_t, v, out, params, block_rows(kernel));
     run(kernel, blocks, shared);
     Ok(kernel)
 }
@@ -82,9 +84,19 @@ pub fn scaled_dot_product_attention_varlen(
         mask: params.causal.map_or(Mask::None, Mask::Causal),
         scale: params.scale(),
     };
-    let blocks = task::varlen(q, k, v, out, params, block_rows(kernel));
+    let k_t = keys_transposed(kernel, k, params.total_kv(), params.head_dim);
+    let blocks = task::varlen(q, k, &k_t, v, out, params, block_rows(kernel));
     run(kernel, blocks, shared);
     Ok(kernel)
+}
+
+/// The tiled kernels read `Kᵀ` (see `task::transpose_keys`); math reads `K` once per head and
+/// needs no copy.
+fn keys_transposed(kernel: Kernel, k: &[f32], len: usize, d: usize) -> Vec<f32> {
+    match kernel {
+        Kernel::Math => Vec::new(),
+        Kernel::Flash | Kernel::MemEfficient => task::transpose_keys(k, len, d),
+    }
 }
 
 fn block_rows(kernel: Kernel) -> task::BlockRows {

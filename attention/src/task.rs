@@ -15,6 +15,10 @@ use crate::params::{Mask, RowMask, SdpaParams, VarlenParams};
 pub(crate) struct HeadTask<'a> {
     pub q: &'a [f32],
     pub k: &'a [f32],
+    /// `Kᵀ` of this task's keys, `[head_dim, kv_len]` with row stride `k_t_stride`, when the
+    /// kernel asked for it (see [`transpose_keys`]); empty otherwise.
+    pub k_t: &'a [f32],
+    pub k_t_stride: usize,
     pub v: &'a [f32],
     pub q_len: usize,
     pub kv_len: usize,
@@ -76,10 +80,38 @@ fn push_task<'a, 'o>(
     }
 }
 
-/// Blocks of a padded call (lengths validated).
+/// `[heads, len, d]` → `[heads, d, len]`: keys transposed once per call so that the tiled
+/// kernels' `Q·Kᵀ` GEMMs read a row-major right-hand side. Measured at S = 512: reading `K` with
+/// swapped strides instead (the gemm crate then repacks it for every query block) made flash
+/// ~2× slower. Costs one copy of K: O(S) memory.
+pub(crate) fn transpose_keys(k: &[f32], len: usize, d: usize) -> Vec<f32> {
+    const TILE: usize = 16;
+    let mut out = vec![0.0f32; k.len()];
+    if len == 0 || d == 0 {
+        return out;
+    }
+    out.par_chunks_mut(len * d)
+        .zip(k.par_chunks(len * d))
+        .for_each(|(dst, src)| {
+            for j0 in (0..len).step_by(TILE) {
+                for c0 in (0..d).step_by(TILE) {
+                    for j in j0..(j0 + TILE).min(len) {
+                        for c in c0..(c0 + TILE).min(d) {
+                            dst[c * len + j] = src[j * d + c];
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// Blocks of a padded call (lengths validated). `k_t` is [`transpose_keys`] of `k` or empty.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn padded<'a, 'o>(
     q: &'a [f32],
     k: &'a [f32],
+    k_t: &'a [f32],
     v: &'a [f32],
     out: &'o mut [f32],
     params: &SdpaParams<'_>,
@@ -99,6 +131,8 @@ pub(crate) fn padded<'a, 'o>(
         let task = HeadTask {
             q: &q[bh * q_head..(bh + 1) * q_head],
             k: &k[kv_off..kv_off + kv_head],
+            k_t: k_t.get(kv_off..kv_off + kv_head).unwrap_or(&[]),
+            k_t_stride: s.kv_len,
             v: &v[kv_off..kv_off + kv_head],
             q_len: s.q_len,
             kv_len: s.kv_len,
@@ -111,10 +145,13 @@ pub(crate) fn padded<'a, 'o>(
     blocks
 }
 
-/// Blocks of a varlen call (offsets and lengths validated).
+/// Blocks of a varlen call (offsets and lengths validated). `k_t` is [`transpose_keys`] of `k`
+/// (`[kv_heads, head_dim, total_kv]`) or empty.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn varlen<'a, 'o>(
     q: &'a [f32],
     k: &'a [f32],
+    k_t: &'a [f32],
     v: &'a [f32],
     out: &'o mut [f32],
     params: &VarlenParams<'_>,
@@ -146,6 +183,9 @@ pub(crate) fn varlen<'a, 'o>(
             let task = HeadTask {
                 q: &q[q0..q0 + q_len * d],
                 k: &k[k0..k0 + kv_len * d],
+                // Column wk[0] of head kvh's [d, total_kv] block; rows are total_kv apart.
+                k_t: k_t.get(kvh * tk * d + wk[0]..).unwrap_or(&[]),
+                k_t_stride: tk,
                 v: &v[k0..k0 + kv_len * d],
                 q_len,
                 kv_len,

@@ -82,8 +82,8 @@ pub(crate) fn run_block(
             (rows, bk, d),
             q,
             (1, d),
-            &t.k[j0 * d..],
-            (d, 1),
+            &t.k_t[j0..],
+            (1, t.k_t_stride),
             shared.scale,
             false,
         );
