@@ -38,7 +38,7 @@ pub use params::{
 pub use select::{Kernel, KernelChoice, MATH_MAX_SCORES, Selection, select, unsupported};
 pub use simd::Isa;
 
-use task::{Block, Shared};
+use task::Shared;
 
 /// Runs attention with the kernel the selector picks for `params` and `choice`.
 ///
@@ -62,14 +62,15 @@ pub fn scaled_dot_product_attention(
     };
     let s = params.shape;
     let k_t = keys_transposed(kernel, k, s.kv_len, s.head_dim);
-    let blocks = task::padded(q, k, &k_t, v, out, params, block_rows(kernel));
-    run(kernel, blocks, shared);
+    let blocks = task::padded(q, k, &k_t, v, out, params, kernel);
+    task::run(blocks, shared);
     Ok(kernel)
 }
 
 /// Padding-free attention over sequences packed back to back (see [`VarlenParams`] for the
-/// layout). Each sequence attends only to itself; the output equals running every sequence
-/// alone. Returns the kernel that ran.
+/// layout). Each sequence attends only to itself, and under `auto` each sequence gets the kernel
+/// the selector picks for its own length, so a sequence's output is bit-for-bit what it would be
+/// alone, whatever it is packed with. Returns the kernel of the longest sequence.
 pub fn scaled_dot_product_attention_varlen(
     q: &[f32],
     k: &[f32],
@@ -79,14 +80,26 @@ pub fn scaled_dot_product_attention_varlen(
     choice: KernelChoice,
 ) -> Result<Kernel, SdpaError> {
     params.validate(q.len(), k.len(), v.len(), out.len())?;
-    let kernel = select(&params.summary(), Isa::detect(), choice)?.kernel;
+    let summary = params.summary();
+    let isa = Isa::detect();
+    let kernel = select(&summary, isa, choice)?.kernel;
     let shared = Shared {
         mask: params.causal.map_or(Mask::None, Mask::Causal),
         scale: params.scale(),
     };
+    // The longest sequence needs the most tiled kernel, so it decides whether Kᵀ is needed.
     let k_t = keys_transposed(kernel, k, params.total_kv(), params.head_dim);
-    let blocks = task::varlen(q, k, &k_t, v, out, params, block_rows(kernel));
-    run(kernel, blocks, shared);
+    let kernel_of = |q_len: usize, kv_len: usize| match choice {
+        KernelChoice::Force(forced) => forced,
+        KernelChoice::Auto => {
+            let mut one = summary;
+            (one.shape.q_len, one.shape.kv_len) = (q_len, kv_len);
+            // Auto never fails: every problem has a kernel.
+            select(&one, isa, choice).map_or(kernel, |s| s.kernel)
+        }
+    };
+    let blocks = task::varlen(q, k, &k_t, v, out, params, kernel_of);
+    task::run(blocks, shared);
     Ok(kernel)
 }
 
@@ -96,21 +109,5 @@ fn keys_transposed(kernel: Kernel, k: &[f32], len: usize, d: usize) -> Vec<f32> 
     match kernel {
         Kernel::Math => Vec::new(),
         Kernel::Flash | Kernel::MemEfficient => task::transpose_keys(k, len, d),
-    }
-}
-
-fn block_rows(kernel: Kernel) -> task::BlockRows {
-    match kernel {
-        Kernel::Math => math::block_rows,
-        Kernel::Flash => flash::block_rows,
-        Kernel::MemEfficient => mem_efficient::block_rows,
-    }
-}
-
-fn run(kernel: Kernel, blocks: Vec<Block<'_, '_>>, shared: Shared<'_>) {
-    match kernel {
-        Kernel::Math => task::run(blocks, shared, math::run_block),
-        Kernel::Flash => task::run(blocks, shared, flash::run_block),
-        Kernel::MemEfficient => task::run(blocks, shared, mem_efficient::run_block),
     }
 }

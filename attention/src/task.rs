@@ -9,6 +9,7 @@
 use rayon::prelude::*;
 
 use crate::params::{Mask, RowMask, SdpaParams, VarlenParams};
+use crate::{Kernel, flash, math, mem_efficient, tiled};
 
 /// One (sequence, query head) problem. `q`, `k` and `v` are dense `[len, head_dim]` rows.
 #[derive(Clone, Copy)]
@@ -28,8 +29,10 @@ pub(crate) struct HeadTask<'a> {
     pub h: usize,
 }
 
-/// Query rows `row0..row0 + rows` of one task and the output rows they produce.
+/// Query rows `row0..row0 + rows` of one task, the kernel that runs them, and the output rows
+/// they produce.
 pub(crate) struct Block<'a, 'o> {
+    pub kernel: Kernel,
     pub task: HeadTask<'a>,
     pub row0: usize,
     pub out: &'o mut [f32],
@@ -61,18 +64,25 @@ impl<'a> Shared<'a> {
     }
 }
 
-/// How many query rows a block holds for a task of `q_len` rows.
-pub(crate) type BlockRows = fn(q_len: usize) -> usize;
+/// How many query rows a block of `kernel` holds for a task of `q_len` rows.
+fn block_rows(kernel: Kernel, q_len: usize) -> usize {
+    match kernel {
+        Kernel::Math => math::block_rows(q_len),
+        Kernel::Flash => flash::block_rows(q_len),
+        Kernel::MemEfficient => mem_efficient::block_rows(q_len),
+    }
+}
 
 fn push_task<'a, 'o>(
     blocks: &mut Vec<Block<'a, 'o>>,
     task: HeadTask<'a>,
     out: &'o mut [f32],
-    block_rows: BlockRows,
+    kernel: Kernel,
 ) {
-    let rows = block_rows(task.q_len).max(1);
+    let rows = block_rows(kernel, task.q_len).max(1);
     for (n, chunk) in out.chunks_mut(rows * task.head_dim).enumerate() {
         blocks.push(Block {
+            kernel,
             task,
             row0: n * rows,
             out: chunk,
@@ -115,7 +125,7 @@ pub(crate) fn padded<'a, 'o>(
     v: &'a [f32],
     out: &'o mut [f32],
     params: &SdpaParams<'_>,
-    block_rows: BlockRows,
+    kernel: Kernel,
 ) -> Vec<Block<'a, 'o>> {
     let s = params.shape;
     let d = s.head_dim;
@@ -140,13 +150,14 @@ pub(crate) fn padded<'a, 'o>(
             b,
             h,
         };
-        push_task(&mut blocks, task, out_head, block_rows);
+        push_task(&mut blocks, task, out_head, kernel);
     }
     blocks
 }
 
 /// Blocks of a varlen call (offsets and lengths validated). `k_t` is [`transpose_keys`] of `k`
-/// (`[kv_heads, head_dim, total_kv]`) or empty.
+/// (`[kv_heads, head_dim, total_kv]`) or empty; `kernel_of(q_len, kv_len)` picks each
+/// sequence's kernel.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn varlen<'a, 'o>(
     q: &'a [f32],
@@ -155,7 +166,7 @@ pub(crate) fn varlen<'a, 'o>(
     v: &'a [f32],
     out: &'o mut [f32],
     params: &VarlenParams<'_>,
-    block_rows: BlockRows,
+    kernel_of: impl Fn(usize, usize) -> Kernel,
 ) -> Vec<Block<'a, 'o>> {
     let d = params.head_dim;
     let group = params.q_heads / params.kv_heads;
@@ -193,21 +204,28 @@ pub(crate) fn varlen<'a, 'o>(
                 b: s,
                 h,
             };
-            push_task(&mut blocks, task, out_seq, block_rows);
+            push_task(&mut blocks, task, out_seq, kernel_of(q_len, kv_len));
         }
     }
     blocks
 }
 
-/// Runs `kernel` on every block in parallel, each worker thread with its own scratch space.
-pub(crate) fn run<S: Default + Send>(
-    blocks: Vec<Block<'_, '_>>,
-    shared: Shared<'_>,
-    kernel: impl Fn(&mut Block<'_, '_>, &Shared<'_>, &mut S) + Sync,
-) {
+/// Per-thread scratch space of every kernel, reused across blocks.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    tiled: tiled::Scratch,
+}
+
+/// Runs every block with its kernel, in parallel.
+pub(crate) fn run(blocks: Vec<Block<'_, '_>>, shared: Shared<'_>) {
     blocks
         .into_par_iter()
-        .for_each_init(S::default, |scratch, mut block| {
-            kernel(&mut block, &shared, scratch)
+        .for_each_init(Scratch::default, |scratch, mut block| match block.kernel {
+            Kernel::Math => math::run_block(&mut block, &shared, &mut scratch.scores),
+            Kernel::Flash => flash::run_block(&mut block, &shared, &mut scratch.tiled),
+            Kernel::MemEfficient => {
+                mem_efficient::run_block(&mut block, &shared, &mut scratch.tiled)
+            }
         });
 }

@@ -609,3 +609,54 @@ fn reference_matches_torch_float64_too() {
         .fold(0.0f32, f32::max);
     assert!(err <= 1e-5, "reference vs torch: {err}");
 }
+
+/// Under `auto`, each packed sequence runs the kernel for its own length, so its output is
+/// bit-for-bit what it is alone (here a 40-token sequence runs math and a 300-token one flash).
+#[test]
+fn auto_varlen_is_bit_identical_to_each_sequence_alone() {
+    let (heads, d) = (2usize, 32usize);
+    let lens = [40usize, 300, 7];
+    let mut rng = Rng(7);
+    let total: usize = lens.iter().sum();
+    let q = rng.values(heads * total * d);
+    let run = |q: &[f32], lens: &[usize]| {
+        let mut cu = vec![0usize];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l);
+        }
+        let params = VarlenParams {
+            q_heads: heads,
+            kv_heads: heads,
+            head_dim: d,
+            cu_seqlens_q: &cu,
+            cu_seqlens_k: &cu,
+            causal: None,
+            scale: None,
+        };
+        let mut out = vec![0.0f32; q.len()];
+        let k = scaled_dot_product_attention_varlen(q, q, q, &mut out, &params, KernelChoice::Auto)
+            .unwrap();
+        (out, k)
+    };
+    let (packed, kernel) = run(&q, &lens);
+    assert_eq!(
+        kernel,
+        Kernel::Flash,
+        "the longest sequence decides the reported kernel"
+    );
+    let mut start = 0;
+    for &l in &lens {
+        let one: Vec<f32> = (0..heads)
+            .flat_map(|h| q[(h * total + start) * d..(h * total + start + l) * d].to_vec())
+            .collect();
+        let (alone, _) = run(&one, &[l]);
+        for h in 0..heads {
+            assert_eq!(
+                &packed[(h * total + start) * d..(h * total + start + l) * d],
+                &alone[h * l * d..(h + 1) * l * d],
+                "sequence of {l} tokens, head {h}"
+            );
+        }
+        start += l;
+    }
+}

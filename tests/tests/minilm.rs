@@ -130,15 +130,20 @@ fn last_hidden_states_of_first_8_texts_match() {
     }
 }
 
+/// Packed (the default): a text's embedding is bit-for-bit the same alone and in a batch of any
+/// mix of lengths (each sequence gets the attention kernel for its own length, and no padding
+/// enters any sum). Padded: the same within 1e-5 (padding changes GEMM shapes and the kernel).
 #[test]
 fn a_text_gives_the_same_embedding_alone_and_in_a_batch_of_either_layout() {
-    for layout in [BatchLayout::Packed, BatchLayout::Padded] {
+    for (layout, tolerance) in [(BatchLayout::Packed, 0.0), (BatchLayout::Padded, 1e-5)] {
         let opts = LoadOptions {
             layout,
             ..LoadOptions::default()
         };
         let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
-        let texts: Vec<String> = texts().into_iter().take(12).collect();
+        // All 48 fixture texts: lengths from a few tokens to the 256 cap, so one batch mixes
+        // sequences that run the math kernel with sequences that run flash.
+        let texts = texts();
         let batched = model.embed(&texts, TRUNCATE).unwrap().vectors;
         for (i, t) in texts.iter().enumerate() {
             let alone = model
@@ -147,7 +152,7 @@ fn a_text_gives_the_same_embedding_alone_and_in_a_batch_of_either_layout() {
                 .vectors;
             let err = max_abs_diff(&alone[0], &batched[i]);
             assert!(
-                err <= 1e-5,
+                err <= tolerance,
                 "{layout:?}: text {i}: alone vs batched differ by {err}"
             );
         }
