@@ -251,6 +251,12 @@ impl EncoderModel {
         &self.info
     }
 
+    /// How batches are laid out: packed batches may mix lengths freely (a sequence's output
+    /// is bit-identical in any packed batch); padded ones should group equal lengths.
+    pub fn layout(&self) -> BatchLayout {
+        self.layout
+    }
+
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.tokenizer
     }
