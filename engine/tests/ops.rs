@@ -574,7 +574,7 @@ fn attention_plan_logs_refuses_and_counts() {
     };
     for device in DeviceKind::ALL {
         let auto = prepare(build(64), device, ExecOptions::default()).unwrap();
-        let plan = auto.attention_plan(512).unwrap();
+        let plan = auto.attention_plan(2048).unwrap();
         assert_eq!(plan.len(), 1);
         assert_eq!(plan[0].0, "layer.sdpa");
         if device == DeviceKind::Cpu {
