@@ -35,7 +35,7 @@ async fn call(
 
 #[tokio::test]
 async fn not_ready_until_loaded_then_serves() {
-    let state = AppState::new(ServeConfig::for_model(bert_tiny_cls()));
+    let state = AppState::new(ServeConfig::for_model(bert_tiny_cls())).unwrap();
     let (status, body) = call(&state, "GET", "/health", "").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(body["error"].as_str().unwrap().contains("loading"));

@@ -1,0 +1,334 @@
+//! Dynamic batching: one task owns the request queue, one thread owns the model.
+//!
+//! Design note. Handlers never touch the queue: they send an [`Entry`] (token ids already
+//! computed, a oneshot to answer on) to the **queue owner**, an async task. The owner forms
+//! batches by token budget (`max_batch_tokens`, `max_batch_requests`) and hands them to the
+//! **backend thread** over a channel with room for one batch, so a full batch is assembled while
+//! the current one runs and the backend never waits for the queue. A batch that is not full is
+//! held back while the backend is busy (more requests may join it) and for at most
+//! `max_queue_delay` while it is idle.
+//!
+//! On the backend thread a batch's sequences are sorted by length and cut into engine calls that
+//! stay within the token budget, each padded only to its own longest sequence (padding-free once
+//! the engine runs varlen attention). Every sequence keeps its own length, and each request gets
+//! its rows back in its own order.
+//!
+//! Memory is bounded: admission (`max_concurrent_requests`) caps the entries that can exist.
+//! A request whose client has gone (its oneshot receiver dropped: disconnect or timeout) is
+//! removed from the queue at the owner's next wake-up and skipped if it already reached the
+//! backend; work already running finishes and its result is discarded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use kiln_models::{Encoded, EncoderModel};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::AppError;
+use crate::metrics::Metrics;
+
+/// The limits the queue owner and the backend batch by.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    pub max_batch_tokens: usize,
+    pub max_batch_requests: usize,
+    pub max_batch_sequences: usize,
+    pub max_queue_delay: Duration,
+}
+
+/// What a request gets back: for each requested output, one row per sequence.
+#[derive(Debug)]
+pub struct BatchOutput {
+    pub rows: Vec<Vec<Vec<f32>>>,
+}
+
+type Reply = oneshot::Sender<Result<BatchOutput, AppError>>;
+
+/// One request's work in the queue.
+struct Entry {
+    seqs: Vec<Encoded>,
+    /// Graph outputs wanted, each `[batch, width]`.
+    outputs: Vec<&'static str>,
+    tokens: usize,
+    enqueued: Instant,
+    reply: Reply,
+}
+
+enum Msg {
+    Append(Entry),
+    BatchDone,
+}
+
+/// The handle handlers use to submit work.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+impl Batcher {
+    /// Starts the queue owner (on the current tokio runtime) and the backend thread.
+    pub fn spawn(
+        model: Arc<EncoderModel>,
+        limits: BatchLimits,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Room for one batch: the next one waits here while the backend runs the current one.
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Entry>>(1);
+        let done = tx.clone();
+        let backend_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("kiln-backend".into())
+            .spawn(move || backend_loop(&model, batch_rx, done, limits, &backend_metrics))?;
+        tokio::spawn(queue_owner(rx, batch_tx, limits, metrics));
+        Ok(Self { tx })
+    }
+
+    /// Queues `seqs` and waits for their rows of `outputs`. Dropping the returned future (client
+    /// gone, timeout) withdraws the request.
+    pub async fn run(
+        &self,
+        seqs: Vec<Encoded>,
+        outputs: Vec<&'static str>,
+    ) -> Result<BatchOutput, AppError> {
+        let (reply, answer) = oneshot::channel();
+        let tokens = seqs.iter().map(Encoded::len).sum();
+        let entry = Entry {
+            seqs,
+            outputs,
+            tokens,
+            enqueued: Instant::now(),
+            reply,
+        };
+        self.tx
+            .send(Msg::Append(entry))
+            .map_err(|_| AppError::unavailable("the server is shutting down"))?;
+        answer.await.map_err(|_| {
+            tracing::error!("the backend dropped a request without answering");
+            AppError::internal()
+        })?
+    }
+}
+
+/// The queue owner: collects entries, decides when a batch is ready, hands it to the backend.
+async fn queue_owner(
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+    batch_tx: mpsc::Sender<Vec<Entry>>,
+    limits: BatchLimits,
+    metrics: Metrics,
+) {
+    let mut queue: VecDeque<Entry> = VecDeque::new();
+    // Batches handed to the backend and not finished: at most one running and one waiting.
+    let mut in_flight = 0usize;
+    loop {
+        queue.retain(|e| !e.reply.is_closed());
+        metrics.queue_size.set(queue.len() as i64);
+        let mut wake_at = None;
+        if let Some(oldest) = queue.front()
+            && in_flight < 2
+        {
+            let ready_at = oldest.enqueued + limits.max_queue_delay;
+            let idle = in_flight == 0;
+            if is_full(&queue, &limits) || (idle && Instant::now() >= ready_at) {
+                let batch = take_batch(&mut queue, &limits);
+                in_flight += 1;
+                metrics.queue_size.set(queue.len() as i64);
+                if batch_tx.send(batch).await.is_err() {
+                    tracing::error!("the backend thread has stopped");
+                    return;
+                }
+                continue;
+            }
+            if idle {
+                wake_at = Some(ready_at);
+            }
+        }
+        let sleep = async {
+            match wake_at {
+                Some(t) => tokio::time::sleep_until(t.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Some(Msg::Append(entry)) => queue.push_back(entry),
+                Some(Msg::BatchDone) => in_flight = in_flight.saturating_sub(1),
+                // Every handle is gone (the state was dropped): stop, which stops the backend.
+                None => return,
+            },
+            () = sleep => {}
+        }
+    }
+}
+
+/// A batch is full when the queue holds more than one batch's worth.
+fn is_full(queue: &VecDeque<Entry>, limits: &BatchLimits) -> bool {
+    let tokens: usize = queue.iter().map(|e| e.tokens).sum();
+    queue.len() >= limits.max_batch_requests || tokens >= limits.max_batch_tokens
+}
+
+/// Takes requests from the front while they fit the budget (always at least one, which may be
+/// larger than the budget alone: the backend splits it into engine calls).
+fn take_batch(queue: &mut VecDeque<Entry>, limits: &BatchLimits) -> Vec<Entry> {
+    let mut batch = Vec::new();
+    let mut tokens = 0;
+    while let Some(front) = queue.front() {
+        if !batch.is_empty()
+            && (batch.len() >= limits.max_batch_requests
+                || tokens + front.tokens > limits.max_batch_tokens)
+        {
+            break;
+        }
+        tokens += front.tokens;
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+fn backend_loop(
+    model: &EncoderModel,
+    mut batches: mpsc::Receiver<Vec<Entry>>,
+    done: mpsc::UnboundedSender<Msg>,
+    limits: BatchLimits,
+    metrics: &Metrics,
+) {
+    while let Some(batch) = batches.blocking_recv() {
+        run_batch(model, batch, &limits, metrics);
+        if done.send(Msg::BatchDone).is_err() {
+            return;
+        }
+    }
+}
+
+/// One sequence of the batch, where its answer goes.
+struct Slot {
+    entry: usize,
+    index: usize,
+}
+
+fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, metrics: &Metrics) {
+    let started = Instant::now();
+    // Requests withdrawn while the batch waited for the backend are not run.
+    batch.retain(|e| !e.reply.is_closed());
+    if batch.is_empty() {
+        return;
+    }
+    for e in &batch {
+        metrics
+            .queue_duration
+            .observe(started.duration_since(e.enqueued).as_secs_f64());
+    }
+    let mut seqs: Vec<(Slot, Encoded)> = Vec::new();
+    let mut rows: Vec<Vec<Vec<Vec<f32>>>> = Vec::with_capacity(batch.len());
+    let mut failed: Vec<Option<AppError>> = vec![None; batch.len()];
+    for (entry, e) in batch.iter_mut().enumerate() {
+        rows.push(vec![vec![Vec::new(); e.seqs.len()]; e.outputs.len()]);
+        for (index, s) in std::mem::take(&mut e.seqs).into_iter().enumerate() {
+            seqs.push((Slot { entry, index }, s));
+        }
+    }
+    // Longest first: each engine call pads only to its own first (longest) sequence.
+    seqs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
+    let mut start = 0;
+    while start < seqs.len() {
+        let longest = seqs[start].1.len();
+        let mut end = start + 1;
+        while end < seqs.len()
+            && end - start < limits.max_batch_sequences
+            && (end - start + 1) * longest <= limits.max_batch_tokens
+        {
+            end += 1;
+        }
+        let chunk = &seqs[start..end];
+        start = end;
+        // Entries in this call that are still wanted.
+        if chunk.iter().all(|(slot, _)| failed[slot.entry].is_some()) {
+            continue;
+        }
+        let encoded: Vec<Encoded> = chunk.iter().map(|(_, s)| s.clone()).collect();
+        let counts_before = model.sdpa_kernel_counts();
+        let call_started = Instant::now();
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run_batch(&encoded)));
+        metrics
+            .inference_duration
+            .observe(call_started.elapsed().as_secs_f64());
+        metrics.add_sdpa_calls(&counts_before, &model.sdpa_kernel_counts());
+        metrics.inferences.inc();
+        metrics.batch_size.observe(encoded.len() as f64);
+        metrics
+            .batch_tokens
+            .observe(encoded.iter().map(Encoded::len).sum::<usize>() as f64);
+        let outputs = match result {
+            Ok(Ok(outputs)) => outputs,
+            Ok(Err(e)) => {
+                let err = AppError::from(e);
+                for (slot, _) in chunk {
+                    failed[slot.entry] = Some(err.clone());
+                }
+                continue;
+            }
+            Err(_) => {
+                tracing::error!("an engine call panicked; its requests failed, serving goes on");
+                for (slot, _) in chunk {
+                    failed[slot.entry] = Some(AppError::internal());
+                }
+                continue;
+            }
+        };
+        for (slot, _) in chunk {
+            if failed[slot.entry].is_some() {
+                continue;
+            }
+            for (k, name) in batch[slot.entry].outputs.iter().enumerate() {
+                match row_of(&outputs, name, chunk_position(chunk, slot)) {
+                    Some(row) => rows[slot.entry][k][slot.index] = row,
+                    None => {
+                        tracing::error!(
+                            output = name,
+                            "the model has no such [batch, width] output"
+                        );
+                        failed[slot.entry] = Some(AppError::internal());
+                    }
+                }
+            }
+        }
+    }
+    for ((entry, rows), failure) in batch.into_iter().zip(rows).zip(failed) {
+        let answer = match failure {
+            Some(e) => Err(e),
+            None => Ok(BatchOutput { rows }),
+        };
+        // A client that left while its work ran gets nothing; the result is dropped here.
+        let _ = entry.reply.send(answer);
+    }
+}
+
+fn chunk_position(chunk: &[(Slot, Encoded)], slot: &Slot) -> usize {
+    chunk
+        .iter()
+        .position(|(s, _)| s.entry == slot.entry && s.index == slot.index)
+        .expect("the slot is in its chunk")
+}
+
+/// Row `r` of a `[batch, width]` output.
+fn row_of(outputs: &[(String, kiln_engine::HostTensor)], name: &str, r: usize) -> Option<Vec<f32>> {
+    let (_, t) = outputs.iter().find(|(n, _)| n == name)?;
+    if t.shape.len() != 2 {
+        return None;
+    }
+    let width = t.shape[1];
+    let data = t.as_f32()?;
+    data.get(r * width..(r + 1) * width).map(<[f32]>::to_vec)
+}
+
+/// 503 while the server drains or the backend is gone.
+pub fn stopped() -> AppError {
+    AppError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        "the backend has stopped",
+    )
+}
