@@ -8,10 +8,14 @@
 //! held back while the backend is busy (more requests may join it) and for at most
 //! `max_queue_delay` while it is idle.
 //!
-//! On the backend thread a batch's sequences are sorted by length and cut into engine calls that
-//! stay within the token budget, each padded only to its own longest sequence (padding-free once
-//! the engine runs varlen attention). Every sequence keeps its own length, and each request gets
-//! its rows back in its own order.
+//! On the backend thread a batch's sequences are sorted by length and cut into engine calls of
+//! sequences of **equal length**, within the token budget: no call carries padding. This is what
+//! makes a result independent of its batch: measured on `EncoderModel::run_batch`, a sequence's
+//! output is bit-identical for any number of rows, but changes in the last bits when it is padded
+//! (the attention reductions run over a different length). Requests of many different lengths
+//! therefore share fewer engine calls than they could; once the engine runs varlen attention
+//! (padding-free inside one call, the SDPA issue), calls can mix lengths with the same guarantee.
+//! Every sequence keeps its own length, and each request gets its rows back in its own order.
 //!
 //! Memory is bounded: admission (`max_concurrent_requests`) caps the entries that can exist.
 //! A request whose client has gone (its oneshot receiver dropped: disconnect or timeout) is
@@ -229,22 +233,28 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
             seqs.push((Slot { entry, index }, s));
         }
     }
-    // Longest first: each engine call pads only to its own first (longest) sequence.
+    // Longest first (a stable sort keeps each request's sequences together within a length);
+    // every engine call holds sequences of one length only.
     seqs.sort_by_key(|(_, s)| std::cmp::Reverse(s.len()));
     let mut start = 0;
     while start < seqs.len() {
-        let longest = seqs[start].1.len();
+        let len = seqs[start].1.len();
         let mut end = start + 1;
         while end < seqs.len()
+            && seqs[end].1.len() == len
             && end - start < limits.max_batch_sequences
-            && (end - start + 1) * longest <= limits.max_batch_tokens
+            && (end - start + 1) * len <= limits.max_batch_tokens
         {
             end += 1;
         }
         let chunk = &seqs[start..end];
         start = end;
-        // Entries in this call that are still wanted.
-        if chunk.iter().all(|(slot, _)| failed[slot.entry].is_some()) {
+        // Skip a call whose requests have all failed or been withdrawn (timeout, client gone)
+        // since the batch started: a long request stops between engine calls.
+        if chunk
+            .iter()
+            .all(|(slot, _)| failed[slot.entry].is_some() || batch[slot.entry].reply.is_closed())
+        {
             continue;
         }
         let encoded: Vec<Encoded> = chunk.iter().map(|(_, s)| s.clone()).collect();

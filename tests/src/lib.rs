@@ -6,6 +6,8 @@
 //! comes from `scripts/fetch-model.sh` (or `$KILN_MODEL_DIR`); a missing model or fixture is a
 //! test failure with instructions, never a silent skip.
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 /// The workspace root.

@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 use super::check_batch;
 use crate::app::{AppState, Ready};
 use crate::error::AppError;
+use crate::json::RawBody;
 
 /// The one version kiln serves of its one model.
 pub const MODEL_VERSION: &str = "1";
@@ -635,8 +636,9 @@ pub async fn infer(
     State(state): State<AppState>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<RawBody, AppError>,
 ) -> Result<Response, AppError> {
+    let RawBody(body) = body.map_err(kserve_error)?;
     run_infer(state, &name, None, &headers, body)
         .await
         .map_err(kserve_error)
@@ -646,8 +648,9 @@ pub async fn infer_version(
     State(state): State<AppState>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<RawBody, AppError>,
 ) -> Result<Response, AppError> {
+    let RawBody(body) = body.map_err(kserve_error)?;
     run_infer(state, &name, Some(&version), &headers, body)
         .await
         .map_err(kserve_error)

@@ -2,148 +2,20 @@
 //! sentence-transformers and PyTorch fixtures; bad requests get 4xx JSON errors and the server
 //! keeps serving; SIGTERM ends it cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::path::Path;
 
 use base64::Engine as _;
+use kiln_tests::server::{Server, kiln_bin};
 use kiln_tests::{
-    cosine, fixtures, flatten, max_abs_diff, minilm_dir, read_json, read_jsonl, read_npy, workspace,
+    cosine, fixtures, flatten, max_abs_diff, minilm_dir, read_json, read_jsonl, read_npy,
 };
 use serde_json::{Value, json};
 
-/// The `kiln` binary: `$KILN_BIN`, or the one in this test's target folder, (re)built first so
-/// that `cargo test -p kiln-tests` never runs a stale server.
-fn kiln_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KILN_BIN") {
-        return PathBuf::from(p);
-    }
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = std::env::current_exe().unwrap();
-            let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-            let mut cmd = Command::new(env!("CARGO"));
-            cmd.args(["build", "-p", "kiln-server", "--bin", "kiln"])
-                .current_dir(workspace());
-            if profile_dir.file_name().is_some_and(|n| n == "release") {
-                cmd.arg("--release");
-            }
-            let status = cmd.status().unwrap();
-            assert!(status.success(), "building kiln failed");
-            profile_dir.join(format!("kiln{}", std::env::consts::EXE_SUFFIX))
-        })
-        .clone()
+fn start(model: &Path, extra: &[&str]) -> Server {
+    Server::start(&kiln_bin(env!("CARGO_BIN_EXE_kiln")), model, extra)
 }
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Server {
-    fn start(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(kiln_bin())
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
-            .arg(model)
-            .args(extra)
-            .env("NO_COLOR", "1")
-            .env("KILN_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kiln");
-        // The bound address comes from the log line `listening ... address=127.0.0.1:PORT`.
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[kiln] {line}");
-                if let Some(rest) = line.split("address=").nth(1) {
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("kiln did not report its address");
-        let server = Server {
-            child,
-            base: format!("http://{addr}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match ureq::get(&server.url("/health")).call() {
-                Ok(r) if r.status() == 200 => break,
-                Err(ureq::Error::Status(503, r)) => {
-                    let body: Value = r.into_json().unwrap();
-                    assert!(body["error"].is_string(), "503 body is a JSON error");
-                }
-                other => assert!(
-                    Instant::now() < deadline,
-                    "kiln never became healthy: {other:?}"
-                ),
-            }
-            assert!(Instant::now() < deadline, "kiln never became healthy");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        server
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// POSTs raw bytes; returns (status, JSON body).
-    fn post_raw(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
-        let mut req = ureq::post(&self.url(path));
-        if let Some(ct) = content_type {
-            req = req.set("content-type", ct);
-        }
-        let resp = match req.send_bytes(body) {
-            Ok(r) => r,
-            Err(ureq::Error::Status(_, r)) => r,
-            Err(e) => panic!("{path}: transport error {e}"),
-        };
-        let status = resp.status();
-        let text = resp.into_string().unwrap();
-        let json = serde_json::from_str(&text)
-            .unwrap_or_else(|_| panic!("{path}: body is not JSON: {text:?}"));
-        (status, json)
-    }
-
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, Some("application/json"), body.to_string().as_bytes())
-    }
-
-    /// SIGTERM, then the process must exit 0 on its own.
-    fn terminate(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(code) = self.child.try_wait().unwrap() {
-                assert!(code.success(), "kiln exited with {code} after SIGTERM");
-                return;
-            }
-            assert!(Instant::now() < deadline, "kiln did not exit after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+const INFER: &str = "/v2/models/all-MiniLM-L6-v2/infer";
 
 fn check_embeddings(got: &[Vec<f32>], want: &[f32]) {
     for (i, g) in got.iter().enumerate() {
@@ -159,7 +31,7 @@ fn check_embeddings(got: &[Vec<f32>], want: &[f32]) {
 
 #[test]
 fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
-    let server = Server::start(&minilm_dir(), &[]);
+    let server = start(&minilm_dir(), &[]);
     let texts: Vec<String> = read_jsonl(&fixtures().join("minilm/inputs.jsonl"))
         .iter()
         .map(|v| v["text"].as_str().unwrap().to_string())
@@ -327,7 +199,137 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
             422,
         ),
         ("/nope", Some("application/json"), b"{}".to_vec(), 404),
+        // TEI-style routes this model does not serve, and malformed ones.
+        (
+            "/rerank",
+            Some("application/json"),
+            br#"{"query": "q", "texts": ["a"]}"#.to_vec(),
+            422,
+        ),
+        (
+            "/rerank",
+            Some("application/json"),
+            br#"{"texts": ["a"]}"#.to_vec(),
+            422,
+        ),
+        (
+            "/tokenize",
+            Some("application/json"),
+            br#"{"inputs": 3}"#.to_vec(),
+            422,
+        ),
+        (
+            "/embed",
+            Some("application/json"),
+            br#"{"inputs": []}"#.to_vec(),
+            422,
+        ),
+        // KServe v2: no Content-Type (as tritonclient sends), every client error a 400.
+        (INFER, None, b"{".to_vec(), 400),
+        (INFER, None, br#"{"inputs": []}"#.to_vec(), 400),
+        (INFER, None, br#"{"outputs": []}"#.to_vec(), 400),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "FP32", "data": [1.0]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [5]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [-1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "datatype": "BYTES", "data": ["a"]}]}"#.to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text_pair", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [101, 99999999]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [101, 102]},
+                {"name": "attention_mask", "shape": [1, 2], "datatype": "INT64", "data": [0, 1]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64", "data": [101, 102]},
+                {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "input_ids", "shape": [1, 300], "datatype": "INT64", "data": [1]}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            INFER,
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}],
+                "outputs": [{"name": "logits"}]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            "/v2/models/nope/infer",
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            404,
+        ),
+        (
+            "/v2/models/all-MiniLM-L6-v2/versions/2/infer",
+            None,
+            br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}"#
+                .to_vec(),
+            404,
+        ),
     ];
+    assert!(bad.len() >= 25, "the bad-input table covers every API");
     for (path, ct, body, want_status) in bad {
         let (status, json) = server.post_raw(path, ct, &body);
         assert_eq!(
@@ -342,6 +344,69 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
             "{path}: error body {json}"
         );
     }
+    // Binary-extension framing errors: a header length beyond the body, a BYTES element whose
+    // length prefix overruns its data, binary data no input claims; a corrupt gzip body.
+    let header = br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 9}}]}"#;
+    let mut framed = header.to_vec();
+    framed.extend_from_slice(&[200, 0, 0, 0, b'h', b'i', 0, 0, 0]);
+    let len = header.len().to_string();
+    let too_long = (framed.len() + 1).to_string();
+    let valid = br#"{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 6}}]}"#;
+    let valid_len = valid.len().to_string();
+    let mut extra = valid.to_vec();
+    extra.extend_from_slice(&[2, 0, 0, 0, b'h', b'i', 7]);
+    for (headers, body) in [
+        (
+            vec![("inference-header-content-length", too_long.as_str())],
+            &framed,
+        ),
+        (vec![("inference-header-content-length", "abc")], &framed),
+        (
+            vec![("inference-header-content-length", len.as_str())],
+            &framed,
+        ),
+        (
+            vec![("inference-header-content-length", valid_len.as_str())],
+            &extra,
+        ),
+        (vec![("content-encoding", "gzip")], &framed),
+    ] {
+        let r = server.request("POST", INFER, &headers, Some(body));
+        assert_eq!(
+            r.status,
+            400,
+            "{headers:?}: {:?}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert!(r.json()["error"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    for path in [
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+        "/v2/models/all-MiniLM-L6-v2/versions/3",
+        "/v2/models/all-MiniLM-L6-v2/versions/3/config",
+    ] {
+        let (status, json) = server.get(path);
+        assert_eq!(status, 404, "{path}: {json}");
+        assert!(json["error"].is_string(), "{path}: {json}");
+    }
+    // No bad request was blamed on the model.
+    let metrics = server.metrics();
+    for reason in ["inference", "cancelled", "timeout"] {
+        let series = format!("kiln_request_failure_total{{reason=\"{reason}\"}}");
+        assert_eq!(
+            kiln_tests::server::metric_value(&metrics, &series),
+            0.0,
+            "{series}"
+        );
+    }
+    assert!(
+        kiln_tests::server::metric_value(
+            &metrics,
+            "kiln_request_failure_total{reason=\"validation\"}"
+        ) >= 25.0
+    );
+
     // OpenAI routes answer in OpenAI's error shape.
     let (_, json) = server.post_raw(
         "/v1/embeddings",
@@ -366,7 +431,7 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
 fn predict_over_http_matches_classifier_fixture() {
     let dir = fixtures().join("tiny/bert-tiny-cls");
     let r = read_json(&dir.join("reference.json"));
-    let server = Server::start(&dir, &[]);
+    let server = start(&dir, &[]);
     let texts: Vec<&str> = r["texts"]
         .as_array()
         .unwrap()
