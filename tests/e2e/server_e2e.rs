@@ -482,3 +482,70 @@ fn predict_over_http_matches_classifier_fixture() {
     assert_eq!(status, 422);
     server.terminate();
 }
+
+#[test]
+fn rerank_scores_pairs_with_a_single_label_cross_encoder() {
+    let dir = std::env::temp_dir().join(format!("kiln-rerank-{}", std::process::id()));
+    let model = kiln_tests::single_label_classifier(&dir);
+    let r = read_json(&fixtures().join("tiny/bert-tiny-cls/reference.json"));
+    let query = r["pairs"]["texts"][0][0].as_str().unwrap();
+    let texts = [
+        "Stock markets fell sharply.",
+        r["pairs"]["texts"][0][1].as_str().unwrap(),
+        "a",
+    ];
+    let server = start(&model, &[]);
+    let (status, raw) = server.post(
+        "/rerank",
+        &json!({ "query": query, "texts": texts, "raw_scores": true, "return_text": true }),
+    );
+    assert_eq!(status, 200, "{raw}");
+    let raw = raw.as_array().unwrap().clone();
+    assert_eq!(raw.len(), 3);
+    for pair in raw.windows(2) {
+        assert!(
+            pair[0]["score"].as_f64() >= pair[1]["score"].as_f64(),
+            "best first"
+        );
+    }
+    // The fixture's pair (index 1) scores label 0's logit from PyTorch.
+    let want = flatten(&r["pairs"]["logits"]["data"])[0];
+    let fixture_pair = raw.iter().find(|e| e["index"] == 1).unwrap();
+    assert_eq!(fixture_pair["text"], texts[1]);
+    let got = fixture_pair["score"].as_f64().unwrap() as f32;
+    assert!((got - want).abs() <= 1e-4, "logit {got}, want {want}");
+    // Each score is the pair's /predict logit; without raw_scores, its sigmoid.
+    let (status, probs) = server.post("/rerank", &json!({ "query": query, "texts": texts }));
+    assert_eq!(status, 200, "{probs}");
+    for e in &raw {
+        let i = e["index"].as_u64().unwrap() as usize;
+        let (status, p) = server.post(
+            "/predict",
+            &json!({ "inputs": [query, texts[i]], "raw_scores": true }),
+        );
+        assert_eq!(status, 200, "{p}");
+        let logit = p[0]["score"].as_f64().unwrap();
+        assert!((logit - e["score"].as_f64().unwrap()).abs() <= 1e-6);
+        let prob = probs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["index"] == i)
+            .unwrap();
+        assert!((prob["score"].as_f64().unwrap() - 1.0 / (1.0 + (-logit).exp())).abs() <= 1e-6);
+        assert!(prob.get("text").is_none());
+    }
+    // /tokenize: the ids the model sees, one list per input.
+    let (status, toks) = server.post("/tokenize", &json!({ "inputs": "hello world" }));
+    assert_eq!(status, 200, "{toks}");
+    let ids: Vec<u64> = toks[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [101, 7592, 2088, 102]);
+    assert_eq!(toks[0][1]["text"], "hello");
+    server.terminate();
+    let _ = std::fs::remove_dir_all(dir);
+}

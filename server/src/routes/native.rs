@@ -284,7 +284,8 @@ pub struct TokenizeRequest {
     truncate: Option<bool>,
 }
 
-/// TEI's `/tokenize`: the tokens the model would see, per input, as `[{"id", "text"}]`.
+/// TEI's `/tokenize`: the tokens the model would see (after truncation, special tokens
+/// included), one list per input (a single string is a batch of one, as in TEI).
 pub async fn tokenize(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TokenizeRequest>,
@@ -292,7 +293,6 @@ pub async fn tokenize(
     let texts = texts_from(&req.inputs, "inputs", state.config().max_client_batch_size)?;
     let ready = state.ready()?;
     let _slot = ready.infer.admit()?;
-    let single = req.inputs.is_string();
     let inputs = texts.into_iter().map(TextInput::Single).collect();
     let encoded = ready.infer.tokenize(inputs, req.truncate).await?;
     let tokenizer = ready.infer.model().tokenizer();
@@ -312,9 +312,5 @@ pub async fn tokenize(
             )
         })
         .collect();
-    Ok(Json(if single {
-        lists.into_iter().next().unwrap_or(Value::Null)
-    } else {
-        Value::Array(lists)
-    }))
+    Ok(Json(Value::Array(lists)))
 }
