@@ -170,7 +170,7 @@ pub fn single_label_classifier(out: &Path) -> PathBuf {
         );
     }
     let mut head = serde_json::to_vec(&new_header).unwrap();
-    while head.len() % 8 != 0 {
+    while !head.len().is_multiple_of(8) {
         head.push(b' ');
     }
     let mut file = (head.len() as u64).to_le_bytes().to_vec();
