@@ -303,6 +303,17 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kiln.toml");
+        let c = RawServeConfig::from_toml_file(&path)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.model_id, "all-MiniLM-L6-v2");
+        assert_eq!(c.max_queue_delay, Duration::from_millis(2));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<RawServeConfig>("max_batch_tokenz = 3").is_err());
         let raw = RawServeConfig {
