@@ -5,8 +5,8 @@
 //! batches by token budget (`max_batch_tokens`, `max_batch_requests`) and hands them to the
 //! **backend thread** over a channel with room for one batch, so a full batch is assembled while
 //! the current one runs and the backend never waits for the queue. A batch that is not full is
-//! held back while the backend is busy (more requests may join it) and for at most
-//! `max_queue_delay` while it is idle.
+//! held back while the backend is busy (more requests may join it); while it is idle, for at
+//! most `max_queue_delay`, and only if admitted requests are still on their way to the queue.
 //!
 //! On the backend thread a batch's sequences are sorted by length and cut into engine calls of
 //! sequences of **equal length**, within the token budget: no call carries padding. This is what
@@ -26,7 +26,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::http::StatusCode;
 use kiln_models::{Encoded, EncoderModel};
 use tokio::sync::{mpsc, oneshot};
 
@@ -62,8 +61,13 @@ struct Entry {
 
 enum Msg {
     Append(Entry),
-    BatchDone,
+    /// The backend finished a batch of this many requests.
+    BatchDone(usize),
 }
+
+/// How many requests are admitted right now (tokenizing, queued or running): the queue owner
+/// waits for a fuller batch only while some of them have not reached the queue yet.
+pub type AdmittedCount = Box<dyn Fn() -> usize + Send + Sync>;
 
 /// The handle handlers use to submit work.
 #[derive(Clone)]
@@ -77,6 +81,7 @@ impl Batcher {
         model: Arc<EncoderModel>,
         limits: BatchLimits,
         metrics: Metrics,
+        admitted: AdmittedCount,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Room for one batch: the next one waits here while the backend runs the current one.
@@ -86,7 +91,7 @@ impl Batcher {
         std::thread::Builder::new()
             .name("kiln-backend".into())
             .spawn(move || backend_loop(&model, batch_rx, done, limits, &backend_metrics))?;
-        tokio::spawn(queue_owner(rx, batch_tx, limits, metrics));
+        tokio::spawn(queue_owner(rx, batch_tx, limits, metrics, admitted));
         Ok(Self { tx })
     }
 
@@ -122,10 +127,13 @@ async fn queue_owner(
     batch_tx: mpsc::Sender<Vec<Entry>>,
     limits: BatchLimits,
     metrics: Metrics,
+    admitted: AdmittedCount,
 ) {
     let mut queue: VecDeque<Entry> = VecDeque::new();
     // Batches handed to the backend and not finished: at most one running and one waiting.
     let mut in_flight = 0usize;
+    // Requests in those batches.
+    let mut requests_in_flight = 0usize;
     loop {
         queue.retain(|e| !e.reply.is_closed());
         metrics.queue_size.set(queue.len() as i64);
@@ -135,9 +143,13 @@ async fn queue_owner(
         {
             let ready_at = oldest.enqueued + limits.max_queue_delay;
             let idle = in_flight == 0;
-            if is_full(&queue, &limits) || (idle && Instant::now() >= ready_at) {
+            // Waiting only pays when more requests are on their way (admitted, still being
+            // read or tokenized); a lone client never waits for the delay.
+            let none_coming = admitted() <= queue.len() + requests_in_flight;
+            if is_full(&queue, &limits) || (idle && (none_coming || Instant::now() >= ready_at)) {
                 let batch = take_batch(&mut queue, &limits);
                 in_flight += 1;
+                requests_in_flight += batch.len();
                 metrics.queue_size.set(queue.len() as i64);
                 if batch_tx.send(batch).await.is_err() {
                     tracing::error!("the backend thread has stopped");
@@ -158,7 +170,10 @@ async fn queue_owner(
         tokio::select! {
             msg = rx.recv() => match msg {
                 Some(Msg::Append(entry)) => queue.push_back(entry),
-                Some(Msg::BatchDone) => in_flight = in_flight.saturating_sub(1),
+                Some(Msg::BatchDone(n)) => {
+                    in_flight = in_flight.saturating_sub(1);
+                    requests_in_flight = requests_in_flight.saturating_sub(n);
+                }
                 // Every handle is gone (the state was dropped): stop, which stops the backend.
                 None => return,
             },
@@ -199,8 +214,9 @@ fn backend_loop(
     metrics: &Metrics,
 ) {
     while let Some(batch) = batches.blocking_recv() {
+        let requests = batch.len();
         run_batch(model, batch, &limits, metrics);
-        if done.send(Msg::BatchDone).is_err() {
+        if done.send(Msg::BatchDone(requests)).is_err() {
             return;
         }
     }
@@ -288,12 +304,12 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
                 continue;
             }
         };
-        for (slot, _) in chunk {
+        for (r, (slot, _)) in chunk.iter().enumerate() {
             if failed[slot.entry].is_some() {
                 continue;
             }
             for (k, name) in batch[slot.entry].outputs.iter().enumerate() {
-                match row_of(&outputs, name, chunk_position(chunk, slot)) {
+                match row_of(&outputs, name, r) {
                     Some(row) => rows[slot.entry][k][slot.index] = row,
                     None => {
                         tracing::error!(
@@ -316,13 +332,6 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
     }
 }
 
-fn chunk_position(chunk: &[(Slot, Encoded)], slot: &Slot) -> usize {
-    chunk
-        .iter()
-        .position(|(s, _)| s.entry == slot.entry && s.index == slot.index)
-        .expect("the slot is in its chunk")
-}
-
 /// Row `r` of a `[batch, width]` output.
 fn row_of(outputs: &[(String, kiln_engine::HostTensor)], name: &str, r: usize) -> Option<Vec<f32>> {
     let (_, t) = outputs.iter().find(|(n, _)| n == name)?;
@@ -332,13 +341,4 @@ fn row_of(outputs: &[(String, kiln_engine::HostTensor)], name: &str, r: usize) -
     let width = t.shape[1];
     let data = t.as_f32()?;
     data.get(r * width..(r + 1) * width).map(<[f32]>::to_vec)
-}
-
-/// 503 while the server drains or the backend is gone.
-pub fn stopped() -> AppError {
-    AppError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        "the backend has stopped",
-    )
 }

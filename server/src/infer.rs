@@ -80,11 +80,14 @@ impl Infer {
             max_batch_sequences: config.max_batch_sequences,
             max_queue_delay: config.max_queue_delay,
         };
-        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone())?;
+        let admission = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        let (slots, capacity) = (admission.clone(), config.max_concurrent_requests);
+        let admitted = Box::new(move || capacity - slots.available_permits());
+        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone(), admitted)?;
         Ok(Self {
             model,
             batcher,
-            admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            admission,
             metrics,
             config,
         })
@@ -106,11 +109,6 @@ impl Infer {
                     self.config.max_concurrent_requests
                 ))
             })
-    }
-
-    /// Requests in progress (admitted and not answered).
-    pub fn in_progress(&self) -> usize {
-        self.config.max_concurrent_requests - self.admission.available_permits()
     }
 
     /// Tokenizes on the blocking pool (tokenization is CPU work; the async workers must stay
