@@ -6,7 +6,9 @@
 //! **backend thread** over a channel with room for one batch, so a full batch is assembled while
 //! the current one runs and the backend never waits for the queue. A batch that is not full is
 //! held back while the backend is busy (more requests may join it); while it is idle, for at
-//! most `max_queue_delay`, and only if admitted requests are still on their way to the queue.
+//! most `max_queue_delay`, and only while more requests are likely to join: admitted ones still
+//! on their way to the queue, or fewer outstanding than a moment ago (closed-loop clients come
+//! back together). A lone client never waits.
 //!
 //! On the backend thread a batch's sequences are sorted by length and cut into engine calls of
 //! sequences of **equal length**, within the token budget: no call carries padding. This is what
@@ -134,19 +136,29 @@ async fn queue_owner(
     let mut in_flight = 0usize;
     // Requests in those batches.
     let mut requests_in_flight = 0usize;
+    // The most requests outstanding (queued or running) at once lately: clients that wait for
+    // an answer before sending again (closed-loop load) come back to about this level.
+    let mut peak = Peak::default();
+    // When the backend last became idle: the delay counts from then for requests that queued
+    // while it was busy.
+    let mut idle_since = Instant::now();
     loop {
         queue.retain(|e| !e.reply.is_closed());
         metrics.queue_size.set(queue.len() as i64);
+        let outstanding = queue.len() + requests_in_flight;
+        let recent_peak = peak.observe(outstanding);
         let mut wake_at = None;
         if let Some(oldest) = queue.front()
             && in_flight < 2
         {
-            let ready_at = oldest.enqueued + limits.max_queue_delay;
+            let ready_at = oldest.enqueued.max(idle_since) + limits.max_queue_delay;
             let idle = in_flight == 0;
-            // Waiting only pays when more requests are on their way (admitted, still being
-            // read or tokenized); a lone client never waits for the delay.
-            let none_coming = admitted() <= queue.len() + requests_in_flight;
-            if is_full(&queue, &limits) || (idle && (none_coming || Instant::now() >= ready_at)) {
+            // Waiting only pays when more requests are likely to join: some are admitted and
+            // still being read or tokenized, or more were outstanding a moment ago.
+            // A lone client therefore never waits for the delay.
+            let more_expected = outstanding < recent_peak || admitted() > outstanding;
+            if is_full(&queue, &limits) || (idle && (!more_expected || Instant::now() >= ready_at))
+            {
                 let batch = take_batch(&mut queue, &limits);
                 in_flight += 1;
                 requests_in_flight += batch.len();
@@ -173,12 +185,39 @@ async fn queue_owner(
                 Some(Msg::BatchDone(n)) => {
                     in_flight = in_flight.saturating_sub(1);
                     requests_in_flight = requests_in_flight.saturating_sub(n);
+                    if in_flight == 0 {
+                        idle_since = Instant::now();
+                    }
                 }
                 // Every handle is gone (the state was dropped): stop, which stops the backend.
                 None => return,
             },
             () = sleep => {}
         }
+    }
+}
+
+/// The highest value seen within the last second (then it starts again from the current one).
+#[derive(Default)]
+struct Peak {
+    value: usize,
+    since: Option<Instant>,
+}
+
+impl Peak {
+    const WINDOW: Duration = Duration::from_secs(1);
+
+    fn observe(&mut self, now_value: usize) -> usize {
+        let now = Instant::now();
+        if self
+            .since
+            .is_none_or(|t| now.duration_since(t) > Self::WINDOW)
+            || now_value >= self.value
+        {
+            self.value = now_value;
+            self.since = Some(now);
+        }
+        self.value
     }
 }
 
@@ -341,4 +380,59 @@ fn row_of(outputs: &[(String, kiln_engine::HostTensor)], name: &str, r: usize) -
     let width = t.shape[1];
     let data = t.as_f32()?;
     data.get(r * width..(r + 1) * width).map(<[f32]>::to_vec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(tokens: usize) -> Entry {
+        let (reply, _answer) = oneshot::channel();
+        Entry {
+            seqs: vec![Encoded {
+                ids: vec![1; tokens],
+                type_ids: vec![0; tokens],
+                untruncated_len: tokens,
+            }],
+            outputs: vec![],
+            tokens,
+            enqueued: Instant::now(),
+            reply,
+        }
+    }
+
+    const LIMITS: BatchLimits = BatchLimits {
+        max_batch_tokens: 100,
+        max_batch_requests: 3,
+        max_batch_sequences: 64,
+        max_queue_delay: Duration::ZERO,
+    };
+
+    #[test]
+    fn batches_take_requests_while_the_token_budget_and_request_limit_allow() {
+        let mut q: VecDeque<Entry> = [40, 40, 30, 10].into_iter().map(entry).collect();
+        assert!(is_full(&q, &LIMITS));
+        let b = take_batch(&mut q, &LIMITS);
+        assert_eq!(b.iter().map(|e| e.tokens).collect::<Vec<_>>(), [40, 40]);
+        let b = take_batch(&mut q, &LIMITS);
+        assert_eq!(b.iter().map(|e| e.tokens).collect::<Vec<_>>(), [30, 10]);
+        assert!(q.is_empty());
+        // One request over the budget still runs, alone.
+        let mut q: VecDeque<Entry> = [500, 1].into_iter().map(entry).collect();
+        assert_eq!(take_batch(&mut q, &LIMITS).len(), 1);
+        // The request limit.
+        let mut q: VecDeque<Entry> = [1, 1, 1, 1].into_iter().map(entry).collect();
+        assert_eq!(take_batch(&mut q, &LIMITS).len(), 3);
+        assert!(!is_full(&q, &LIMITS));
+    }
+
+    #[test]
+    fn the_peak_holds_for_a_window_then_follows_the_current_value() {
+        let mut p = Peak::default();
+        assert_eq!(p.observe(3), 3);
+        assert_eq!(p.observe(8), 8);
+        assert_eq!(p.observe(2), 8);
+        p.since = Some(Instant::now() - Peak::WINDOW - Duration::from_millis(1));
+        assert_eq!(p.observe(2), 2);
+    }
 }
