@@ -139,7 +139,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}/infer", post(kserve::infer))
         .route(
             "/v2/models/{model}/versions/{version}/infer",
-            post(kserve::infer_version),
+            post(kserve::infer),
         )
         .route_layer(middleware::from_fn_with_state(
             metrics,
@@ -155,22 +155,22 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/models/{model}", get(kserve::model_metadata))
         .route(
             "/v2/models/{model}/versions/{version}",
-            get(kserve::model_metadata_version),
+            get(kserve::model_metadata),
         )
         .route("/v2/models/{model}/ready", get(kserve::model_ready))
         .route(
             "/v2/models/{model}/versions/{version}/ready",
-            get(kserve::model_ready_version),
+            get(kserve::model_ready),
         )
         .route("/v2/models/{model}/config", get(kserve::model_config))
         .route(
             "/v2/models/{model}/versions/{version}/config",
-            get(kserve::model_config_version),
+            get(kserve::model_config),
         )
         .route("/v2/models/{model}/stats", get(kserve::model_stats))
         .route(
             "/v2/models/{model}/versions/{version}/stats",
-            get(kserve::model_stats_version),
+            get(kserve::model_stats),
         )
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
