@@ -24,10 +24,14 @@ fn fixture_texts() -> Vec<String> {
         .collect()
 }
 
-/// A request that keeps the backend busy for a while: 16 inputs truncated at 256 tokens.
-fn slow_body() -> Value {
+/// A request that keeps the backend busy for a while: `n` inputs truncated at 256 tokens.
+fn slow_body_of(n: usize) -> Value {
     let long = "the quick brown fox jumps over the lazy dog ".repeat(40);
-    json!({ "inputs": vec![long; 16] })
+    json!({ "inputs": vec![long; n] })
+}
+
+fn slow_body() -> Value {
+    slow_body_of(16)
 }
 
 fn embed_one(server: &Server, text: &str) -> Vec<f32> {
@@ -195,11 +199,12 @@ fn a_client_that_disconnects_frees_its_slot_and_its_queued_work_is_dropped() {
         ],
     ));
     let calls_before = server.metric("kiln_batch_total");
-    // A keeps the backend busy.
+    // A keeps the backend busy for seconds (two engine calls of 32 x 256 tokens), long after
+    // B has gone.
     let running = {
         let server = server.clone();
         std::thread::spawn(move || {
-            let (status, _) = server.post("/embed", &slow_body());
+            let (status, _) = server.post("/embed", &slow_body_of(64));
             status
         })
     };
@@ -227,8 +232,8 @@ fn a_client_that_disconnects_frees_its_slot_and_its_queued_work_is_dropped() {
         server.metric("kiln_request_failure_total{reason=\"cancelled\"}"),
         1.0
     );
-    // A and C ran; B's queued work was dropped, not run for nobody.
-    assert_eq!(server.metric("kiln_batch_total") - calls_before, 2.0);
+    // A (two engine calls) and C ran; B's queued work was dropped, not run for nobody.
+    assert_eq!(server.metric("kiln_batch_total") - calls_before, 3.0);
     Arc::into_inner(server).unwrap().terminate();
 }
 
@@ -264,9 +269,7 @@ fn sigterm_drains_in_flight_requests_and_exits_0() {
 #[test]
 fn a_request_over_its_timeout_gets_504_and_the_server_goes_on() {
     let server = start(&minilm_dir(), &["--request-timeout", "100ms"]);
-    let mut long = slow_body();
-    long["inputs"] = json!(vec![long["inputs"][0].clone(); 64]);
-    let (status, body) = server.post("/embed", &long);
+    let (status, body) = server.post("/embed", &slow_body_of(64));
     assert_eq!(status, 504, "{body}");
     assert!(body["error"].as_str().unwrap().contains("timeout"));
     assert_eq!(
