@@ -201,8 +201,37 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(
+            limit,
+            refuse_declared_oversize,
+        ))
         .layer(decompress)
         .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
         .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
+}
+
+/// 413 at once for a body whose declared `Content-Length` is over the payload limit, before any
+/// of it is read. (Bodies without a length, or gzip bodies that inflate past the limit, are cut
+/// off by `DefaultBodyLimit` while they are read.)
+async fn refuse_declared_oversize(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let err = AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "validation",
+            format!("request body is larger than the payload limit ({limit} bytes)"),
+        )
+        .styled_for(req.uri().path());
+        return axum::response::IntoResponse::into_response(err);
+    }
+    next.run(req).await
 }

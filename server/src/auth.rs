@@ -124,13 +124,8 @@ pub async fn require_key(State(state): State<AppState>, req: Request, next: Next
             } else {
                 "missing API key: send `Authorization: Bearer <key>`"
             };
-            let mut err = AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg);
-            let path = req.uri().path();
-            if path.starts_with("/v1/") {
-                err = err.openai();
-            } else if path.starts_with("/v2") {
-                err = err.kserve();
-            }
+            let err = AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+                .styled_for(req.uri().path());
             let mut response = err.into_response();
             response
                 .headers_mut()

@@ -84,6 +84,18 @@ impl AppError {
         self.style = ErrorStyle::KServe;
         self
     }
+
+    /// The error shape of the API family a path belongs to (for answers given before a handler
+    /// runs: authentication, payload size).
+    pub fn styled_for(self, path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            self.openai()
+        } else if path.starts_with("/v2") {
+            self.kserve()
+        } else {
+            self
+        }
+    }
 }
 
 impl From<ModelError> for AppError {

@@ -2,6 +2,7 @@
 //! sentence-transformers and PyTorch fixtures; bad requests get 4xx JSON errors and the server
 //! keeps serving; SIGTERM ends it cleanly.
 
+use std::io::{Read, Write};
 use std::path::Path;
 
 use base64::Engine as _;
@@ -390,6 +391,27 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
         assert_eq!(status, 404, "{path}: {json}");
         assert!(json["error"].is_string(), "{path}: {json}");
     }
+    // A body declared over the 2 MiB --payload-limit is refused from its headers, before it is
+    // read (a raw socket, since ordinary clients stop at the write error when the server does not
+    // read the rest).
+    for path in ["/embed", INFER, "/v1/embeddings"] {
+        let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{\"inputs\": \"",
+            3 << 20
+        )
+        .unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut answer = vec![0; 4096];
+        let n = stream.read(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
+        assert!(answer.contains("payload limit"), "{path}: {answer}");
+    }
+
     // No bad request was blamed on the model.
     let metrics = server.metrics();
     for reason in ["inference", "cancelled", "timeout"] {
