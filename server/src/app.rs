@@ -2,27 +2,38 @@
 //! tested with `tower::ServiceExt::oneshot`.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRef};
+use axum::http::{Request, StatusCode};
+use axum::middleware;
 use axum::routing::{get, post};
-use kiln_models::{EmbedOptions, EncoderModel, LoadOptions, ModelInfo};
+use kiln_models::{EncoderModel, LoadOptions, ModelInfo, TextInput};
+use tower::ServiceBuilder;
+use tower::util::MapRequestLayer;
+use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::ApiKeys;
 use crate::config::ServeConfig;
 use crate::error::AppError;
-use crate::routes::{native, openai};
-use crate::worker::Worker;
+use crate::infer::Infer;
+use crate::metrics::Metrics;
+use crate::request_id;
+use crate::routes::{kserve, native, openai, openapi};
 
-/// A model that is loaded, warmed up and has its backend thread running.
+/// A model that is loaded, warmed up and has its batcher running.
 pub struct Ready {
     pub info: ModelInfo,
-    pub worker: Worker,
+    pub infer: Infer,
 }
 
 struct Inner {
-    config: ServeConfig,
+    config: Arc<ServeConfig>,
+    metrics: Metrics,
+    keys: ApiKeys,
     ready: OnceLock<Ready>,
 }
 
@@ -31,18 +42,36 @@ pub struct AppState {
     inner: Arc<Inner>,
 }
 
+impl FromRef<AppState> for Metrics {
+    fn from_ref(state: &AppState) -> Metrics {
+        state.inner.metrics.clone()
+    }
+}
+
 impl AppState {
-    pub fn new(config: ServeConfig) -> Self {
-        Self {
+    /// Fails only when a configured API keys file cannot be read.
+    pub fn new(config: ServeConfig) -> Result<Self, String> {
+        let keys = ApiKeys::new(config.api_keys.clone(), config.api_keys_file.clone())?;
+        Ok(Self {
             inner: Arc::new(Inner {
-                config,
+                config: Arc::new(config),
+                metrics: Metrics::new(),
+                keys,
                 ready: OnceLock::new(),
             }),
-        }
+        })
     }
 
     pub fn config(&self) -> &ServeConfig {
         &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn keys(&self) -> &ApiKeys {
+        &self.inner.keys
     }
 
     /// The model, or 503 while it is still loading.
@@ -57,9 +86,10 @@ impl AppState {
         self.inner.ready.get().is_some()
     }
 
-    /// Loads the model, runs one warm-up request, starts the backend thread and marks the
-    /// server ready. Blocking: call it from a blocking thread.
+    /// Loads the model, runs one warm-up request, starts the batcher and marks the server
+    /// ready. Blocking: call it from a blocking thread of the tokio runtime.
     pub fn load(&self) -> Result<(), String> {
+        let started = Instant::now();
         let c = self.config();
         let opts = LoadOptions {
             device: c.device,
@@ -67,53 +97,142 @@ impl AppState {
                 sdpa_kernel: c.sdpa_kernel,
             },
             max_batch_sequences: c.max_batch_sequences,
-            max_seq_length: c.max_seq_length,
+            max_seq_length: c.max_input_tokens,
             layout: c.batch_layout,
         };
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
         info.id = c.model_id.clone();
-        let worker =
-            Worker::spawn(Arc::new(model), c.max_queued_requests).map_err(|e| e.to_string())?;
-        if self.inner.ready.set(Ready { info, worker }).is_err() {
+        let infer = Infer::start(
+            Arc::new(model),
+            self.inner.config.clone(),
+            self.metrics().clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        self.metrics()
+            .model_load_seconds
+            .set(started.elapsed().as_secs_f64());
+        if self.inner.ready.set(Ready { info, infer }).is_err() {
             return Err("the model was already loaded".into());
         }
         Ok(())
     }
 }
 
+/// One forward pass before `/health` turns 200, so the first client does not pay for lazy
+/// initialisation (page faults in the weights, thread pools).
 fn warm_up(model: &EncoderModel) -> kiln_models::Result<()> {
-    let text = vec!["kiln warm-up".to_string()];
-    match model.info().kind {
-        kiln_models::ModelKind::Embedding { .. } => {
-            model.embed(&text, EmbedOptions::default()).map(drop)
-        }
-        kiln_models::ModelKind::Classifier { .. } => model
-            .classify(&[kiln_models::TextInput::Single(text[0].clone())], true)
-            .map(drop),
-    }
+    let seqs = model.tokenize(&[TextInput::Single("kiln warm-up".into())], true)?;
+    model.run_batch(&seqs).map(drop)
 }
 
 /// The HTTP API.
 pub fn app(state: AppState) -> Router {
     let limit = state.config().payload_limit;
-    Router::new()
+    let metrics = state.metrics().clone();
+    // Requests that run the model: counted, timed and failures classified by reason.
+    let inference = Router::new()
         .route("/v1/embeddings", post(openai::embeddings))
-        .route("/v1/models", get(openai::models))
         .route("/embed", post(native::embed))
         .route("/predict", post(native::predict))
-        .route("/health", get(native::health))
+        .route("/rerank", post(native::rerank))
+        .route("/v2/models/{model}/infer", post(kserve::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(kserve::infer),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::track,
+        ));
+    let protected = Router::new()
+        .merge(inference)
+        .route("/v1/models", get(openai::models))
+        .route("/tokenize", post(native::tokenize))
         .route("/info", get(native::info))
-        .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .route("/openapi.json", get(openapi::spec))
+        .route("/v2", get(kserve::server_metadata))
+        .route("/v2/models/{model}", get(kserve::model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(kserve::model_metadata),
+        )
+        .route("/v2/models/{model}/ready", get(kserve::model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(kserve::model_ready),
+        )
+        .route("/v2/models/{model}/config", get(kserve::model_config))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(kserve::model_config),
+        )
+        .route("/v2/models/{model}/stats", get(kserve::model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(kserve::model_stats),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_key,
+        ));
+    // Probes and scrapes work without a key, as load balancers and Prometheus expect.
+    let open = Router::new()
+        .route("/health", get(native::health))
+        .route("/v2/health/live", get(kserve::live))
+        .route("/v2/health/ready", get(kserve::ready))
+        .route("/metrics", get(crate::metrics::scrape));
+    // gzip request bodies (tritonclient's `request_compression_algorithm`) are inflated before
+    // the handlers read them; the payload limit applies to the inflated size.
+    let decompress = ServiceBuilder::new()
+        .layer(RequestDecompressionLayer::new())
+        .layer(MapRequestLayer::new(
+            |req: Request<DecompressionBody<Body>>| req.map(Body::new),
+        ));
+    Router::new()
+        .merge(protected)
+        .merge(open)
+        .fallback(|| async { AppError::new(StatusCode::NOT_FOUND, "validation", "no such route") })
         .method_not_allowed_fallback(|| async {
             AppError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                "validation",
                 "method not allowed on this route",
             )
         })
         .layer(DefaultBodyLimit::max(limit))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn_with_state(
+            limit,
+            refuse_declared_oversize,
+        ))
+        .layer(decompress)
+        .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
+        .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
+}
+
+/// 413 at once for a body whose declared `Content-Length` is over the payload limit, before any
+/// of it is read. (Bodies without a length, or gzip bodies that inflate past the limit, are cut
+/// off by `DefaultBodyLimit` while they are read.)
+async fn refuse_declared_oversize(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        let err = AppError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "validation",
+            format!("request body is larger than the payload limit ({limit} bytes)"),
+        )
+        .styled_for(req.uri().path());
+        return axum::response::IntoResponse::into_response(err);
+    }
+    next.run(req).await
 }

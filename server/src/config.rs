@@ -1,51 +1,219 @@
-//! Resolved, validated serving configuration (the second stage after raw CLI flags and env vars).
+//! Serving configuration in two stages.
+//!
+//! 1. [`RawServeConfig`]: every setting optional, as it arrives from one source — command-line
+//!    flags (clap fills `KILN_*` environment variables in the same struct) or a TOML config file
+//!    (`--config`, same names in snake_case).
+//! 2. [`ServeConfig`]: the one resolved and validated config the server runs with. Precedence is
+//!    flag > environment variable > config file > default; cross-field rules are checked once,
+//!    with messages that name the setting.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
 
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::BatchLayout;
+use serde::Deserialize;
 
+/// Settings from one source, all optional. Field names are the TOML keys; the CLI flags are the
+/// same names in kebab-case.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServeConfig {
+    pub model: Option<PathBuf>,
+    pub model_id: Option<String>,
+    pub device: Option<String>,
+    pub sdpa_kernel: Option<String>,
+    pub batch_layout: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub max_batch_tokens: Option<usize>,
+    pub max_batch_requests: Option<usize>,
+    pub max_batch_sequences: Option<usize>,
+    pub max_concurrent_requests: Option<usize>,
+    /// A duration such as `"2ms"`.
+    pub max_queue_delay: Option<String>,
+    pub max_client_batch_size: Option<usize>,
+    pub max_input_tokens: Option<usize>,
+    pub truncate: Option<bool>,
+    /// A duration such as `"30s"`.
+    pub request_timeout: Option<String>,
+    pub payload_limit: Option<usize>,
+    pub api_keys: Option<Vec<String>>,
+    pub api_keys_file: Option<PathBuf>,
+}
+
+impl RawServeConfig {
+    /// Reads a TOML config file; unknown keys are errors (a typo must not be silently ignored).
+    pub fn from_toml_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// `self` where set, else `fallback` (flags and env over the file).
+    pub fn or(self, fallback: RawServeConfig) -> RawServeConfig {
+        RawServeConfig {
+            model: self.model.or(fallback.model),
+            model_id: self.model_id.or(fallback.model_id),
+            device: self.device.or(fallback.device),
+            sdpa_kernel: self.sdpa_kernel.or(fallback.sdpa_kernel),
+            batch_layout: self.batch_layout.or(fallback.batch_layout),
+            host: self.host.or(fallback.host),
+            port: self.port.or(fallback.port),
+            max_batch_tokens: self.max_batch_tokens.or(fallback.max_batch_tokens),
+            max_batch_requests: self.max_batch_requests.or(fallback.max_batch_requests),
+            max_batch_sequences: self.max_batch_sequences.or(fallback.max_batch_sequences),
+            max_concurrent_requests: self
+                .max_concurrent_requests
+                .or(fallback.max_concurrent_requests),
+            max_queue_delay: self.max_queue_delay.or(fallback.max_queue_delay),
+            max_client_batch_size: self
+                .max_client_batch_size
+                .or(fallback.max_client_batch_size),
+            max_input_tokens: self.max_input_tokens.or(fallback.max_input_tokens),
+            truncate: self.truncate.or(fallback.truncate),
+            request_timeout: self.request_timeout.or(fallback.request_timeout),
+            payload_limit: self.payload_limit.or(fallback.payload_limit),
+            api_keys: self.api_keys.or(fallback.api_keys),
+            api_keys_file: self.api_keys_file.or(fallback.api_keys_file),
+        }
+    }
+
+    /// Applies defaults and validates: the second stage.
+    pub fn resolve(self) -> Result<ServeConfig, String> {
+        let model_dir = self
+            .model
+            .ok_or("--model (KILN_MODEL, or `model` in the config file) is required")?;
+        let mut config = ServeConfig::for_model(model_dir);
+        if let Some(id) = self.model_id {
+            config.model_id = id;
+        }
+        if let Some(d) = self.device {
+            config.device = DeviceKind::from_str(&d).map_err(|e| format!("--device: {e}"))?;
+        }
+        if let Some(k) = self.sdpa_kernel {
+            config.sdpa_kernel = parse_sdpa(&k).map_err(|e| format!("--sdpa-kernel: {e}"))?;
+        }
+        if let Some(l) = self.batch_layout {
+            config.batch_layout =
+                BatchLayout::from_str(&l).map_err(|e| format!("--batch-layout: {e}"))?;
+        }
+        if let Some(h) = self.host {
+            config.host = h;
+        }
+        if let Some(p) = self.port {
+            config.port = p;
+        }
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
+        }
+        take!(
+            max_batch_tokens,
+            max_batch_requests,
+            max_batch_sequences,
+            max_concurrent_requests,
+            max_client_batch_size,
+            payload_limit
+        );
+        config.max_input_tokens = self.max_input_tokens;
+        if let Some(t) = self.truncate {
+            config.auto_truncate = t;
+        }
+        if let Some(d) = self.max_queue_delay {
+            config.max_queue_delay =
+                parse_duration(&d).map_err(|e| format!("--max-queue-delay: {e}"))?;
+        }
+        if let Some(d) = self.request_timeout {
+            config.request_timeout =
+                parse_duration(&d).map_err(|e| format!("--request-timeout: {e}"))?;
+        }
+        config.api_keys = self.api_keys.unwrap_or_default();
+        config.api_keys_file = self.api_keys_file;
+        config.validate()
+    }
+}
+
+/// The resolved, validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub model_dir: PathBuf,
-    /// The name clients see in `/v1/models`, responses and `/info`.
+    /// The name clients see in `/v1/models`, `/v2/models/{name}`, responses and `/info`.
     pub model_id: String,
     pub device: DeviceKind,
     pub sdpa_kernel: SdpaKernelChoice,
-    /// Packed (padding-free) or padded engine batches.
+    /// Packed (padding-free, varlen attention) or padded engine batches.
     pub batch_layout: BatchLayout,
-    /// Most sequences one engine call runs; bigger requests are split.
+    pub host: String,
+    pub port: u16,
+    /// Token budget of one batch: requests are added to a batch while their tokens fit, and an
+    /// engine call never runs more (padded) tokens than this, except a single over-long input.
+    pub max_batch_tokens: usize,
+    /// Most requests gathered into one batch.
+    pub max_batch_requests: usize,
+    /// Most sequences in one engine call.
     pub max_batch_sequences: usize,
+    /// Requests admitted at once (tokenizing, queued or running); beyond this, 429 at once.
+    pub max_concurrent_requests: usize,
+    /// How long the queue waits for more requests before it runs a batch that is not full
+    /// while the backend is idle. Zero runs every batch as soon as the backend is free.
+    pub max_queue_delay: Duration,
     /// Most inputs one request may carry (413 beyond).
     pub max_client_batch_size: usize,
-    /// Requests waiting for the backend beyond this are refused with 503 at once.
-    pub max_queued_requests: usize,
-    /// Largest request body in bytes (413 beyond).
-    pub payload_limit: usize,
-    /// Cut inputs longer than the model accepts (sentence-transformers' behaviour) unless a
-    /// request says `truncate: false`.
+    /// Longest input in tokens (special tokens included); `None`: the model's own limit.
+    pub max_input_tokens: Option<usize>,
+    /// Cut inputs longer than `max_input_tokens` (sentence-transformers' behaviour) unless a
+    /// request says `truncate: false`; when false, such inputs are refused with 422.
     pub auto_truncate: bool,
-    pub max_seq_length: Option<usize>,
+    /// A request that has not been answered by then gets 504 and its queued work is dropped.
+    pub request_timeout: Duration,
+    /// Largest request body in bytes, after gzip decompression (413 beyond).
+    pub payload_limit: usize,
+    /// Bearer keys accepted on every route but health and metrics; none and no file: open.
+    pub api_keys: Vec<String>,
+    /// A file with one key per line, re-read when it changes.
+    pub api_keys_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
     /// Checks the cross-field rules that flags alone cannot express.
     pub fn validate(self) -> Result<Self, String> {
         for (name, v) in [
+            ("max-batch-tokens", self.max_batch_tokens),
+            ("max-batch-requests", self.max_batch_requests),
             ("max-batch-sequences", self.max_batch_sequences),
+            ("max-concurrent-requests", self.max_concurrent_requests),
             ("max-client-batch-size", self.max_client_batch_size),
-            ("max-queued-requests", self.max_queued_requests),
             ("payload-limit", self.payload_limit),
         ] {
             if v == 0 {
                 return Err(format!("--{name} must be at least 1"));
             }
         }
-        if self.max_seq_length.is_some_and(|n| n < 2) {
-            return Err("--max-seq-length must be at least 2 (room for [CLS] and [SEP])".into());
+        if let Some(n) = self.max_input_tokens {
+            if n < 2 {
+                return Err(
+                    "--max-input-tokens must be at least 2 (room for [CLS] and [SEP])".into(),
+                );
+            }
+            if n > self.max_batch_tokens {
+                return Err(format!(
+                    "--max-batch-tokens ({}) must be at least --max-input-tokens ({n}): a batch must hold the longest input",
+                    self.max_batch_tokens
+                ));
+            }
         }
-        if self.model_id.trim().is_empty() {
-            return Err("--model-id must not be empty".into());
+        if self.request_timeout.is_zero() {
+            return Err("--request-timeout must be more than 0".into());
+        }
+        if self.max_queue_delay >= self.request_timeout {
+            return Err("--max-queue-delay must be shorter than --request-timeout".into());
+        }
+        if self.model_id.trim().is_empty() || self.model_id.contains('/') {
+            return Err("--model-id must be non-empty and contain no `/`".into());
+        }
+        if self.api_keys.iter().any(|k| k.trim().is_empty()) {
+            return Err("--api-key must not be empty".into());
         }
         Ok(self)
     }
@@ -61,12 +229,104 @@ impl ServeConfig {
             device: DeviceKind::Cpu,
             sdpa_kernel: SdpaKernelChoice::Auto,
             batch_layout: BatchLayout::Packed,
-            max_batch_sequences: 32,
+            host: "0.0.0.0".into(),
+            port: 8080,
+            max_batch_tokens: 8192,
+            max_batch_requests: 64,
+            max_batch_sequences: 64,
+            max_concurrent_requests: 512,
+            max_queue_delay: Duration::from_millis(2),
             max_client_batch_size: 256,
-            max_queued_requests: 512,
-            payload_limit: 2 * 1024 * 1024,
+            max_input_tokens: None,
             auto_truncate: true,
-            max_seq_length: None,
+            request_timeout: Duration::from_secs(60),
+            payload_limit: 2 * 1024 * 1024,
+            api_keys: Vec::new(),
+            api_keys_file: None,
         }
+    }
+}
+
+/// `auto`, `flash`, `mem_efficient` or `math` (the attention crate's spelling).
+pub fn parse_sdpa(s: &str) -> Result<SdpaKernelChoice, String> {
+    SdpaKernelChoice::from_str(s)
+}
+
+/// `"0"`, `"500us"`, `"2ms"`, `"1.5s"`, `"1m"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("`{s}` needs a unit: us, ms, s or m (e.g. `2ms`)"))?;
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as `2ms`"))?;
+    let seconds = match unit.trim() {
+        "us" | "µs" => value / 1e6,
+        "ms" => value / 1e3,
+        "s" => value,
+        "m" => value * 60.0,
+        other => return Err(format!("unknown unit `{other}` in `{s}` (us, ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("2ms").unwrap(), Duration::from_millis(2));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("250us").unwrap(), Duration::from_micros(250));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("ms").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let file: RawServeConfig = toml::from_str(
+            "model = \"m\"\nmax_batch_tokens = 1000\nmax_queue_delay = \"5ms\"\nport = 9000\n",
+        )
+        .unwrap();
+        let flags = RawServeConfig {
+            port: Some(7000),
+            ..Default::default()
+        };
+        let c = flags.or(file).resolve().unwrap();
+        assert_eq!(c.port, 7000);
+        assert_eq!(c.max_batch_tokens, 1000);
+        assert_eq!(c.max_queue_delay, Duration::from_millis(5));
+        assert_eq!(c.max_batch_requests, 64);
+    }
+
+    #[test]
+    fn the_example_config_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kiln.toml");
+        let c = RawServeConfig::from_toml_file(&path)
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.model_id, "all-MiniLM-L6-v2");
+        assert_eq!(c.max_queue_delay, Duration::from_millis(2));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<RawServeConfig>("max_batch_tokenz = 3").is_err());
+        let raw = RawServeConfig {
+            model: Some("m".into()),
+            max_input_tokens: Some(512),
+            max_batch_tokens: Some(256),
+            ..Default::default()
+        };
+        assert!(raw.resolve().unwrap_err().contains("--max-batch-tokens"));
     }
 }

@@ -13,7 +13,14 @@ use serde_json::json;
 pub enum ErrorStyle {
     Native,
     OpenAi,
+    /// The Open Inference Protocol's `{"error": "..."}`.
+    KServe,
 }
+
+/// Attached to every error response so the metrics layer can count failures by reason without
+/// parsing bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorKind(pub &'static str);
 
 #[derive(Debug, Clone)]
 pub struct AppError {
@@ -22,6 +29,8 @@ pub struct AppError {
     pub kind: &'static str,
     pub message: String,
     pub style: ErrorStyle,
+    /// Seconds for a `Retry-After` header (overload answers).
+    pub retry_after: Option<u64>,
 }
 
 impl AppError {
@@ -31,7 +40,23 @@ impl AppError {
             kind,
             message: message.into(),
             style: ErrorStyle::Native,
+            retry_after: None,
         }
+    }
+
+    /// 429 with `Retry-After`: the server is at `--max-concurrent-requests`.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", message);
+        e.retry_after = Some(1);
+        e
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "validation", message)
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "validation", message)
     }
 
     pub fn validation(message: impl Into<String>) -> Self {
@@ -53,6 +78,23 @@ impl AppError {
     pub fn openai(mut self) -> Self {
         self.style = ErrorStyle::OpenAi;
         self
+    }
+
+    pub fn kserve(mut self) -> Self {
+        self.style = ErrorStyle::KServe;
+        self
+    }
+
+    /// The error shape of the API family a path belongs to (for answers given before a handler
+    /// runs: authentication, payload size).
+    pub fn styled_for(self, path: &str) -> Self {
+        if path.starts_with("/v1/") {
+            self.openai()
+        } else if path.starts_with("/v2") {
+            self.kserve()
+        } else {
+            self
+        }
     }
 }
 
@@ -79,6 +121,7 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let body = match self.style {
             ErrorStyle::Native => json!({ "error": self.message, "error_type": self.kind }),
+            ErrorStyle::KServe => json!({ "error": self.message }),
             ErrorStyle::OpenAi => json!({
                 "error": {
                     "message": self.message,
@@ -88,6 +131,13 @@ impl IntoResponse for AppError {
                 }
             }),
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response.extensions_mut().insert(ErrorKind(self.kind));
+        response
     }
 }

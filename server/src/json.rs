@@ -34,22 +34,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ));
             }
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            let status = rejection.status();
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                AppError::new(
-                    status,
-                    "validation",
-                    "request body is larger than the payload limit",
-                )
-            } else {
-                AppError::new(
-                    status,
-                    "validation",
-                    format!("cannot read request body: {rejection}"),
-                )
-            }
-        })?;
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
         let text = std::str::from_utf8(&bytes).map_err(|e| {
             AppError::new(
                 StatusCode::BAD_REQUEST,
@@ -70,5 +55,35 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             };
             AppError::new(status, "validation", format!("{what}: {e}"))
         })
+    }
+}
+
+/// The request body as bytes (inflated if it was gzip-compressed); a body over the payload
+/// limit is a 413 and an unreadable one (a corrupt gzip stream) a 400, both as [`AppError`]s.
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = AppError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AppError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| {
+                let status = rejection.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    AppError::new(
+                        status,
+                        "validation",
+                        "request body is larger than the payload limit",
+                    )
+                } else {
+                    AppError::new(
+                        StatusCode::BAD_REQUEST,
+                        "validation",
+                        format!("cannot read request body: {}", rejection.body_text()),
+                    )
+                }
+            })
     }
 }

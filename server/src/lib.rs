@@ -1,18 +1,24 @@
 //! kiln's server: the HTTP API over a loaded model.
 //!
 //! Design note. Handlers are thin: they validate and translate a request (every rejection an
-//! [`error::AppError`] with a precise message and a 4xx status), then hand the model work to the
-//! backend thread ([`worker::Worker`]) by message and await its reply, so no inference ever blocks
-//! the async runtime. The port opens before the model has loaded: `/health` answers 503 until the
-//! model is loaded and warmed up, which is what load balancers and Kubernetes probes expect.
-//! [`app::app`] builds the whole router without a socket, so it is tested in-process.
+//! [`error::AppError`] with a precise message and a 4xx status), take a slot among
+//! `--max-concurrent-requests` ([`infer::Infer::admit`]), tokenize on the blocking pool and send
+//! token ids to the batch queue ([`batcher`]): one task owns the queue and forms batches by token
+//! budget, one thread owns the model and runs them. No inference ever blocks the async runtime.
+//! The port opens before the model has loaded: `/health` answers 503 until the model is loaded
+//! and warmed up, which is what load balancers and Kubernetes probes expect. [`app::app`] builds
+//! the whole router without a socket, so it is tested in-process.
 
 pub mod app;
+pub mod auth;
+pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod infer;
 pub mod json;
+pub mod metrics;
+pub mod request_id;
 pub mod routes;
-pub mod worker;
 
 pub use app::{AppState, app};
-pub use config::ServeConfig;
+pub use config::{RawServeConfig, ServeConfig};

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
-use kiln_server::{AppState, ServeConfig, app};
+use kiln_server::{AppState, RawServeConfig, ServeConfig, app};
 
 /// kiln: a transformer inference server.
 ///
@@ -27,8 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a model over HTTP (OpenAI /v1/embeddings, /embed, /predict, /health, /info).
-    Serve(ServeArgs),
+    /// Serve a model over HTTP: OpenAI, KServe v2 and TEI-style routes, /metrics, /health.
+    Serve(Box<ServeArgs>),
     /// Embed texts and print the vectors as JSON.
     Embed(EmbedArgs),
     /// Measure forward throughput (tokens/s) at given batch×sequence shapes.
@@ -58,29 +58,85 @@ struct ModelArgs {
     max_batch_sequences: usize,
 }
 
+/// `kiln serve` flags. Every one is optional here: unset flags fall back to the `KILN_*`
+/// environment variable (clap), then to the `--config` file, then to the default.
 #[derive(Args)]
 struct ServeArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+    /// TOML config file with the same settings in snake_case (flags and env vars win over it).
+    #[arg(long, env = "KILN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Model folder in the Hugging Face layout.
+    #[arg(long, env = "KILN_MODEL")]
+    model: Option<PathBuf>,
+    /// Where to run: `cpu` (kiln's kernels) or `burn-flex` (burn's CPU backend). [default: cpu]
+    #[arg(long, env = "KILN_DEVICE")]
+    device: Option<String>,
+    /// Attention kernel: `auto` (the selector picks per input), `flash`, `mem_efficient` or
+    /// `math`; a forced kernel that cannot run the model fails at load. [default: auto]
+    #[arg(long, env = "KILN_SDPA_KERNEL")]
+    sdpa_kernel: Option<String>,
+    /// Engine batches: `packed` (padding-free, varlen attention) or `padded`. [default: packed]
+    #[arg(long, env = "KILN_BATCH_LAYOUT")]
+    batch_layout: Option<String>,
     /// Name clients see (default: the model folder's name).
     #[arg(long, env = "KILN_MODEL_ID")]
     model_id: Option<String>,
-    #[arg(long, env = "KILN_HOST", default_value = "0.0.0.0")]
-    host: String,
-    #[arg(long, env = "KILN_PORT", default_value_t = 8080)]
-    port: u16,
-    /// Most inputs in one request (413 beyond).
-    #[arg(long, env = "KILN_MAX_CLIENT_BATCH_SIZE", default_value_t = 256)]
-    max_client_batch_size: usize,
-    /// Requests waiting for the model beyond this get 503 at once.
-    #[arg(long, env = "KILN_MAX_QUEUED_REQUESTS", default_value_t = 512)]
-    max_queued_requests: usize,
-    /// Largest request body in bytes (413 beyond).
-    #[arg(long, env = "KILN_PAYLOAD_LIMIT", default_value_t = 2 * 1024 * 1024)]
-    payload_limit: usize,
-    /// Refuse over-long inputs (422) instead of truncating them; a request's `truncate` wins.
-    #[arg(long, env = "KILN_NO_AUTO_TRUNCATE")]
+    /// [default: 0.0.0.0]
+    #[arg(long, env = "KILN_HOST")]
+    host: Option<String>,
+    /// [default: 8080]
+    #[arg(long, env = "KILN_PORT")]
+    port: Option<u16>,
+    /// Token budget of one batch (requests join a batch while their tokens fit). [default: 8192]
+    #[arg(long, env = "KILN_MAX_BATCH_TOKENS")]
+    max_batch_tokens: Option<usize>,
+    /// Most requests in one batch. [default: 64]
+    #[arg(long, env = "KILN_MAX_BATCH_REQUESTS")]
+    max_batch_requests: Option<usize>,
+    /// Most sequences in one engine call. [default: 64]
+    #[arg(long, env = "KILN_MAX_BATCH_SEQUENCES")]
+    max_batch_sequences: Option<usize>,
+    /// Requests in progress at once; beyond, 429 with Retry-After at once. [default: 512]
+    #[arg(long, env = "KILN_MAX_CONCURRENT_REQUESTS")]
+    max_concurrent_requests: Option<usize>,
+    /// Longest wait for more requests before an idle backend runs a batch that is not full,
+    /// e.g. `2ms`, `0`. [default: 2ms]
+    #[arg(long, env = "KILN_MAX_QUEUE_DELAY")]
+    max_queue_delay: Option<String>,
+    /// Most inputs in one request (413 beyond). [default: 256]
+    #[arg(long, env = "KILN_MAX_CLIENT_BATCH_SIZE")]
+    max_client_batch_size: Option<usize>,
+    /// Longest input in tokens (default: the model's max_seq_length).
+    #[arg(long, env = "KILN_MAX_INPUT_TOKENS", alias = "max-seq-length")]
+    max_input_tokens: Option<usize>,
+    /// Truncate inputs over --max-input-tokens (`true`) or refuse them with 422 (`false`); a
+    /// request's `truncate` wins. [default: true]
+    #[arg(long, env = "KILN_TRUNCATE")]
+    truncate: Option<bool>,
+    /// Same as `--truncate false`.
+    #[arg(long, env = "KILN_NO_AUTO_TRUNCATE", conflicts_with = "truncate")]
     no_auto_truncate: bool,
+    /// A request not answered by then gets 504, e.g. `30s`. [default: 60s]
+    #[arg(long, env = "KILN_REQUEST_TIMEOUT")]
+    request_timeout: Option<String>,
+    /// Largest request body in bytes, after gzip decompression (413 beyond). [default: 2097152]
+    #[arg(long, env = "KILN_PAYLOAD_LIMIT")]
+    payload_limit: Option<usize>,
+    /// API key required as `Authorization: Bearer <key>` (repeatable; comma-separated in the
+    /// env var). Health and metrics stay open.
+    #[arg(
+        long = "api-key",
+        env = "KILN_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// File with one API key per line (`#` comments), re-read when it changes.
+    #[arg(long, env = "KILN_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Log format: `text` or `json`. [default: text]
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
+    log_format: String,
 }
 
 #[derive(Args)]
@@ -128,53 +184,79 @@ impl ModelArgs {
 }
 
 impl ServeArgs {
+    /// Stage one (flags and env over the config file) into stage two (the validated config).
     fn resolve(self) -> Result<(ServeConfig, SocketAddr)> {
-        let addr: SocketAddr = format!("{}:{}", self.host, self.port)
+        let file = match &self.config {
+            Some(path) => RawServeConfig::from_toml_file(path).map_err(|e| anyhow!(e))?,
+            None => RawServeConfig::default(),
+        };
+        let flags = RawServeConfig {
+            model: self.model,
+            model_id: self.model_id,
+            device: self.device,
+            sdpa_kernel: self.sdpa_kernel,
+            batch_layout: self.batch_layout,
+            host: self.host,
+            port: self.port,
+            max_batch_tokens: self.max_batch_tokens,
+            max_batch_requests: self.max_batch_requests,
+            max_batch_sequences: self.max_batch_sequences,
+            max_concurrent_requests: self.max_concurrent_requests,
+            max_queue_delay: self.max_queue_delay,
+            max_client_batch_size: self.max_client_batch_size,
+            max_input_tokens: self.max_input_tokens,
+            truncate: if self.no_auto_truncate {
+                Some(false)
+            } else {
+                self.truncate
+            },
+            request_timeout: self.request_timeout,
+            payload_limit: self.payload_limit,
+            api_keys: (!self.api_keys.is_empty()).then_some(self.api_keys),
+            api_keys_file: self.api_keys_file,
+        };
+        let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
+        let addr: SocketAddr = format!("{}:{}", config.host, config.port)
             .parse()
-            .or_else(|_| format!("[{}]:{}", self.host, self.port).parse())
-            .with_context(|| format!("invalid --host {}", self.host))?;
-        let m = self.model;
-        let mut config = ServeConfig::for_model(m.model.clone());
-        if let Some(id) = self.model_id {
-            config.model_id = id;
-        }
-        config.device = m.device;
-        config.sdpa_kernel = m.sdpa_kernel;
-        config.batch_layout = m.batch_layout;
-        config.max_batch_sequences = m.max_batch_sequences;
-        config.max_seq_length = m.max_seq_length;
-        config.max_client_batch_size = self.max_client_batch_size;
-        config.max_queued_requests = self.max_queued_requests;
-        config.payload_limit = self.payload_limit;
-        config.auto_truncate = !self.no_auto_truncate;
-        Ok((config.validate().map_err(|e| anyhow!(e))?, addr))
+            .or_else(|_| format!("[{}]:{}", config.host, config.port).parse())
+            .with_context(|| format!("invalid --host {}", config.host))?;
+        Ok((config, addr))
     }
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_format == "json");
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
                 .unwrap_or_else(|_| "info,tower_http=warn".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
-        Command::Serve(args) => serve(args),
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json_logs {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    match cli.command {
+        Command::Serve(args) => serve(*args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
     }
 }
 
 fn serve(args: ServeArgs) -> Result<()> {
+    if !matches!(args.log_format.as_str(), "text" | "json") {
+        return Err(anyhow!("--log-format must be `text` or `json`"));
+    }
     let (config, addr) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let state = AppState::new(config);
+        let state = AppState::new(config).map_err(|e| anyhow!(e))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;

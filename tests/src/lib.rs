@@ -6,6 +6,8 @@
 //! comes from `scripts/fetch-model.sh` (or `$KILN_MODEL_DIR`); a missing model or fixture is a
 //! test failure with instructions, never a silent skip.
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 
 /// The workspace root.
@@ -109,6 +111,73 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// A one-label cross-encoder made from the tiny 3-label classifier fixture (`bert-tiny-cls`):
+/// the same encoder, and a classifier head of only label 0's row, so its single logit equals
+/// label 0's logit in the fixture's `reference.json`. Written to `out` (created).
+pub fn single_label_classifier(out: &Path) -> PathBuf {
+    let src = fixtures().join("tiny/bert-tiny-cls");
+    std::fs::create_dir_all(out).unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(src.join(name), out.join(name)).unwrap();
+    }
+    let mut config = read_json(&src.join("config.json"));
+    config["id2label"] = serde_json::json!({ "0": "score" });
+    config["label2id"] = serde_json::json!({ "score": 0 });
+    std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+
+    // safetensors: u64 header length, JSON header {name: {dtype, shape, data_offsets}}, data.
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    let mut new_header = serde_json::Map::new();
+    let mut new_data = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            new_header.insert(name.clone(), info.clone());
+            continue;
+        }
+        let off = &info["data_offsets"];
+        let (a, b) = (
+            off[0].as_u64().unwrap() as usize,
+            off[1].as_u64().unwrap() as usize,
+        );
+        let mut tensor = &data[a..b];
+        let mut shape = info["shape"].clone();
+        if name == "classifier.weight" || name == "classifier.bias" {
+            // Row (or element) 0 only: the first 64 floats of the weight, the first bias.
+            let width = if name == "classifier.weight" {
+                shape[1].as_u64().unwrap() as usize
+            } else {
+                1
+            };
+            tensor = &tensor[..width * 4];
+            shape[0] = serde_json::json!(1);
+        }
+        let start = new_data.len();
+        new_data.extend_from_slice(tensor);
+        new_header.insert(
+            name.clone(),
+            serde_json::json!({ "dtype": info["dtype"], "shape": shape, "data_offsets": [start, new_data.len()] }),
+        );
+    }
+    let mut head = serde_json::to_vec(&new_header).unwrap();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&head);
+    file.extend_from_slice(&new_data);
+    std::fs::write(out.join("model.safetensors"), file).unwrap();
+    out.to_path_buf()
 }
 
 /// Every way of running a model the fixture tests must hold for: each device, both batch

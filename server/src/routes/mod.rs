@@ -1,7 +1,9 @@
 //! Request handlers, one module per API family, and the input checks they share.
 
+pub mod kserve;
 pub mod native;
 pub mod openai;
+pub mod openapi;
 
 use serde_json::Value;
 

@@ -1,17 +1,18 @@
-//! kiln's native routes, in the shape of Hugging Face TEI: `/embed`, `/predict`, `/health`,
-//! `/info`.
+//! kiln's native routes, in the shape of Hugging Face TEI: `/embed`, `/predict`, `/rerank`,
+//! `/tokenize`, `/health`, `/info`.
 
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use kiln_models::{EmbedOptions, ModelKind, TextInput};
+use kiln_models::{ModelKind, TextInput};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{check_batch, kind_of, texts_from};
 use crate::app::AppState;
 use crate::error::AppError;
+use crate::infer::EmbeddingKind;
 use crate::json::ApiJson;
 
 #[derive(Deserialize)]
@@ -35,11 +36,15 @@ pub async fn embed(
 ) -> Result<Json<Vec<Vec<f32>>>, AppError> {
     let texts = texts_from(&req.inputs, "inputs", state.config().max_client_batch_size)?;
     let ready = state.ready()?;
-    let opts = EmbedOptions {
-        truncate: req.truncate.unwrap_or(state.config().auto_truncate),
-        normalize: Some(req.normalize),
-    };
-    let out = ready.worker.run(move |m| m.embed(&texts, opts)).await??;
+    let _slot = ready.infer.admit()?;
+    let out = ready
+        .infer
+        .embed(
+            texts,
+            req.truncate,
+            EmbeddingKind::from_normalize(Some(req.normalize)),
+        )
+        .await?;
     Ok(Json(out.vectors))
 }
 
@@ -116,18 +121,17 @@ pub async fn predict(
             ready.info.id
         )));
     };
-    let truncate = req.truncate.unwrap_or(state.config().auto_truncate);
-    let results = ready
-        .worker
-        .run(move |m| m.classify(&inputs, truncate))
-        .await??;
+    let _slot = ready.infer.admit()?;
+    let results = ready.infer.classify(inputs, req.truncate).await?;
     let answers: Vec<Value> = results
+        .logits
         .into_iter()
-        .map(|c| {
+        .zip(results.probabilities)
+        .map(|(logits, probabilities)| {
             let scores = if req.raw_scores {
-                c.logits
+                logits
             } else {
-                c.probabilities
+                probabilities
             };
             let mut ranked: Vec<(usize, f32)> = scores.into_iter().enumerate().collect();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -178,8 +182,135 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "device": i.device,
         "cpu": { "arch": cpu.arch, "cores": cpu.cores, "features": cpu.feature_names() },
         "max_client_batch_size": state.config().max_client_batch_size,
+        "max_batch_tokens": state.config().max_batch_tokens,
+        "max_batch_requests": state.config().max_batch_requests,
         "max_batch_sequences": state.config().max_batch_sequences,
+        "max_concurrent_requests": state.config().max_concurrent_requests,
+        "max_queue_delay_ms": state.config().max_queue_delay.as_secs_f64() * 1e3,
+        "request_timeout_ms": state.config().request_timeout.as_millis() as u64,
         "auto_truncate": state.config().auto_truncate,
         "load_time_ms": i.load_time.as_millis() as u64,
     })))
+}
+
+#[derive(Deserialize)]
+pub struct RerankRequest {
+    #[serde(default)]
+    query: Value,
+    #[serde(default)]
+    texts: Value,
+    /// The logit instead of its sigmoid.
+    #[serde(default)]
+    raw_scores: bool,
+    #[serde(default)]
+    return_text: bool,
+    #[serde(default)]
+    truncate: Option<bool>,
+}
+
+/// TEI's `/rerank`: scores `(query, text)` pairs with a cross-encoder (a classifier with one
+/// label) and returns them best first as `[{"index", "score", "text"?}]`.
+pub async fn rerank(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<RerankRequest>,
+) -> Result<Json<Value>, AppError> {
+    let query = match &req.query {
+        Value::String(q) => q.clone(),
+        Value::Null => return Err(AppError::validation("`query` is required")),
+        other => {
+            return Err(AppError::validation(format!(
+                "`query` must be a string, got {}",
+                kind_of(other)
+            )));
+        }
+    };
+    let texts = texts_from(&req.texts, "texts", state.config().max_client_batch_size)?;
+    let ready = state.ready()?;
+    match &ready.info.kind {
+        ModelKind::Classifier { labels } if labels.len() == 1 => {}
+        ModelKind::Classifier { labels } => {
+            return Err(AppError::validation(format!(
+                "model `{}` is a classifier with {} labels; /rerank needs a cross-encoder with a single score (use /predict)",
+                ready.info.id,
+                labels.len()
+            )));
+        }
+        ModelKind::Embedding { .. } => {
+            return Err(AppError::validation(format!(
+                "model `{}` is an embedding model; /rerank needs a cross-encoder",
+                ready.info.id
+            )));
+        }
+    }
+    let inputs = texts
+        .iter()
+        .map(|t| TextInput::Pair(query.clone(), t.clone()))
+        .collect();
+    let _slot = ready.infer.admit()?;
+    let results = ready.infer.classify(inputs, req.truncate).await?;
+    let mut ranked: Vec<(usize, f32)> = results
+        .logits
+        .iter()
+        .map(|l| {
+            let logit = l.first().copied().unwrap_or(f32::NAN);
+            if req.raw_scores {
+                logit
+            } else {
+                1.0 / (1.0 + (-logit).exp())
+            }
+        })
+        .enumerate()
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(Json(Value::Array(
+        ranked
+            .into_iter()
+            .map(|(i, score)| {
+                let mut v = json!({ "index": i, "score": score });
+                if req.return_text {
+                    v["text"] = Value::String(texts[i].clone());
+                }
+                v
+            })
+            .collect(),
+    )))
+}
+
+#[derive(Deserialize)]
+pub struct TokenizeRequest {
+    #[serde(default)]
+    inputs: Value,
+    #[serde(default)]
+    truncate: Option<bool>,
+}
+
+/// TEI's `/tokenize`: the tokens the model would see (after truncation, special tokens
+/// included), one list per input (a single string is a batch of one, as in TEI).
+pub async fn tokenize(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<TokenizeRequest>,
+) -> Result<Json<Value>, AppError> {
+    let texts = texts_from(&req.inputs, "inputs", state.config().max_client_batch_size)?;
+    let ready = state.ready()?;
+    let _slot = ready.infer.admit()?;
+    let inputs = texts.into_iter().map(TextInput::Single).collect();
+    let encoded = ready.infer.tokenize(inputs, req.truncate).await?;
+    let tokenizer = ready.infer.model().tokenizer();
+    let lists: Vec<Value> = encoded
+        .iter()
+        .map(|e| {
+            Value::Array(
+                e.ids
+                    .iter()
+                    .map(|&id| {
+                        let text = u32::try_from(id)
+                            .ok()
+                            .and_then(|id| tokenizer.id_to_token(id));
+                        json!({ "id": id, "text": text })
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    Ok(Json(Value::Array(lists)))
 }

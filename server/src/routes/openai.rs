@@ -3,13 +3,13 @@
 use axum::Json;
 use axum::extract::State;
 use base64::Engine as _;
-use kiln_models::EmbedOptions;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::texts_from;
 use crate::app::AppState;
 use crate::error::AppError;
+use crate::infer::EmbeddingKind;
 use crate::json::ApiJson;
 
 #[derive(Deserialize)]
@@ -61,11 +61,8 @@ async fn handle(
             ready.info.id, ready.info.hidden_size
         )));
     }
-    let opts = EmbedOptions {
-        truncate: state.config().auto_truncate,
-        normalize: None,
-    };
-    let out = ready.worker.run(move |m| m.embed(&texts, opts)).await??;
+    let _slot = ready.infer.admit()?;
+    let out = ready.infer.embed(texts, None, EmbeddingKind::Model).await?;
     let data: Vec<Value> = out
         .vectors
         .iter()

@@ -1,0 +1,232 @@
+//! What handlers call: admission, tokenization, the batch queue and the request timeout, with
+//! their metrics. Every API family (OpenAI, KServe, native) goes through here, so they batch
+//! together and share the limits.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::http::StatusCode;
+use kiln_models::bert::names;
+use kiln_models::{Encoded, EncoderModel, ModelKind, TextInput};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::batcher::{BatchLimits, Batcher};
+use crate::config::ServeConfig;
+use crate::error::AppError;
+use crate::metrics::Metrics;
+
+/// A slot among `--max-concurrent-requests`; dropping it (answer sent, client gone) frees it.
+#[must_use]
+pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// Which embedding the caller wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmbeddingKind {
+    /// As the model folder says (sentence-transformers' Normalize module or not).
+    Model,
+    Normalized,
+    Pooled,
+}
+
+impl EmbeddingKind {
+    pub fn from_normalize(normalize: Option<bool>) -> Self {
+        match normalize {
+            None => Self::Model,
+            Some(true) => Self::Normalized,
+            Some(false) => Self::Pooled,
+        }
+    }
+
+    fn output(self) -> &'static str {
+        match self {
+            Self::Model => names::SENTENCE_EMBEDDING,
+            Self::Normalized => names::NORMALIZED_EMBEDDING,
+            Self::Pooled => names::POOLED_EMBEDDING,
+        }
+    }
+}
+
+pub struct Embedded {
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens run, special tokens included.
+    pub tokens: usize,
+}
+
+pub struct Classified {
+    pub logits: Vec<Vec<f32>>,
+    pub probabilities: Vec<Vec<f32>>,
+    pub tokens: usize,
+}
+
+#[derive(Clone)]
+pub struct Infer {
+    model: Arc<EncoderModel>,
+    batcher: Batcher,
+    admission: Arc<Semaphore>,
+    metrics: Metrics,
+    config: Arc<ServeConfig>,
+}
+
+impl Infer {
+    /// Starts the batcher for a loaded model. Must run inside the tokio runtime.
+    pub fn start(
+        model: Arc<EncoderModel>,
+        config: Arc<ServeConfig>,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
+        let limits = BatchLimits {
+            max_batch_tokens: config.max_batch_tokens,
+            max_batch_requests: config.max_batch_requests,
+            max_batch_sequences: config.max_batch_sequences,
+            max_queue_delay: config.max_queue_delay,
+        };
+        let admission = Arc::new(Semaphore::new(config.max_concurrent_requests));
+        let (slots, capacity) = (admission.clone(), config.max_concurrent_requests);
+        let admitted = Box::new(move || capacity - slots.available_permits());
+        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone(), admitted)?;
+        Ok(Self {
+            model,
+            batcher,
+            admission,
+            metrics,
+            config,
+        })
+    }
+
+    pub fn model(&self) -> &EncoderModel {
+        &self.model
+    }
+
+    /// A slot for one request, or 429 at once when `--max-concurrent-requests` are in progress.
+    pub fn admit(&self) -> Result<Admission, AppError> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map(Admission)
+            .map_err(|_| {
+                AppError::overloaded(format!(
+                    "the server is at its limit of {} concurrent requests; retry later",
+                    self.config.max_concurrent_requests
+                ))
+            })
+    }
+
+    /// Tokenizes on the blocking pool (tokenization is CPU work; the async workers must stay
+    /// free to accept and answer).
+    pub async fn tokenize(
+        &self,
+        inputs: Vec<TextInput>,
+        truncate: Option<bool>,
+    ) -> Result<Vec<Encoded>, AppError> {
+        let truncate = truncate.unwrap_or(self.config.auto_truncate);
+        let model = self.model.clone();
+        let started = Instant::now();
+        let encoded = tokio::task::spawn_blocking(move || model.tokenize(&inputs, truncate))
+            .await
+            .map_err(|_| AppError::internal())??;
+        self.metrics
+            .tokenization_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(encoded)
+    }
+
+    /// Runs token ids through the batch queue, within the request timeout.
+    pub async fn run(
+        &self,
+        seqs: Vec<Encoded>,
+        outputs: Vec<&'static str>,
+    ) -> Result<Vec<Vec<Vec<f32>>>, AppError> {
+        for s in &seqs {
+            self.metrics.input_tokens.observe(s.len() as f64);
+        }
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.batcher.run(seqs, outputs)).await {
+            Ok(result) => result.map(|o| o.rows),
+            Err(_) => Err(AppError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!(
+                    "the request was not answered within the request timeout ({timeout:?}); its work was dropped"
+                ),
+            )),
+        }
+    }
+
+    pub fn is_embedding(&self) -> bool {
+        matches!(self.model.info().kind, ModelKind::Embedding { .. })
+    }
+
+    fn require_embedding(&self) -> Result<(), AppError> {
+        if self.is_embedding() {
+            Ok(())
+        } else {
+            Err(AppError::validation(format!(
+                "model `{}` is a classifier; it does not produce embeddings (use /predict)",
+                self.config.model_id
+            )))
+        }
+    }
+
+    fn require_classifier(&self) -> Result<(), AppError> {
+        if self.is_embedding() {
+            Err(AppError::validation(format!(
+                "model `{}` is an embedding model; this route needs a sequence classifier",
+                self.config.model_id
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Embeddings of already tokenized sequences.
+    pub async fn embed_ids(
+        &self,
+        seqs: Vec<Encoded>,
+        kind: EmbeddingKind,
+    ) -> Result<Embedded, AppError> {
+        self.require_embedding()?;
+        let tokens = seqs.iter().map(Encoded::len).sum();
+        let mut rows = self.run(seqs, vec![kind.output()]).await?;
+        Ok(Embedded {
+            vectors: rows.swap_remove(0),
+            tokens,
+        })
+    }
+
+    pub async fn embed(
+        &self,
+        texts: Vec<String>,
+        truncate: Option<bool>,
+        kind: EmbeddingKind,
+    ) -> Result<Embedded, AppError> {
+        self.require_embedding()?;
+        let inputs = texts.into_iter().map(TextInput::Single).collect();
+        let seqs = self.tokenize(inputs, truncate).await?;
+        self.embed_ids(seqs, kind).await
+    }
+
+    pub async fn classify_ids(&self, seqs: Vec<Encoded>) -> Result<Classified, AppError> {
+        self.require_classifier()?;
+        let tokens = seqs.iter().map(Encoded::len).sum();
+        let mut rows = self
+            .run(seqs, vec![names::LOGITS, names::PROBABILITIES])
+            .await?;
+        let probabilities = rows.pop().unwrap_or_default();
+        let logits = rows.pop().unwrap_or_default();
+        Ok(Classified {
+            logits,
+            probabilities,
+            tokens,
+        })
+    }
+
+    pub async fn classify(
+        &self,
+        inputs: Vec<TextInput>,
+        truncate: Option<bool>,
+    ) -> Result<Classified, AppError> {
+        self.require_classifier()?;
+        let seqs = self.tokenize(inputs, truncate).await?;
+        self.classify_ids(seqs).await
+    }
+}

@@ -1,0 +1,343 @@
+//! Prometheus metrics: one registry per server, rendered in the text format at `GET /metrics`.
+//!
+//! Names follow Prometheus conventions (`kiln_` prefix, counters end in `_total`, durations are
+//! `_seconds`), so `promtool check metrics` is clean on a live scrape. Per-request counters and
+//! the total-duration histogram are recorded by one middleware ([`track`]); queue, tokenization
+//! and inference timings and batch shapes by the batcher.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use prometheus::{
+    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder, exponential_buckets,
+};
+
+use crate::error::ErrorKind;
+
+/// Failure reasons, the values of `kiln_request_failure_total{reason}`.
+pub const FAILURE_REASONS: [&str; 7] = [
+    "validation",
+    "tokenization",
+    "overloaded",
+    "timeout",
+    "inference",
+    "cancelled",
+    "unavailable",
+];
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+pub struct Inner {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub successes: IntCounterVec,
+    pub failures: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub queue_duration: prometheus::Histogram,
+    pub tokenization_duration: prometheus::Histogram,
+    pub inference_duration: prometheus::Histogram,
+    pub input_tokens: prometheus::Histogram,
+    pub batch_size: prometheus::Histogram,
+    pub batch_tokens: prometheus::Histogram,
+    pub queue_size: IntGauge,
+    pub model_load_seconds: Gauge,
+    pub sdpa_calls: IntCounterVec,
+    pub inferences: IntCounter,
+    /// Totals for the KServe statistics extension (not exported to Prometheus, which has the
+    /// histograms).
+    success_ns: AtomicU64,
+    failure_ns: AtomicU64,
+    last_inference_ms: AtomicU64,
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
+    prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+        .expect("valid histogram")
+}
+
+/// 0.5 ms to ~65 s.
+fn duration_buckets() -> Vec<f64> {
+    exponential_buckets(0.0005, 2.0, 18).expect("valid buckets")
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+        };
+        let inner = Inner {
+            requests: counter_vec(
+                "kiln_request_total",
+                "Inference requests received, by API family.",
+                &["api"],
+            ),
+            successes: counter_vec(
+                "kiln_request_success_total",
+                "Inference requests answered successfully, by API family.",
+                &["api"],
+            ),
+            failures: counter_vec(
+                "kiln_request_failure_total",
+                "Inference requests that failed, by reason (validation, tokenization, overloaded, timeout, inference, cancelled, unavailable).",
+                &["reason"],
+            ),
+            request_duration: HistogramVec::new(
+                HistogramOpts::new(
+                    "kiln_request_duration_seconds",
+                    "Time from receiving an inference request to answering it, by API family.",
+                )
+                .buckets(duration_buckets()),
+                &["api"],
+            )
+            .expect("valid histogram"),
+            queue_duration: histogram(
+                "kiln_queue_duration_seconds",
+                "Time a request waited in the batch queue before its batch started.",
+                duration_buckets(),
+            ),
+            tokenization_duration: histogram(
+                "kiln_tokenization_duration_seconds",
+                "Time spent tokenizing one request.",
+                duration_buckets(),
+            ),
+            inference_duration: histogram(
+                "kiln_inference_duration_seconds",
+                "Time of one engine call (a forward pass over one batch).",
+                duration_buckets(),
+            ),
+            input_tokens: histogram(
+                "kiln_request_input_tokens",
+                "Tokens per input sequence after truncation, special tokens included.",
+                exponential_buckets(2.0, 2.0, 12).expect("valid buckets"),
+            ),
+            batch_size: histogram(
+                "kiln_batch_size",
+                "Sequences per engine call.",
+                exponential_buckets(1.0, 2.0, 10).expect("valid buckets"),
+            ),
+            batch_tokens: histogram(
+                "kiln_batch_tokens",
+                "Real (unpadded) tokens per engine call.",
+                exponential_buckets(8.0, 2.0, 14).expect("valid buckets"),
+            ),
+            queue_size: IntGauge::new("kiln_queue_size", "Requests waiting in the batch queue.")
+                .expect("valid gauge"),
+            model_load_seconds: Gauge::new(
+                "kiln_model_load_duration_seconds",
+                "Time taken to load the model and warm it up.",
+            )
+            .expect("valid gauge"),
+            sdpa_calls: counter_vec(
+                "kiln_sdpa_kernel_calls_total",
+                "Attention (SDPA) calls by the kernel that ran them.",
+                &["kernel"],
+            ),
+            inferences: IntCounter::new("kiln_batch_total", "Engine calls (batches) run.")
+                .expect("valid counter"),
+            registry,
+            success_ns: AtomicU64::new(0),
+            failure_ns: AtomicU64::new(0),
+            last_inference_ms: AtomicU64::new(0),
+        };
+        let build_info = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "kiln_build_info",
+                "Always 1; the labels say which kiln build is running.",
+            ),
+            &["version", "target_arch", "target_os"],
+        )
+        .expect("valid gauge");
+        build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::ARCH,
+                std::env::consts::OS,
+            ])
+            .set(1);
+        let r = &inner.registry;
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(inner.requests.clone()),
+            Box::new(inner.successes.clone()),
+            Box::new(inner.failures.clone()),
+            Box::new(inner.request_duration.clone()),
+            Box::new(inner.queue_duration.clone()),
+            Box::new(inner.tokenization_duration.clone()),
+            Box::new(inner.inference_duration.clone()),
+            Box::new(inner.input_tokens.clone()),
+            Box::new(inner.batch_size.clone()),
+            Box::new(inner.batch_tokens.clone()),
+            Box::new(inner.queue_size.clone()),
+            Box::new(inner.model_load_seconds.clone()),
+            Box::new(inner.sdpa_calls.clone()),
+            Box::new(inner.inferences.clone()),
+            Box::new(build_info),
+        ];
+        for c in collectors {
+            r.register(c).expect("metric names are unique");
+        }
+        // Every series exists from the start (at zero), so dashboards and `rate()` see them
+        // before the first failure of each kind.
+        for reason in FAILURE_REASONS {
+            inner.failures.with_label_values(&[reason]);
+        }
+        for api in ["openai", "kserve", "native"] {
+            inner.requests.with_label_values(&[api]);
+            inner.successes.with_label_values(&[api]);
+        }
+        Self {
+            inner: Arc::new(inner),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut buf)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+
+    /// Seconds spent on successful and on failed inference requests.
+    pub fn outcome_seconds(&self) -> (f64, f64) {
+        (
+            self.success_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.failure_ns.load(Ordering::Relaxed) as f64 / 1e9,
+        )
+    }
+
+    /// When the last inference request finished, in ms since the Unix epoch (0: never).
+    pub fn last_inference_ms(&self) -> u64 {
+        self.last_inference_ms.load(Ordering::Relaxed)
+    }
+
+    /// Adds the attention calls made since `before` (cumulative counts from the engine).
+    pub fn add_sdpa_calls(&self, before: &[(&'static str, u64)], after: &[(&'static str, u64)]) {
+        for (kernel, now) in after {
+            let prev = before
+                .iter()
+                .find(|(k, _)| k == kernel)
+                .map_or(0, |(_, n)| *n);
+            if *now > prev {
+                self.sdpa_calls
+                    .with_label_values(&[kernel])
+                    .inc_by(now - prev);
+            }
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+/// `GET /metrics`.
+pub async fn scrape(State(metrics): State<Metrics>) -> Response {
+    let mut response = metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+/// The API family a route belongs to, the `api` label.
+fn api_of(path: &str) -> &'static str {
+    if path.starts_with("/v1/") {
+        "openai"
+    } else if path.starts_with("/v2/") {
+        "kserve"
+    } else {
+        "native"
+    }
+}
+
+/// Counts a request that never got an answer (its client went away) as cancelled.
+struct CancelGuard {
+    metrics: Metrics,
+    done: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            self.metrics
+                .failures
+                .with_label_values(&["cancelled"])
+                .inc();
+        }
+    }
+}
+
+/// Middleware on the inference routes: request count, outcome by reason, total duration.
+pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> Response<Body> {
+    let api = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("native", |p| api_of(p.as_str()));
+    let started = Instant::now();
+    metrics.requests.with_label_values(&[api]).inc();
+    let mut guard = CancelGuard {
+        metrics: metrics.clone(),
+        done: false,
+    };
+    let response = next.run(req).await;
+    guard.done = true;
+    let elapsed = started.elapsed();
+    let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    metrics.last_inference_ms.store(now_ms, Ordering::Relaxed);
+    if response.status().is_success() {
+        metrics.successes.with_label_values(&[api]).inc();
+        metrics.success_ns.fetch_add(ns, Ordering::Relaxed);
+    } else {
+        metrics.failure_ns.fetch_add(ns, Ordering::Relaxed);
+        let reason = response.extensions().get::<ErrorKind>().map_or(
+            if response.status().is_server_error() {
+                "inference"
+            } else {
+                "validation"
+            },
+            |k| reason_of(k.0),
+        );
+        metrics.failures.with_label_values(&[reason]).inc();
+    }
+    metrics
+        .request_duration
+        .with_label_values(&[api])
+        .observe(elapsed.as_secs_f64());
+    response
+}
+
+/// Error kinds map onto the fixed set of failure reasons.
+fn reason_of(kind: &str) -> &'static str {
+    FAILURE_REASONS
+        .iter()
+        .find(|r| **r == kind)
+        .copied()
+        .unwrap_or(match kind {
+            "internal" => "inference",
+            _ => "validation",
+        })
+}

@@ -1,0 +1,217 @@
+//! The real `kiln serve` process for end-to-end tests: started on a free port, waited on until
+//! `/health` is 200, called over HTTP, stopped with SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `kiln` binary: `$KILN_BIN` if set, else the path cargo built for the calling test
+/// (`env!("CARGO_BIN_EXE_kiln")`).
+pub fn kiln_bin(built: &str) -> PathBuf {
+    std::env::var_os("KILN_BIN").map_or_else(|| PathBuf::from(built), PathBuf::from)
+}
+
+pub struct Server {
+    pub child: Child,
+    pub base: String,
+    pub addr: String,
+}
+
+/// A response: status, headers that tests look at, and the body.
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<String>,
+    pub header_length: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "body is not JSON (status {}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+impl Server {
+    /// Starts `kiln serve --model MODEL EXTRA...` on 127.0.0.1 and waits for `/health` = 200.
+    pub fn start(bin: &Path, model: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(bin)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
+            .arg(model)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env("KILN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kiln");
+        // The bound address comes from the log line `listening ... address=127.0.0.1:PORT`.
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[kiln] {line}");
+                if let Some(rest) = line.split("address=").nth(1) {
+                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("kiln did not report its address");
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match ureq::get(&server.url("/health")).call() {
+                Ok(r) if r.status() == 200 => break,
+                Err(ureq::Error::Status(503, r)) => {
+                    let body: Value = r.into_json().unwrap();
+                    assert!(body["error"].is_string(), "503 body is a JSON error");
+                }
+                other => assert!(
+                    Instant::now() < deadline,
+                    "kiln never became healthy: {other:?}"
+                ),
+            }
+            assert!(Instant::now() < deadline, "kiln never became healthy");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request with the given headers and body; any status comes back as a [`Reply`].
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Reply {
+        let mut req = ureq::request(method, &self.url(path));
+        for (k, v) in headers {
+            req = req.set(k, v);
+        }
+        let result = match body {
+            Some(b) => req.send_bytes(b),
+            None => req.call(),
+        };
+        let resp = match result {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => panic!("{method} {path}: transport error {e}"),
+        };
+        let status = resp.status();
+        let retry_after = resp.header("retry-after").map(str::to_string);
+        let header_length = resp
+            .header("inference-header-content-length")
+            .map(str::to_string);
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).unwrap();
+        Reply {
+            status,
+            retry_after,
+            header_length,
+            body,
+        }
+    }
+
+    /// POSTs raw bytes; returns (status, JSON body).
+    pub fn post_raw(&self, path: &str, content_type: Option<&str>, body: &[u8]) -> (u16, Value) {
+        let headers: Vec<(&str, &str)> = content_type
+            .map(|ct| vec![("content-type", ct)])
+            .unwrap_or_default();
+        let r = self.request("POST", path, &headers, Some(body));
+        (r.status, r.json())
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, Some("application/json"), body.to_string().as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.request("GET", path, &[], None);
+        (r.status, r.json())
+    }
+
+    /// The `/metrics` text.
+    pub fn metrics(&self) -> String {
+        String::from_utf8(self.request("GET", "/metrics", &[], None).body).unwrap()
+    }
+
+    /// The value of one sample in `/metrics` (`name` with its labels, as printed), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics(), series)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit on its own; panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.child.try_wait().unwrap() {
+                return code;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kiln did not exit in {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, then the process must exit 0 on its own.
+    pub fn terminate(mut self) {
+        self.sigterm();
+        let code = self.wait_exit(Duration::from_secs(30));
+        assert!(code.success(), "kiln exited with {code} after SIGTERM");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A sample's value in Prometheus text: `series` is the name with labels exactly as printed,
+/// e.g. `kiln_request_failure_total{reason="overloaded"}`.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
