@@ -130,6 +130,7 @@ fn every_kernel_matches_torch_float64_references() {
                         "{name} [{kernel}]: relative error {worst} > 1e-5"
                     );
                     ran_cases += 1;
+                    flash_cases += usize::from(kernel == Kernel::Flash);
                 }
                 Err(e) => {
                     // Only flash may refuse, and only a dense mask, with the reason.
@@ -146,6 +147,10 @@ fn every_kernel_matches_torch_float64_references() {
     assert!(
         ran_cases >= 2 * cases.len(),
         "math and mem_efficient run every case"
+    );
+    assert!(
+        flash_cases + dense_cases == cases.len() && flash_cases > 0,
+        "flash runs every case without a dense mask ({flash_cases} run, {dense_cases} dense)"
     );
 }
 
