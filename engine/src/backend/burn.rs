@@ -12,7 +12,7 @@ use burn_tensor::ops::AttentionModuleOptions;
 use burn_tensor::{Bool, Device, Int, Tensor, TensorData};
 use kiln_attention::KernelChoice;
 
-use super::{Backend, CpuBackend, SdpaMaskArg};
+use super::{Backend, CpuBackend, SdpaMaskArg, cumulative};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
 use crate::tensor::{HostData, HostTensor};
@@ -96,12 +96,7 @@ impl BurnBackend {
         let HostData::I64(lens) = self.download(t)?.data else {
             return Err(self.err("sequence lengths must be I64"));
         };
-        let mut cu = vec![0usize];
-        for l in lens {
-            let l = usize::try_from(l).map_err(|_| self.err("negative sequence length"))?;
-            cu.push(cu.last().copied().unwrap_or(0) + l);
-        }
-        Ok(cu)
+        cumulative(&lens).ok_or_else(|| self.err("negative sequence length"))
     }
 
     /// Pooling of a packed `[1, tokens, h]` batch: one slice per sequence.

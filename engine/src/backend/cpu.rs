@@ -8,7 +8,7 @@ use kiln_attention::{
     scaled_dot_product_attention_varlen,
 };
 
-use super::{Backend, SdpaMaskArg};
+use super::{Backend, SdpaMaskArg, cumulative};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
 use crate::kernels::{gemm, rowwise};
@@ -350,14 +350,4 @@ impl Backend for CpuBackend {
         rowwise::softmax(&mut xv, width);
         Ok(f32_tensor(shape, xv))
     }
-}
-
-/// `[0, l0, l0 + l1, ...]` from sequence lengths; `None` if a length is negative.
-fn cumulative(lengths: &[i64]) -> Option<Vec<usize>> {
-    let mut cu = Vec::with_capacity(lengths.len() + 1);
-    cu.push(0usize);
-    for &l in lengths {
-        cu.push(cu.last()? + usize::try_from(l).ok()?);
-    }
-    Some(cu)
 }

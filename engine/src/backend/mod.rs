@@ -30,6 +30,16 @@ pub(crate) fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// `[0, l0, l0 + l1, ...]` from a packed batch's sequence lengths; `None` if one is negative.
+pub(crate) fn cumulative(lengths: &[i64]) -> Option<Vec<usize>> {
+    let mut cu = Vec::with_capacity(lengths.len() + 1);
+    cu.push(0usize);
+    for &l in lengths {
+        cu.push(cu.last()? + usize::try_from(l).ok()?);
+    }
+    Some(cu)
+}
+
 /// Mask argument of [`Backend::sdpa`].
 #[derive(Debug, Clone)]
 pub enum SdpaMaskArg<T> {
