@@ -35,7 +35,9 @@ pub use error::SdpaError;
 pub use params::{
     CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,
 };
-pub use select::{Kernel, KernelChoice, MATH_MAX_SCORES, Selection, select, unsupported};
+pub use select::{
+    Kernel, KernelChoice, MATH_MAX_SCORES, Selection, auto_kernel, select, unsupported,
+};
 pub use simd::Isa;
 
 use task::Shared;
@@ -81,8 +83,7 @@ pub fn scaled_dot_product_attention_varlen(
 ) -> Result<Kernel, SdpaError> {
     params.validate(q.len(), k.len(), v.len(), out.len())?;
     let summary = params.summary();
-    let isa = Isa::detect();
-    let kernel = select(&summary, isa, choice)?.kernel;
+    let kernel = select(&summary, Isa::detect(), choice)?.kernel;
     let shared = Shared {
         mask: params.causal.map_or(Mask::None, Mask::Causal),
         scale: params.scale(),
@@ -94,8 +95,7 @@ pub fn scaled_dot_product_attention_varlen(
         KernelChoice::Auto => {
             let mut one = summary;
             (one.shape.q_len, one.shape.kv_len) = (q_len, kv_len);
-            // Auto never fails: every problem has a kernel.
-            select(&one, isa, choice).map_or(kernel, |s| s.kernel)
+            auto_kernel(&one)
         }
     };
     let blocks = task::varlen(q, k, &k_t, v, out, params, kernel_of);

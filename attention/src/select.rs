@@ -114,6 +114,19 @@ pub fn unsupported(kernel: Kernel, problem: &ProblemSummary) -> Option<String> {
     }
 }
 
+/// The kernel `auto` runs for `problem`, without the reason: what a varlen call asks once per
+/// sequence, so it builds no strings where flash applies.
+pub fn auto_kernel(problem: &ProblemSummary) -> Kernel {
+    let s = &problem.shape;
+    if s.q_len * s.kv_len <= MATH_MAX_SCORES {
+        Kernel::Math
+    } else if unsupported(Kernel::Flash, problem).is_none() {
+        Kernel::Flash
+    } else {
+        Kernel::MemEfficient
+    }
+}
+
 /// Picks the kernel for `problem` on a CPU with `isa`. The same function answers "is this
 /// supported": for a forced kernel, an `Err` names the constraint that rules the input out.
 pub fn select(
@@ -134,31 +147,27 @@ pub fn select(
                 reason: format!("forced by configuration (sdpa_kernel = {kernel})"),
             }),
         },
-        KernelChoice::Auto if scores <= MATH_MAX_SCORES => Ok(Selection {
-            kernel: Kernel::Math,
-            reason: format!(
-                "q_len {} × kv_len {} = {scores} scores per head <= {MATH_MAX_SCORES}: two GEMMs \
-                 per head beat tiling",
-                s.q_len, s.kv_len
-            ),
-        }),
-        KernelChoice::Auto => match unsupported(Kernel::Flash, problem) {
-            None => Ok(Selection {
-                kernel: Kernel::Flash,
-                reason: format!(
+        KernelChoice::Auto => {
+            let kernel = auto_kernel(problem);
+            let reason = match kernel {
+                Kernel::Math => format!(
+                    "q_len {} × kv_len {} = {scores} scores per head <= {MATH_MAX_SCORES}: two \
+                     GEMMs per head beat tiling",
+                    s.q_len, s.kv_len
+                ),
+                Kernel::Flash => format!(
                     "{scores} scores per head > {MATH_MAX_SCORES} with a {} mask and head_dim \
                      {}: flash (row ops: {})",
                     problem.mask.name(),
                     s.head_dim,
                     isa.name()
                 ),
-            }),
-            Some(why_not) => Ok(Selection {
-                kernel: Kernel::MemEfficient,
-                reason: format!(
-                    "{scores} scores per head > {MATH_MAX_SCORES}; not flash because {why_not}"
+                Kernel::MemEfficient => format!(
+                    "{scores} scores per head > {MATH_MAX_SCORES}; not flash because {}",
+                    unsupported(Kernel::Flash, problem).unwrap_or_default()
                 ),
-            }),
-        },
+            };
+            Ok(Selection { kernel, reason })
+        }
     }
 }
