@@ -5,7 +5,7 @@
 //! without code changes; a boolean `*.mask.npy` becomes a boolean mask and a float one an
 //! additive bias.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use kiln_attention::{
     CausalAlign, Isa, Kernel, KernelChoice, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape,
@@ -34,6 +34,37 @@ fn read_npy_f32(path: &PathBuf) -> (Vec<usize>, Vec<f32>) {
         _ => npy.into_vec::<f32>().unwrap(),
     };
     (shape, data)
+}
+
+/// One fixture case's inputs, float64 reference output (as f32) and shape.
+struct Case {
+    shape: SdpaShape,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    want: Vec<f32>,
+}
+
+fn load_case(dir: &Path, name: &str) -> Case {
+    let (qs, q) = read_npy_f32(&dir.join(format!("{name}.q.npy")));
+    let (ks, k) = read_npy_f32(&dir.join(format!("{name}.k.npy")));
+    let (_, v) = read_npy_f32(&dir.join(format!("{name}.v.npy")));
+    let (_, want) = read_npy_f32(&dir.join(format!("{name}.out.npy")));
+    let shape = SdpaShape {
+        batch: qs[0],
+        q_heads: qs[1],
+        q_len: qs[2],
+        head_dim: qs[3],
+        kv_heads: ks[1],
+        kv_len: ks[2],
+    };
+    Case {
+        shape,
+        q,
+        k,
+        v,
+        want,
+    }
 }
 
 enum MaskData {
@@ -72,18 +103,13 @@ fn every_kernel_matches_torch_float64_references() {
     let (mut flash_cases, mut dense_cases) = (0, 0);
     for case in cases {
         let name = case["name"].as_str().unwrap();
-        let (qs, q) = read_npy_f32(&dir.join(format!("{name}.q.npy")));
-        let (ks, k) = read_npy_f32(&dir.join(format!("{name}.k.npy")));
-        let (_, v) = read_npy_f32(&dir.join(format!("{name}.v.npy")));
-        let (_, want) = read_npy_f32(&dir.join(format!("{name}.out.npy")));
-        let shape = SdpaShape {
-            batch: qs[0],
-            q_heads: qs[1],
-            q_len: qs[2],
-            head_dim: qs[3],
-            kv_heads: ks[1],
-            kv_len: ks[2],
-        };
+        let Case {
+            shape,
+            q,
+            k,
+            v,
+            want,
+        } = load_case(&dir, name);
         let causal = case["is_causal"].as_bool().unwrap_or(false);
         let align = match case["causal_alignment"].as_str() {
             Some("bottom_right") => CausalAlign::BottomRight,
@@ -595,18 +621,13 @@ fn selector_priorities_and_constraints() {
 fn reference_matches_torch_float64_too() {
     let dir = fixtures().join("sdpa");
     let name = "gqa_causal_d64";
-    let (qs, q) = read_npy_f32(&dir.join(format!("{name}.q.npy")));
-    let (ks, k) = read_npy_f32(&dir.join(format!("{name}.k.npy")));
-    let (_, v) = read_npy_f32(&dir.join(format!("{name}.v.npy")));
-    let (_, want) = read_npy_f32(&dir.join(format!("{name}.out.npy")));
-    let shape = SdpaShape {
-        batch: qs[0],
-        q_heads: qs[1],
-        q_len: qs[2],
-        head_dim: qs[3],
-        kv_heads: ks[1],
-        kv_len: ks[2],
-    };
+    let Case {
+        shape,
+        q,
+        k,
+        v,
+        want,
+    } = load_case(&dir, name);
     let params = SdpaParams {
         shape,
         mask: Mask::Causal(CausalAlign::TopLeft),
@@ -614,11 +635,7 @@ fn reference_matches_torch_float64_too() {
     };
     let mut out = vec![0.0f32; shape.q_elems()];
     kiln_attention::reference::sdpa(&q, &k, &v, &mut out, &params);
-    let err = out
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / (1.0 + b.abs()))
-        .fold(0.0f32, f32::max);
+    let err = max_rel_err(&out, &want);
     assert!(err <= 1e-5, "reference vs torch: {err}");
 }
 
