@@ -101,19 +101,20 @@ fn concurrent_clients_are_batched_and_get_what_they_get_alone() {
     Arc::into_inner(server).unwrap().terminate();
 }
 
+/// Two requests in progress at most, each engine call one request, no waiting to fill a batch:
+/// the settings under which overload and cancellation are observable.
+const TWO_SLOTS_ONE_REQUEST_PER_CALL: &[&str] = &[
+    "--max-concurrent-requests",
+    "2",
+    "--max-batch-requests",
+    "1",
+    "--max-queue-delay",
+    "0",
+];
+
 #[test]
 fn overload_is_refused_at_once_while_accepted_requests_all_succeed() {
-    let server = Arc::new(start(
-        &minilm_dir(),
-        &[
-            "--max-concurrent-requests",
-            "2",
-            "--max-batch-requests",
-            "1",
-            "--max-queue-delay",
-            "0",
-        ],
-    ));
+    let server = Arc::new(start(&minilm_dir(), TWO_SLOTS_ONE_REQUEST_PER_CALL));
     let n = 10;
     let barrier = Arc::new(Barrier::new(n));
     let handles: Vec<_> = (0..n)
@@ -188,17 +189,7 @@ fn send_and_keep(server: &Server, path: &str, body: &str) -> TcpStream {
 
 #[test]
 fn a_client_that_disconnects_frees_its_slot_and_its_queued_work_is_dropped() {
-    let server = Arc::new(start(
-        &minilm_dir(),
-        &[
-            "--max-concurrent-requests",
-            "2",
-            "--max-batch-requests",
-            "1",
-            "--max-queue-delay",
-            "0",
-        ],
-    ));
+    let server = Arc::new(start(&minilm_dir(), TWO_SLOTS_ONE_REQUEST_PER_CALL));
     let calls_before = server.metric("kiln_batch_total");
     // A keeps the backend busy for seconds (two engine calls of 32 x 256 tokens), long after
     // B has gone.
