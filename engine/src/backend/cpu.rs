@@ -246,42 +246,42 @@ impl Backend for CpuBackend {
             kv_len,
             head_dim,
         };
-        if let SdpaMaskArg::Varlen(lengths) = &mask {
-            if batch != 1 {
-                return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
+        let mut out = vec![0.0f32; qs.len()];
+        let padded = |mask: Mask<'_>, out: &mut [f32]| {
+            let params = SdpaParams { shape, mask, scale };
+            scaled_dot_product_attention(qs, ks, vs, out, &params, kernel)
+        };
+        let ran = match &mask {
+            SdpaMaskArg::None => padded(Mask::None, &mut out)?,
+            SdpaMaskArg::Causal => {
+                padded(Mask::Causal(kiln_attention::CausalAlign::TopLeft), &mut out)?
             }
-            let cu = cumulative(self.i64_ref(lengths, "sequence lengths")?)
-                .ok_or_else(|| self.err("sdpa: sequence lengths must be non-negative"))?;
-            let mut out = vec![0.0f32; qs.len()];
-            let params = VarlenParams {
-                q_heads,
-                kv_heads,
-                head_dim,
-                cu_seqlens_q: &cu,
-                cu_seqlens_k: &cu,
-                causal: None,
-                scale,
-            };
-            let ran = scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?;
-            return Ok((f32_tensor(q.shape.clone(), out), ran.name()));
-        }
-        let keep: Vec<bool>;
-        let mask = match &mask {
-            SdpaMaskArg::None => Mask::None,
-            SdpaMaskArg::Causal => Mask::Causal(kiln_attention::CausalAlign::TopLeft),
-            SdpaMaskArg::Varlen(_) => unreachable!("handled above"),
             SdpaMaskArg::KeyPadding(m) => {
-                keep = self
+                let keep: Vec<bool> = self
                     .i64_ref(m, "key-padding mask")?
                     .iter()
                     .map(|&x| x != 0)
                     .collect();
-                Mask::KeyPadding(&keep)
+                padded(Mask::KeyPadding(&keep), &mut out)?
+            }
+            SdpaMaskArg::Varlen(lengths) => {
+                if batch != 1 {
+                    return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
+                }
+                let cu = cumulative(self.i64_ref(lengths, "sequence lengths")?)
+                    .ok_or_else(|| self.err("sdpa: sequence lengths must be non-negative"))?;
+                let params = VarlenParams {
+                    q_heads,
+                    kv_heads,
+                    head_dim,
+                    cu_seqlens_q: &cu,
+                    cu_seqlens_k: &cu,
+                    causal: None,
+                    scale,
+                };
+                scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?
             }
         };
-        let mut out = vec![0.0f32; qs.len()];
-        let params = SdpaParams { shape, mask, scale };
-        let ran = scaled_dot_product_attention(qs, ks, vs, &mut out, &params, kernel)?;
         Ok((f32_tensor(q.shape.clone(), out), ran.name()))
     }
 
