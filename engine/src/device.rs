@@ -3,7 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::backend::{BurnBackend, CpuBackend};
+use crate::backend::{Backend, BurnBackend, CpuBackend};
+use crate::compile::{self, CompileOptions, Compiled};
 use crate::error::Result;
 use crate::exec::{ExecOptions, Plan, Runnable};
 use crate::ir::Graph;
@@ -59,4 +60,25 @@ pub fn prepare(
         DeviceKind::Cpu => Box::new(Plan::new(graph, CpuBackend::default(), options)?),
         DeviceKind::BurnFlex => Box::new(Plan::new(graph, BurnBackend::flex(), options)?),
     })
+}
+
+/// Compiles `graph` for `device` (see [`crate::compile`]).
+pub fn compile(
+    graph: Graph,
+    device: DeviceKind,
+    options: &CompileOptions,
+    exec: ExecOptions,
+) -> Result<Compiled> {
+    match device {
+        DeviceKind::Cpu => compile::compile(graph, &CpuBackend::new(1), options, exec),
+        DeviceKind::BurnFlex => compile::compile(graph, &BurnBackend::flex(), options, exec),
+    }
+}
+
+/// The facts about `device` that go into the plan-cache key.
+pub fn device_facts(device: DeviceKind) -> Vec<(String, String)> {
+    match device {
+        DeviceKind::Cpu => CpuBackend::new(1).device_facts(),
+        DeviceKind::BurnFlex => BurnBackend::flex().device_facts(),
+    }
 }

@@ -7,9 +7,11 @@
 
 use std::collections::HashMap;
 
-use kiln_attention::{KernelChoice, MaskKind, ProblemSummary, SdpaShape};
+use kiln_attention::KernelChoice;
 
 use crate::backend::{Backend, SdpaMaskArg};
+use crate::compile::MemoryPlan;
+use crate::compile::kernels::sdpa_problem;
 use crate::error::{EngineError, Result, graph_err};
 use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
 use crate::tensor::{HostData, HostTensor};
@@ -37,6 +39,7 @@ pub struct Plan<B: Backend> {
     last_use: Vec<usize>,
     inputs: Vec<InputSpec>,
     options: ExecOptions,
+    memory: MemoryPlan,
     sdpa_calls: KernelCounts,
 }
 
@@ -77,12 +80,13 @@ impl<B: Backend> Plan<B> {
         }
         let mut constants = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
-            if let Op::Constant { value, role, name } = &node.op {
-                let t = backend
-                    .upload(value, *role)
-                    .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
-                constants.insert(i, t);
-            }
+            let (name, t) = match &node.op {
+                Op::Constant { value, role, name } => (name, backend.upload(value, *role)),
+                Op::Weight { name, weight } => (name, backend.upload_stored(weight)),
+                _ => continue,
+            };
+            let t = t.map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
+            constants.insert(i, t);
         }
         let mut inputs: Vec<InputSpec> = graph
             .inputs()
@@ -105,6 +109,7 @@ impl<B: Backend> Plan<B> {
             }
         }
         Ok(Self {
+            memory: MemoryPlan::of(&graph),
             backend,
             graph,
             constants,
@@ -129,33 +134,11 @@ impl<B: Backend> Plan<B> {
     pub fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
         let mut seen = Vec::new();
         let mut plan = Vec::new();
-        for node in &self.graph.nodes {
-            let Op::Sdpa { mask, .. } = node.op else {
+        for (i, node) in self.graph.nodes.iter().enumerate() {
+            if !matches!(node.op, Op::Sdpa { .. }) {
                 continue;
-            };
-            let ty = |v: ValueId| &self.graph.nodes[v.0].ty;
-            let (q, k) = (ty(node.inputs[0]), ty(node.inputs[1]));
-            let dim = |d: Dim| match d {
-                Dim::Fixed(n) => n,
-                Dim::Batch | Dim::Sequences => 1,
-                Dim::Seq => seq,
-            };
-            let problem = ProblemSummary {
-                shape: SdpaShape {
-                    batch: 1,
-                    q_heads: dim(q.dims[1]),
-                    kv_heads: dim(k.dims[1]),
-                    q_len: dim(q.dims[2]),
-                    kv_len: dim(k.dims[2]),
-                    head_dim: dim(q.dims[3]),
-                },
-                mask: match mask {
-                    AttnMask::None | AttnMask::Varlen => MaskKind::None,
-                    AttnMask::KeyPadding => MaskKind::KeyPadding,
-                    AttnMask::Causal => MaskKind::CausalTopLeft,
-                },
-                varlen: mask == AttnMask::Varlen,
-            };
+            }
+            let problem = sdpa_problem(&self.graph, i, seq);
             if seen.contains(&problem) {
                 continue;
             }
@@ -267,8 +250,9 @@ impl<B: Backend> Plan<B> {
 
     /// Runs the graph once. Returns the graph's outputs, by name, in declaration order.
     pub fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
-        self.bind(feeds)?;
+        let bindings = self.bind(feeds)?;
         let be = &self.backend;
+        be.reserve(&self.memory.buffer_elems(&bindings));
         let mut values: Vec<Option<B::Tensor>> = vec![None; self.graph.nodes.len()];
         for (i, node) in self.graph.nodes.iter().enumerate() {
             // Take a value out on its last read (the last mention within this node), else clone.
@@ -297,7 +281,7 @@ impl<B: Backend> Plan<B> {
                         .1;
                     Some(be.upload(t, crate::ir::ConstRole::Other)?)
                 }
-                Op::Constant { .. } => None,
+                Op::Constant { .. } | Op::Weight { .. } => None,
                 Op::Embedding => Some(be.embedding(next(), next())?),
                 Op::Linear => {
                     let (x, w) = (next(), next());
@@ -324,6 +308,23 @@ impl<B: Backend> Plan<B> {
                 Op::Pool { mode } => Some(be.pool(next(), next(), *mode)?),
                 Op::L2Normalize => Some(be.l2_normalize(next())?),
                 Op::Softmax => Some(be.softmax(next())?),
+                Op::MatMul { transpose_b } => Some(be.matmul(next(), next(), *transpose_b)?),
+                Op::Scale { factor } => Some(be.scale(next(), *factor)?),
+                Op::CausalMask => Some(be.causal_mask(next())?),
+                Op::SliceLast { start, len } => Some(be.slice_last(next(), *start, *len)?),
+                Op::LinearAct { act } => {
+                    let (x, w) = (next(), next());
+                    let b = (node.inputs.len() == 3).then(&mut next);
+                    Some(be.linear_act(x, w, b, *act)?)
+                }
+                Op::AddLayerNorm { eps } => {
+                    Some(be.add_layer_norm(next(), next(), next(), next(), *eps)?)
+                }
+                Op::SliceSplitHeads {
+                    heads,
+                    start,
+                    width,
+                } => Some(be.slice_split_heads(next(), *heads, *start, *width)?),
             };
             if let Some(out) = out
                 && self.last_use[i] != 0
@@ -331,16 +332,19 @@ impl<B: Backend> Plan<B> {
                 values[i] = Some(out);
             }
         }
-        self.graph
-            .outputs
+        let outputs = &self.graph.outputs;
+        outputs
             .iter()
-            .map(|(name, v)| {
+            .enumerate()
+            .map(|(i, (name, v))| {
+                // The last mention of a value hands its buffer over (no copy); earlier ones copy.
+                let last = !outputs[i + 1..].iter().any(|(_, w)| w == v);
                 let t = match self.constants.get(&v.0) {
-                    Some(c) => c.clone(),
-                    None => values[v.0]
-                        .clone()
-                        .ok_or_else(|| graph_err(format!("output `{name}` not computed")))?,
+                    Some(c) => Some(c.clone()),
+                    None if last => values[v.0].take(),
+                    None => values[v.0].clone(),
                 };
+                let t = t.ok_or_else(|| graph_err(format!("output `{name}` not computed")))?;
                 Ok((name.clone(), be.download(t)?))
             })
             .collect()

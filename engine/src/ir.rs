@@ -10,18 +10,21 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use crate::error::{EngineError, Result, graph_err};
+use crate::storage::StoredTensor;
 use crate::tensor::HostTensor;
 
 /// Element type of a value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DType {
     F32,
     I64,
 }
 
 /// One dimension of a value's type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dim {
     /// Number of sequences in the batch; bound at run time.
     Batch,
@@ -46,7 +49,7 @@ impl fmt::Display for Dim {
 }
 
 /// The type of a value: element type and (possibly symbolic) shape.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TensorType {
     pub dtype: DType,
     pub dims: Vec<Dim>,
@@ -94,7 +97,7 @@ impl fmt::Display for TensorType {
 }
 
 /// Element-wise activation functions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Activation {
     /// Exact GELU, `x * Φ(x)` with the error function (BERT's `gelu`).
     Gelu,
@@ -106,7 +109,7 @@ pub enum Activation {
 }
 
 /// How a pooling op reduces `[batch, seq, hidden]` to `[batch, hidden]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum PoolMode {
     /// Mean over valid tokens (attention mask 1).
     Mean,
@@ -117,7 +120,7 @@ pub enum PoolMode {
 }
 
 /// Which keys an `Sdpa` node may attend to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum AttnMask {
     None,
     /// A fourth input `[batch, seq]` (I64, 1 = real token) masks padding keys.
@@ -138,7 +141,7 @@ impl AttnMask {
 }
 
 /// What a constant is used for, so a backend can store it in the layout its kernels want.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ConstRole {
     /// A `[out, in]` weight of a `Linear` (Hugging Face / PyTorch layout).
     LinearWeight,
@@ -146,7 +149,12 @@ pub enum ConstRole {
 }
 
 /// An operation. Inputs are listed in each variant's doc.
-#[derive(Debug, Clone)]
+///
+/// The first group is what model builders emit; the second is made by the compiler's passes
+/// (`crate::compile`), which never change what a graph computes. The serde form (used by the plan
+/// cache) carries a [`Op::Weight`]'s metadata only: its bytes travel beside the graph, and an
+/// uncompiled [`Op::Constant`] cannot be serialized at all (the cache stores weights first).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Op {
     /// A graph input, fed at run time.
     Input {
@@ -156,6 +164,7 @@ pub enum Op {
     /// A weight or other fixed tensor.
     Constant {
         name: String,
+        #[serde(with = "crate::storage::serde_host_constant")]
         value: Arc<HostTensor>,
         role: ConstRole,
     },
@@ -190,6 +199,49 @@ pub enum Op {
     L2Normalize,
     /// Softmax over the last dimension.
     Softmax,
+    /// Batched matrix product over equal leading dimensions: `a [.., m, k]` and `b [.., k, n]`
+    /// (or `b [.., n, k]` with `transpose_b`) → `[.., m, n]`.
+    MatMul {
+        transpose_b: bool,
+    },
+    /// Element-wise multiplication by a constant.
+    Scale {
+        factor: f32,
+    },
+    /// `scores [.., q, k]` with every entry above the (top-left) diagonal, `k > q`, set to -∞.
+    CausalMask,
+    /// The columns `[start, start + len)` of the last dimension.
+    SliceLast {
+        start: usize,
+        len: usize,
+    },
+
+    // Made by compiler passes.
+    /// `act(x·wᵀ + b)`: a `Linear` with its activation applied as the GEMM's epilogue, while each
+    /// block of output rows is still in cache. Inputs as `Linear`.
+    LinearAct {
+        act: Activation,
+    },
+    /// `LayerNorm(x + residual)` in one pass over the rows: `x`, `residual` (same type),
+    /// `gamma [h]`, `beta [h]` → like `x`.
+    AddLayerNorm {
+        eps: f32,
+    },
+    /// `SliceLast { start, len: width }` then `SplitHeads { heads }` without the intermediate:
+    /// `x [batch, seq, W]` → `[batch, heads, seq, width / heads]` (a merged Q/K/V projection read
+    /// by head).
+    SliceSplitHeads {
+        heads: usize,
+        start: usize,
+        width: usize,
+    },
+    /// A constant held as raw buffers in a backend's layout (made by weight pre-packing; what
+    /// the plan cache stores and maps back).
+    Weight {
+        name: String,
+        #[serde(with = "crate::storage::serde_stored")]
+        weight: Arc<StoredTensor>,
+    },
 }
 
 impl Op {
@@ -208,16 +260,29 @@ impl Op {
             Op::Pool { .. } => "pool",
             Op::L2Normalize => "l2_normalize",
             Op::Softmax => "softmax",
+            Op::MatMul { .. } => "matmul",
+            Op::Scale { .. } => "scale",
+            Op::CausalMask => "causal_mask",
+            Op::SliceLast { .. } => "slice_last",
+            Op::LinearAct { .. } => "linear_act",
+            Op::AddLayerNorm { .. } => "add_layer_norm",
+            Op::SliceSplitHeads { .. } => "slice_split_heads",
+            Op::Weight { .. } => "weight",
         }
+    }
+
+    /// Whether the op is a fixed value (an uncompiled constant or a stored weight).
+    pub fn is_constant(&self) -> bool {
+        matches!(self, Op::Constant { .. } | Op::Weight { .. })
     }
 }
 
 /// Index of a value (the output of exactly one node) in a [`Graph`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ValueId(pub usize);
 
 /// One node: an op, its inputs, and its single output value (whose id is the node's index).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Node {
     pub op: Op,
     pub inputs: Vec<ValueId>,
@@ -227,7 +292,7 @@ pub struct Node {
 }
 
 /// A dataflow graph in topological order. Node `i` produces value `ValueId(i)`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Graph {
     pub nodes: Vec<Node>,
     pub outputs: Vec<(String, ValueId)>,
@@ -289,6 +354,11 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             arity(0)?;
             Ok(ty.clone())
         }
+        Op::Weight { weight, .. } => {
+            arity(0)?;
+            let dims = weight.shape.iter().map(|&n| Dim::Fixed(n)).collect::<Vec<_>>();
+            Ok(TensorType::new(weight.dtype, dims))
+        }
         Op::Constant { value, .. } => {
             arity(0)?;
             let dims = value
@@ -316,35 +386,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             dims.push(table.dims[1]);
             Ok(TensorType::f32(dims))
         }
-        Op::Linear => {
-            expect(inputs.len() == 2 || inputs.len() == 3, op, || {
-                format!(
-                    "expects x, w and an optional bias, got {} inputs",
-                    inputs.len()
-                )
-            })?;
-            all_f32(&(0..inputs.len()).collect::<Vec<_>>())?;
-            let (x, w) = (inputs[0], inputs[1]);
-            let (out, inn) = match w.fixed_shape().as_deref() {
-                Some(&[o, i]) => (o, i),
-                _ => {
-                    return Err(graph_err(format!(
-                        "linear: weight must be fixed [out, in], got {w}"
-                    )));
-                }
-            };
-            expect(x.last() == Some(Dim::Fixed(inn)), op, || {
-                format!("x {x} does not end in the weight's input size {inn}")
-            })?;
-            if let Some(b) = inputs.get(2) {
-                expect(b.dims == [Dim::Fixed(out)], op, || {
-                    format!("bias {b} must be [{out}]")
-                })?;
-            }
-            let mut dims = x.dims.clone();
-            *dims.last_mut().expect("checked non-empty") = Dim::Fixed(out);
-            Ok(TensorType::f32(dims))
-        }
+        Op::Linear | Op::LinearAct { .. } => infer_linear(op, inputs),
         Op::Add => {
             arity(2)?;
             all_f32(&[0, 1])?;
@@ -353,9 +395,17 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             })?;
             Ok(inputs[0].clone())
         }
-        Op::LayerNorm { eps } => {
-            arity(3)?;
-            all_f32(&[0, 1, 2])?;
+        Op::LayerNorm { eps } | Op::AddLayerNorm { eps } => {
+            // AddLayerNorm: x, residual, gamma, beta; LayerNorm: x, gamma, beta.
+            let fused = matches!(op, Op::AddLayerNorm { .. });
+            let p = usize::from(fused);
+            arity(3 + p)?;
+            all_f32(&(0..3 + p).collect::<Vec<_>>())?;
+            if fused {
+                expect(inputs[0] == inputs[1], op, || {
+                    format!("x {} and residual {} differ", inputs[0], inputs[1])
+                })?;
+            }
             expect(*eps > 0.0 && eps.is_finite(), op, || {
                 format!("eps {eps} must be positive")
             })?;
@@ -363,12 +413,92 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             expect(h.and_then(fixed).is_some(), op, || {
                 format!("x {} must end in a fixed size", inputs[0])
             })?;
-            for i in [1, 2] {
+            for i in [1 + p, 2 + p] {
                 expect(inputs[i].dims == [h.unwrap()], op, || {
                     format!("gamma/beta {} must be [{}]", inputs[i], h.unwrap())
                 })?;
             }
             Ok(inputs[0].clone())
+        }
+        Op::Scale { factor } => {
+            expect(factor.is_finite(), op, || format!("factor {factor} must be finite"))?;
+            arity(1)?;
+            all_f32(&[0])?;
+            Ok(inputs[0].clone())
+        }
+        Op::CausalMask => {
+            arity(1)?;
+            all_f32(&[0])?;
+            expect(inputs[0].dims.len() >= 2, op, || {
+                format!("scores {} must be at least 2-D", inputs[0])
+            })?;
+            Ok(inputs[0].clone())
+        }
+        Op::MatMul { transpose_b } => {
+            arity(2)?;
+            all_f32(&[0, 1])?;
+            let (a, b) = (inputs[0], inputs[1]);
+            let r = a.dims.len();
+            expect(r >= 2 && b.dims.len() == r, op, || {
+                format!("a {a} and b {b} must have the same rank, at least 2")
+            })?;
+            expect(a.dims[..r - 2] == b.dims[..r - 2], op, || {
+                format!("a {a} and b {b} differ in their leading dimensions")
+            })?;
+            let (bk, bn) = if *transpose_b {
+                (b.dims[r - 1], b.dims[r - 2])
+            } else {
+                (b.dims[r - 2], b.dims[r - 1])
+            };
+            expect(a.dims[r - 1] == bk, op, || {
+                format!("a {a} and b {b} disagree on the inner dimension")
+            })?;
+            let mut dims = a.dims.clone();
+            dims[r - 1] = bn;
+            Ok(TensorType::f32(dims))
+        }
+        Op::SliceLast { start, len } => {
+            arity(1)?;
+            all_f32(&[0])?;
+            let x = inputs[0];
+            let width = x.last().and_then(fixed);
+            expect(
+                *len > 0 && width.is_some_and(|w| start + len <= w),
+                op,
+                || format!("columns {start}..{} do not fit in {x}", start + len),
+            )?;
+            let mut dims = x.dims.clone();
+            *dims.last_mut().expect("checked non-empty") = Dim::Fixed(*len);
+            Ok(TensorType::f32(dims))
+        }
+        Op::SliceSplitHeads {
+            heads,
+            start,
+            width,
+        } => {
+            arity(1)?;
+            all_f32(&[0])?;
+            let x = inputs[0];
+            let total = match x.dims.as_slice() {
+                [_, _, Dim::Fixed(w)] => *w,
+                _ => {
+                    return Err(graph_err(format!(
+                        "slice_split_heads: x must be [batch, seq, width], got {x}"
+                    )));
+                }
+            };
+            expect(*width > 0 && start + width <= total, op, || {
+                format!("columns {start}..{} do not fit in {x}", start + width)
+            })?;
+            expect(*heads > 0 && width % heads == 0, op, || {
+                format!("width {width} is not divisible by {heads} heads")
+            })?;
+            Ok(TensorType::f32([
+                x.dims[0],
+                Dim::Fixed(*heads),
+                x.dims[1],
+                Dim::Fixed(width / heads),
+            ]))
         }
         Op::Activation(_) | Op::L2Normalize | Op::Softmax => {
             arity(1)?;
@@ -484,6 +614,39 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
         }
     }
 }
+
+
+fn infer_linear(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
+    expect(inputs.len() == 2 || inputs.len() == 3, op, || {
+    format!(
+        "expects x, w and an optional bias, got {} inputs",
+        inputs.len()
+    )
+    })?;
+    for (i, t) in inputs.iter().enumerate() {
+    expect(t.dtype == DType::F32, op, || format!("input {i} must be F32, got {t}"))?;
+    }
+    let (x, w) = (inputs[0], inputs[1]);
+    let (out, inn) = match w.fixed_shape().as_deref() {
+    Some(&[o, i]) => (o, i),
+    _ => {
+        return Err(graph_err(format!(
+            "linear: weight must be fixed [out, in], got {w}"
+        )));
+    }
+    };
+    expect(x.last() == Some(Dim::Fixed(inn)), op, || {
+    format!("x {x} does not end in the weight's input size {inn}")
+    })?;
+    if let Some(b) = inputs.get(2) {
+    expect(b.dims == [Dim::Fixed(out)], op, || {
+        format!("bias {b} must be [{out}]")
+    })?;
+    }
+    let mut dims = x.dims.clone();
+    *dims.last_mut().expect("checked non-empty") = Dim::Fixed(out);
+    Ok(TensorType::f32(dims))
+    }
 
 impl Graph {
     /// Re-infers every node's type from its inputs and checks it matches what is recorded,

@@ -2,10 +2,25 @@
 //!
 //! Design note. Models describe *what* to compute by building a [`ir::Graph`] of typed ops with
 //! symbolic `batch` and `seq` dimensions; they never choose kernels or devices. The engine
-//! decides *how*: [`device::prepare`] turns a graph into a [`exec::Plan`] for one
-//! [`backend::Backend`], uploading weights once in the layout that backend wants, and the plan
-//! runs any batch shape without rebuilding. The compiler passes and the on-disk plan cache operate
-//! on the same IR between those two steps.
+//! decides *how*, in three steps:
+//!
+//! 1. [`compile`] rewrites the graph for one backend: fusion passes, kernel selection, weight
+//!    pre-packing, a memory plan (each pass a file in `compile/`, tested on small graphs).
+//! 2. [`cache`] stores the compiled graph and its packed weights on disk, keyed by the model
+//!    files' contents, the options, the device's facts and kiln's build; the next start maps the
+//!    entry instead of compiling.
+//! 3. [`device::prepare`] turns a graph (compiled or not) into an [`exec::Plan`] for one
+//!    [`backend::Backend`], and the plan runs any batch shape without rebuilding (dimensions stay
+//!    symbolic; kernels that care about sizes choose per call, see `docs/COMPILER.md`).
+//!
+//! The seam for quantized and bf16 weights (the quantization issue plugs in here): a weight's
+//! layout is a [`storage::WeightFormat`] chosen per linear by the `kernels` pass
+//! ([`compile::select_linear`], a pure rule over [`compile::CompileOptions::quantize`] /
+//! `math_mode` and the formats the backend lists in [`compile::CompileTarget`]); `prepack` turns
+//! the f32 weight into a [`storage::StoredTensor`] of that format — any number of named buffers of
+//! any [`storage::ElemType`] (e.g. `i8` values and `f32` scales); the backend's `upload_stored`
+//! and `linear` take the format. The plan cache stores and maps every format's buffers as
+//! aligned raw bytes, and the options are part of its key, so nothing else changes.
 //!
 //! Two backends implement the seam: kiln's own CPU kernels ([`backend::CpuBackend`]: direct
 //! `gemm` calls into owned buffers, the attention crate's kernels) and burn-tensor on a burn
@@ -18,12 +33,15 @@
 //! device-agnostic layer and the reference.
 
 pub mod backend;
+pub mod cache;
 pub mod caps;
+pub mod compile;
 pub mod device;
 pub mod error;
 pub mod exec;
 pub mod ir;
 pub mod kernels;
+pub mod storage;
 pub mod tensor;
 
 pub use caps::CpuCaps;

@@ -233,6 +233,130 @@ fn every_op_agrees_across_backends() {
     );
 }
 
+/// The ops the compiler makes (and the generic ones spelled-out graphs use), on every backend.
+#[test]
+fn compiler_ops_agree_across_backends() {
+    let feeds = feeds_x();
+    let linear = |g: &mut GraphBuilder, out: usize| {
+        let x = x_input(g);
+        let w = g
+            .constant("w", f32_tensor(&[out, H], 2), ConstRole::LinearWeight)
+            .unwrap();
+        let b = g
+            .constant("b", f32_tensor(&[out], 3), ConstRole::Other)
+            .unwrap();
+        (x, w, b)
+    };
+    for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu, Activation::Tanh] {
+        agree(
+            &format!("linear_act {act:?}"),
+            |g| {
+                let (x, w, b) = linear(g, 7);
+                g.push(Op::LinearAct { act }, &[x, w, b], "la").unwrap()
+            },
+            &feeds,
+        );
+    }
+    agree(
+        "add_layer_norm",
+        |g| {
+            let x = x_input(g);
+            let y = g.push(Op::Activation(Activation::Tanh), &[x], "t").unwrap();
+            let gamma = g.constant("g", f32_tensor(&[H], 5), ConstRole::Other).unwrap();
+            let beta = g.constant("be", f32_tensor(&[H], 6), ConstRole::Other).unwrap();
+            g.push(Op::AddLayerNorm { eps: 1e-12 }, &[x, y, gamma, beta], "aln")
+                .unwrap()
+        },
+        &feeds,
+    );
+    agree(
+        "slice_last and slice_split_heads",
+        |g| {
+            let (x, w, b) = linear(g, 3 * H);
+            let qkv = g.push(Op::Linear, &[x, w, b], "qkv").unwrap();
+            let k = g
+                .push(Op::SliceSplitHeads { heads: 3, start: H, width: H }, &[qkv], "k")
+                .unwrap();
+            let k = g.push(Op::MergeHeads, &[k], "merge").unwrap();
+            let v = g.push(Op::SliceLast { start: 2 * H, len: H }, &[qkv], "v").unwrap();
+            g.push(Op::Add, &[k, v], "sum").unwrap()
+        },
+        &feeds,
+    );
+    for (causal, factor) in [(true, 0.5), (false, -2.0)] {
+        agree(
+            &format!("matmul, scale {factor}, causal_mask {causal}, softmax, matmul"),
+            |g| {
+                let x = x_input(g);
+                let q = g.push(Op::SplitHeads { heads: 3 }, &[x], "q").unwrap();
+                let s = g
+                    .push(Op::MatMul { transpose_b: true }, &[q, q], "qk")
+                    .unwrap();
+                let mut s = g.push(Op::Scale { factor }, &[s], "scale").unwrap();
+                if causal {
+                    s = g.push(Op::CausalMask, &[s], "mask").unwrap();
+                }
+                let p = g.push(Op::Softmax, &[s], "p").unwrap();
+                g.push(Op::MatMul { transpose_b: false }, &[p, q], "pv")
+                    .unwrap()
+            },
+            &feeds,
+        );
+    }
+}
+
+#[test]
+fn compiled_graphs_agree_across_backends_with_every_pass_on_or_off() {
+    use kiln_engine::compile::CompileOptions;
+    use kiln_engine::device::compile;
+    let build = || {
+        let mut g = GraphBuilder::new();
+        let x = x_input(&mut g);
+        let mut proj = Vec::new();
+        for (i, name) in ["q", "k", "v"].iter().enumerate() {
+            let w = g
+                .constant(name, f32_tensor(&[H, H], 20 + i as u64), ConstRole::LinearWeight)
+                .unwrap();
+            let b = g
+                .constant(&format!("{name}.b"), f32_tensor(&[H], 30 + i as u64), ConstRole::Other)
+                .unwrap();
+            let p = g.push(Op::Linear, &[x, w, b], *name).unwrap();
+            proj.push(g.push(Op::SplitHeads { heads: 3 }, &[p], "split").unwrap());
+        }
+        let m = g.input("mask", DType::I64, &bs()).unwrap();
+        proj.push(m);
+        let a = g
+            .push(Op::Sdpa { mask: AttnMask::KeyPadding, scale: None }, &proj, "sdpa")
+            .unwrap();
+        let a = g.push(Op::MergeHeads, &[a], "merge").unwrap();
+        let w = g.constant("up", f32_tensor(&[2 * H, H], 40), ConstRole::LinearWeight).unwrap();
+        let u = g.push(Op::Linear, &[a, w], "up").unwrap();
+        let u = g.push(Op::Activation(Activation::Gelu), &[u], "gelu").unwrap();
+        let w = g.constant("down", f32_tensor(&[H, 2 * H], 41), ConstRole::LinearWeight).unwrap();
+        let d = g.push(Op::Linear, &[u, w], "down").unwrap();
+        let r = g.push(Op::Add, &[d, x], "res").unwrap();
+        let gamma = g.constant("g", f32_tensor(&[H], 42), ConstRole::Other).unwrap();
+        let beta = g.constant("be", f32_tensor(&[H], 43), ConstRole::Other).unwrap();
+        let out = g.push(Op::LayerNorm { eps: 1e-12 }, &[r, gamma, beta], "ln").unwrap();
+        g.finish(vec![("out".into(), out)]).unwrap()
+    };
+    let feeds = feeds_x();
+    let mut results = Vec::new();
+    for device in DeviceKind::ALL {
+        for options in [CompileOptions::default(), CompileOptions::none(), CompileOptions::no_fuse()] {
+            let c = compile(build(), device, &options, ExecOptions::default()).unwrap();
+            let plan = prepare(c.graph, device, ExecOptions::default()).unwrap();
+            let out = plan.run(&feeds).unwrap().remove(0).1.into_f32().unwrap();
+            results.push((format!("{device} {}", options.describe()), out));
+        }
+    }
+    let (l0, r0) = &results[0];
+    for (l, r) in &results[1..] {
+        let err = r.iter().zip(r0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(err <= 1e-5, "{l} vs {l0}: {err}");
+    }
+}
+
 #[test]
 fn forcing_the_math_kernel_gives_the_same_answer() {
     let build = |g: &mut GraphBuilder| {
@@ -590,5 +714,55 @@ fn attention_plan_logs_refuses_and_counts() {
         forced.run(&[("x".into(), x.clone())]).unwrap();
         forced.run(&[("x".into(), x)]).unwrap();
         assert_eq!(forced.sdpa_kernel_counts(), vec![("flash", 2)], "{device}");
+    }
+}
+
+#[test]
+fn after_one_run_at_a_shape_the_cpu_arena_allocates_no_intermediate_buffer() {
+    use kiln_engine::Plan;
+    use kiln_engine::backend::CpuBackend;
+    use kiln_engine::compile::{CompileOptions, compile};
+    let h = 64;
+    let mut g = GraphBuilder::new();
+    let x = g
+        .input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(h)])
+        .unwrap();
+    let mut v = x;
+    for layer in 0..3 {
+        let w = g
+            .constant(&format!("up{layer}"), f32_tensor(&[4 * h, h], 50 + layer), ConstRole::LinearWeight)
+            .unwrap();
+        let u = g.push(Op::Linear, &[v, w], "up").unwrap();
+        let u = g.push(Op::Activation(Activation::Gelu), &[u], "gelu").unwrap();
+        let w = g
+            .constant(&format!("down{layer}"), f32_tensor(&[h, 4 * h], 60 + layer), ConstRole::LinearWeight)
+            .unwrap();
+        let d = g.push(Op::Linear, &[u, w], "down").unwrap();
+        let s = g.push(Op::Add, &[d, v], "res").unwrap();
+        let gamma = g.constant(&format!("g{layer}"), f32_tensor(&[h], 70), ConstRole::Other).unwrap();
+        let beta = g.constant(&format!("b{layer}"), f32_tensor(&[h], 71), ConstRole::Other).unwrap();
+        v = g.push(Op::LayerNorm { eps: 1e-12 }, &[s, gamma, beta], "ln").unwrap();
+    }
+    let graph = g.finish(vec![("out".into(), v)]).unwrap();
+    for options in [CompileOptions::default(), CompileOptions::none()] {
+        let backend = CpuBackend::new(2);
+        let c = compile(graph.clone(), &backend, &options, ExecOptions::default()).unwrap();
+        let plan = Plan::new(c.graph, backend.clone(), ExecOptions::default()).unwrap();
+        let feed = |b: usize, s: usize| vec![("x".to_string(), f32_tensor(&[b, s, h], 9))];
+        plan.run(&feed(4, 32)).unwrap();
+        let after_first = backend.arena().allocations();
+        assert!(after_first > 0);
+        for _ in 0..3 {
+            plan.run(&feed(4, 32)).unwrap();
+        }
+        plan.run(&feed(2, 9)).unwrap();
+        // Each run hands its one output buffer to the caller and so allocates that one again;
+        // every intermediate comes from the arena.
+        assert_eq!(
+            backend.arena().allocations() - after_first,
+            4,
+            "{}: steady-state runs allocated intermediate buffers",
+            options.describe()
+        );
     }
 }

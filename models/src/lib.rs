@@ -14,6 +14,7 @@
 pub mod bert;
 pub mod config;
 mod error;
+pub mod plan;
 pub mod st;
 pub mod text;
 pub mod weights;
@@ -21,6 +22,7 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_engine::compile::CompileOptions;
 use kiln_engine::ir::PoolMode;
 use kiln_engine::{DeviceKind, ExecOptions, HostTensor, Runnable};
 
@@ -30,6 +32,7 @@ pub use text::{Encoded, TextInput, TextTokenizer};
 
 pub use bert::BatchLayout;
 use bert::{Head, names};
+pub use plan::{CacheOutcome, PlanInfo};
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -43,6 +46,11 @@ pub struct LoadOptions {
     pub max_seq_length: Option<usize>,
     /// Packed (padding-free, the default) or padded batches.
     pub layout: BatchLayout,
+    /// Which compiler passes run (all by default).
+    pub compile: CompileOptions,
+    /// The plan-cache folder; `None` compiles at every load. (The CLI and server resolve it from
+    /// `--cache-dir`, `$KILN_CACHE_DIR` or the config file, else the per-user cache folder.)
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +61,8 @@ impl Default for LoadOptions {
             max_batch_sequences: 32,
             max_seq_length: None,
             layout: BatchLayout::default(),
+            compile: CompileOptions::default(),
+            cache_dir: None,
         }
     }
 }
@@ -77,6 +87,10 @@ pub struct ModelInfo {
     pub max_input_tokens: usize,
     pub device: String,
     pub load_time: Duration,
+    /// Time spent parsing `tokenizer.json` (part of every load, cached plan or not).
+    pub tokenizer_time: Duration,
+    /// How the compiled plan was obtained (compiled or read from the plan cache).
+    pub plan: PlanInfo,
 }
 
 /// Per-request embedding options.
@@ -148,10 +162,7 @@ impl EncoderModel {
         }
         let config_path = require(dir, "config.json")?;
         let cfg = BertConfig::load(&config_path)?;
-        let weights = weights::SafetensorsFile::open(
-            &require(dir, "model.safetensors")?,
-            "embeddings.word_embeddings.weight",
-        )?;
+        let weights_path = require(dir, "model.safetensors")?;
         let arch = cfg
             .architecture()
             .map_err(|m| ModelError::Unsupported(format!("{}: {m}", config_path.display())))?;
@@ -199,9 +210,26 @@ impl EncoderModel {
                 "max_seq_length {max_len} leaves no room for text"
             )));
         }
+        let tokenizing = Instant::now();
         let tokenizer = TextTokenizer::load(&require(dir, "tokenizer.json")?, max_len)?;
-        let graph = bert::build(&cfg, &weights, head, opts.layout)?;
-        let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
+        let tokenizer_time = tokenizing.elapsed();
+        // What shapes the graph besides the files: the head and the batch layout.
+        let inputs = plan::PlanInputs {
+            dir,
+            files: plan::plan_files(dir, &pipeline.files),
+            options: [
+                ("head".to_string(), format!("{head:?}")),
+                ("layout".to_string(), format!("{:?}", opts.layout)),
+            ]
+            .into(),
+            load: opts,
+        };
+        let (plan, plan_info) = plan::load_plan(inputs, || {
+            // Only on a cache miss: the weights are read, decoded and built into a graph.
+            let weights =
+                weights::SafetensorsFile::open(&weights_path, "embeddings.word_embeddings.weight")?;
+            bert::build(&cfg, &weights, head, opts.layout)
+        })?;
         // Ask the engine which attention kernel runs at a short and at the longest length, log
         // it with the reason, and refuse a forced kernel that cannot run this model.
         for seq in [16.min(max_len), max_len] {
@@ -228,6 +256,8 @@ impl EncoderModel {
             max_input_tokens: max_len,
             device: plan.backend_name(),
             load_time: started.elapsed(),
+            tokenizer_time,
+            plan: plan_info,
         };
         tracing::info!(
             model = %info.id,
@@ -235,9 +265,15 @@ impl EncoderModel {
             device = %info.device,
             max_input_tokens = info.max_input_tokens,
             sentence_transformers = pipeline.declared,
+            plan_cache = info.plan.cache.as_str(),
+            compile_ms = info.plan.compile_time.as_secs_f64() * 1e3,
+            cache_load_ms = info.plan.cache_load_time.as_secs_f64() * 1e3,
             load_ms = info.load_time.as_millis() as u64,
             "model loaded"
         );
+        if let CacheOutcome::Rebuilt(why) | CacheOutcome::Unavailable(why) = &info.plan.cache {
+            tracing::warn!(reason = %why, "plan cache: {}", info.plan.cache.as_str());
+        }
         Ok(Self {
             info,
             tokenizer,
@@ -282,6 +318,17 @@ impl EncoderModel {
     /// Either way the outputs have the padded shapes (`last_hidden_state` is `[batch, seq,
     /// hidden]` with `seq` the longest sequence; in the packed layout its padding rows are zero).
     pub fn run_batch(&self, batch: &[Encoded]) -> Result<Vec<(String, HostTensor)>> {
+        self.run(batch, true)
+    }
+
+    /// [`Self::run_batch`] for callers that read only the `[batch, width]` outputs (embeddings,
+    /// logits): a packed batch's `last_hidden_state` stays packed `[1, tokens, hidden]` instead
+    /// of being copied into the padded layout.
+    pub fn run_batch_rows(&self, batch: &[Encoded]) -> Result<Vec<(String, HostTensor)>> {
+        self.run(batch, false)
+    }
+
+    fn run(&self, batch: &[Encoded], pad_hidden: bool) -> Result<Vec<(String, HostTensor)>> {
         if batch.is_empty() || batch.iter().any(|e| e.is_empty()) {
             return Err(ModelError::Input(
                 "a batch needs at least one non-empty sequence".into(),
@@ -307,7 +354,7 @@ impl EncoderModel {
         }
         match self.layout {
             BatchLayout::Padded => self.run_padded(batch, seq),
-            BatchLayout::Packed => self.run_packed(batch, seq),
+            BatchLayout::Packed => self.run_packed(batch, seq, pad_hidden),
         }
     }
 
@@ -336,7 +383,12 @@ impl EncoderModel {
         Ok(self.plan.run(&feeds)?)
     }
 
-    fn run_packed(&self, batch: &[Encoded], seq: usize) -> Result<Vec<(String, HostTensor)>> {
+    fn run_packed(
+        &self,
+        batch: &[Encoded],
+        seq: usize,
+        pad_hidden: bool,
+    ) -> Result<Vec<(String, HostTensor)>> {
         let total: usize = batch.iter().map(Encoded::len).sum();
         let mut ids = Vec::with_capacity(total);
         let mut types = Vec::with_capacity(total);
@@ -358,6 +410,9 @@ impl EncoderModel {
             ),
         ];
         let mut outputs = self.plan.run(&feeds)?;
+        if !pad_hidden {
+            return Ok(outputs);
+        }
         // Give last_hidden_state its padded shape so callers see one layout.
         if let Some((_, hidden)) = outputs
             .iter_mut()
@@ -394,7 +449,7 @@ impl EncoderModel {
         let mut rows: [Vec<Vec<f32>>; N] = std::array::from_fn(|_| vec![Vec::new(); encoded.len()]);
         for chunk in order.chunks(self.max_batch) {
             let batch: Vec<Encoded> = chunk.iter().map(|&i| encoded[i].clone()).collect();
-            let mut outputs = self.run_batch(&batch)?;
+            let mut outputs = self.run(&batch, false)?;
             for (name, rows) in wanted.iter().zip(rows.iter_mut()) {
                 let pos = outputs.iter().position(|(n, _)| n == name).ok_or_else(|| {
                     ModelError::Unsupported(format!("this model has no `{name}` output"))

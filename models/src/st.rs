@@ -9,7 +9,7 @@ use serde::Deserialize;
 use crate::error::{ModelError, Result, read_json};
 
 /// How token states become one embedding, as the folder describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pipeline {
     pub pooling: PoolMode,
     pub normalize: bool,
@@ -17,6 +17,8 @@ pub struct Pipeline {
     pub max_seq_length: Option<usize>,
     /// Whether the folder has `modules.json` at all (otherwise defaults were used).
     pub declared: bool,
+    /// The files read to describe the pipeline (they shape the compiled plan).
+    pub files: Vec<std::path::PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -59,9 +61,11 @@ impl Pipeline {
     /// pooled by masked mean and not normalised (what TEI and sentence-transformers do for a bare
     /// Hugging Face encoder).
     pub fn load(dir: &Path) -> Result<Self> {
+        let mut files = Vec::new();
         let max_seq_length = {
             let p = dir.join("sentence_bert_config.json");
             if p.exists() {
+                files.push(p.clone());
                 let c: SentenceBertConfig = read_json(&p)?;
                 if c.max_seq_length == Some(0) {
                     return Err(ModelError::file(&p, "max_seq_length must be positive"));
@@ -78,15 +82,21 @@ impl Pipeline {
                 normalize: false,
                 max_seq_length,
                 declared: false,
+                files,
             });
         }
         let modules: Vec<ModuleEntry> = read_json(&modules_path)?;
+        files.push(modules_path.clone());
         let mut pooling = None;
         let mut normalize = false;
         for (i, m) in modules.iter().enumerate() {
             match m.kind.as_str() {
                 TRANSFORMER if i == 0 => {}
-                POOLING => pooling = Some(read_pooling(&dir.join(&m.path).join("config.json"))?),
+                POOLING => {
+                    let p = dir.join(&m.path).join("config.json");
+                    pooling = Some(read_pooling(&p)?);
+                    files.push(p);
+                }
                 NORMALIZE => normalize = true,
                 other => {
                     return Err(ModelError::Unsupported(format!(
@@ -103,6 +113,7 @@ impl Pipeline {
             normalize,
             max_seq_length,
             declared: true,
+            files,
         })
     }
 }

@@ -99,8 +99,20 @@ impl AppState {
             max_batch_sequences: c.max_batch_sequences,
             max_seq_length: c.max_input_tokens,
             layout: c.batch_layout,
+            compile: c.compile.clone(),
+            cache_dir: c.cache_dir.clone(),
         };
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
+        let plan = &model.info().plan;
+        let m = self.metrics();
+        m.plan_compile_seconds.set(plan.compile_time.as_secs_f64());
+        m.plan_cache_load_seconds
+            .set(plan.cache_load_time.as_secs_f64());
+        match plan.cache {
+            kiln_models::CacheOutcome::Hit => m.plan_cache_hits.inc(),
+            kiln_models::CacheOutcome::Disabled => {}
+            _ => m.plan_cache_misses.inc(),
+        }
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
         info.id = c.model_id.clone();

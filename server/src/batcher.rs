@@ -320,7 +320,7 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
         let counts_before = model.sdpa_kernel_counts();
         let call_started = Instant::now();
         let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run_batch(&encoded)));
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run_batch_rows(&encoded)));
         metrics
             .inference_duration
             .observe(call_started.elapsed().as_secs_f64());

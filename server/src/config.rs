@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use kiln_engine::compile::CompileOptions;
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::BatchLayout;
 use serde::Deserialize;
@@ -41,6 +42,14 @@ pub struct RawServeConfig {
     pub payload_limit: Option<usize>,
     pub api_keys: Option<Vec<String>>,
     pub api_keys_file: Option<PathBuf>,
+    /// The plan-cache folder (default: `$KILN_CACHE_DIR`, else the per-user cache folder).
+    pub cache_dir: Option<PathBuf>,
+    /// `false` compiles at every start and never touches the cache.
+    pub plan_cache: Option<bool>,
+    /// `true` turns the fusion passes off.
+    pub no_fuse: Option<bool>,
+    /// Compiler passes to turn off, comma-separated (e.g. `"qkv,bias-act"`).
+    pub disable_passes: Option<String>,
 }
 
 impl RawServeConfig {
@@ -77,6 +86,10 @@ impl RawServeConfig {
             payload_limit: self.payload_limit.or(fallback.payload_limit),
             api_keys: self.api_keys.or(fallback.api_keys),
             api_keys_file: self.api_keys_file.or(fallback.api_keys_file),
+            cache_dir: self.cache_dir.or(fallback.cache_dir),
+            plan_cache: self.plan_cache.or(fallback.plan_cache),
+            no_fuse: self.no_fuse.or(fallback.no_fuse),
+            disable_passes: self.disable_passes.or(fallback.disable_passes),
         }
     }
 
@@ -130,6 +143,19 @@ impl RawServeConfig {
         }
         config.api_keys = self.api_keys.unwrap_or_default();
         config.api_keys_file = self.api_keys_file;
+        if self.no_fuse == Some(true) {
+            config.compile = CompileOptions::no_fuse();
+        }
+        if let Some(list) = &self.disable_passes {
+            config
+                .compile
+                .disable(list)
+                .map_err(|e| format!("--disable-pass: {e}"))?;
+        }
+        config.cache_dir = match self.plan_cache {
+            Some(false) => None,
+            _ => self.cache_dir.or_else(kiln_engine::cache::default_dir),
+        };
         config.validate()
     }
 }
@@ -173,6 +199,10 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// A file with one key per line, re-read when it changes.
     pub api_keys_file: Option<PathBuf>,
+    /// Which compiler passes run.
+    pub compile: CompileOptions,
+    /// The plan-cache folder; `None`: compile at every start.
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -243,6 +273,8 @@ impl ServeConfig {
             payload_limit: 2 * 1024 * 1024,
             api_keys: Vec::new(),
             api_keys_file: None,
+            compile: CompileOptions::default(),
+            cache_dir: None,
         }
     }
 }
@@ -316,6 +348,32 @@ mod tests {
             .unwrap();
         assert_eq!(c.model_id, "all-MiniLM-L6-v2");
         assert_eq!(c.max_queue_delay, Duration::from_millis(2));
+    }
+
+    #[test]
+    fn plan_cache_and_pass_settings_resolve() {
+        let file: RawServeConfig = toml::from_str(
+            "model = \"m\"\ncache_dir = \"/tmp/kiln-plans\"\ndisable_passes = \"qkv\"\n",
+        )
+        .unwrap();
+        let c = file.clone().resolve().unwrap();
+        assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/tmp/kiln-plans")));
+        assert!(!c.compile.enabled(kiln_engine::compile::PassId::QkvMerge));
+        assert!(c.compile.enabled(kiln_engine::compile::PassId::BiasAct));
+        let flags = RawServeConfig {
+            plan_cache: Some(false),
+            no_fuse: Some(true),
+            ..Default::default()
+        };
+        let c = flags.or(file).resolve().unwrap();
+        assert_eq!(c.cache_dir, None, "plan_cache = false turns the cache off");
+        assert!(!c.compile.enabled(kiln_engine::compile::PassId::BiasAct));
+        let bad = RawServeConfig {
+            model: Some("m".into()),
+            disable_passes: Some("qkv,nope".into()),
+            ..Default::default()
+        };
+        assert!(bad.resolve().unwrap_err().contains("unknown pass `nope`"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
+use kiln_engine::compile::CompileOptions;
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
 use kiln_server::{AppState, RawServeConfig, ServeConfig, app};
@@ -33,6 +34,86 @@ enum Command {
     Embed(EmbedArgs),
     /// Measure forward throughput (tokens/s) at given batch×sequence shapes.
     Bench(BenchArgs),
+    /// Compile a model ahead of time into the plan cache, and say what the compiler did.
+    Compile(CompileArgs),
+    /// Measure load time: cold (empty plan cache) against warm (plan in the cache).
+    BenchLoad(BenchLoadArgs),
+    /// List or clear the plan cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        #[command(flatten)]
+        dir: CacheDirArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// One line per compiled plan: key, size, age, model, options.
+    Ls,
+    /// Remove every compiled plan (running servers keep the plans they have loaded).
+    Clear,
+}
+
+#[derive(Args)]
+struct CacheDirArgs {
+    /// Plan-cache folder [default: $KILN_CACHE_DIR, else the per-user cache folder].
+    #[arg(long, env = "KILN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl CacheDirArgs {
+    fn resolve(&self) -> Result<PathBuf> {
+        self.cache_dir
+            .clone()
+            .or_else(kiln_engine::cache::default_dir)
+            .ok_or_else(|| anyhow!("no cache folder: set --cache-dir or KILN_CACHE_DIR"))
+    }
+}
+
+/// Compiler switches shared by every command that loads a model.
+#[derive(Args)]
+struct PassArgs {
+    /// Turn the fusion passes off (sdpa, qkv, bias-act, add-norm), to measure what they do.
+    #[arg(long, env = "KILN_NO_FUSE")]
+    no_fuse: bool,
+    /// Compiler passes to turn off, comma-separated: dce, fold, sdpa, qkv, bias-act, add-norm,
+    /// kernels, prepack (or `all`, `fuse`).
+    #[arg(long, env = "KILN_DISABLE_PASS", value_name = "PASSES")]
+    disable_pass: Option<String>,
+}
+
+impl PassArgs {
+    fn options(&self) -> Result<CompileOptions> {
+        let mut o = if self.no_fuse {
+            CompileOptions::no_fuse()
+        } else {
+            CompileOptions::default()
+        };
+        if let Some(list) = &self.disable_pass {
+            o.disable(list).map_err(|e| anyhow!("--disable-pass: {e}"))?;
+        }
+        Ok(o)
+    }
+}
+
+#[derive(Args)]
+struct BenchLoadArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Cold and warm loads to time (medians are printed).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+}
+
+#[derive(Args)]
+struct CompileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print what each pass did: ops before and after, fused groups, chosen kernels with
+    /// reasons, memory plan size.
+    #[arg(long)]
+    explain: bool,
 }
 
 #[derive(Args)]
@@ -56,6 +137,13 @@ struct ModelArgs {
     /// Most sequences per engine call; larger requests are split into length-sorted batches.
     #[arg(long, env = "KILN_MAX_BATCH_SEQUENCES", default_value_t = 32)]
     max_batch_sequences: usize,
+    #[command(flatten)]
+    passes: PassArgs,
+    #[command(flatten)]
+    cache: CacheDirArgs,
+    /// Compile at every load; never read or write the plan cache.
+    #[arg(long, env = "KILN_NO_PLAN_CACHE")]
+    no_plan_cache: bool,
 }
 
 /// `kiln serve` flags. Every one is optional here: unset flags fall back to the `KILN_*`
@@ -137,6 +225,18 @@ struct ServeArgs {
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Plan-cache folder [default: $KILN_CACHE_DIR, else the per-user cache folder].
+    #[arg(long, env = "KILN_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Compile at every start; never read or write the plan cache.
+    #[arg(long, env = "KILN_NO_PLAN_CACHE")]
+    no_plan_cache: bool,
+    /// Turn the compiler's fusion passes off (sdpa, qkv, bias-act, add-norm).
+    #[arg(long, env = "KILN_NO_FUSE")]
+    no_fuse: bool,
+    /// Compiler passes to turn off, comma-separated (see `kiln compile --help`).
+    #[arg(long, env = "KILN_DISABLE_PASS", value_name = "PASSES")]
+    disable_pass: Option<String>,
 }
 
 #[derive(Args)]
@@ -166,8 +266,8 @@ struct BenchArgs {
 }
 
 impl ModelArgs {
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    fn load_options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             device: self.device,
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: self.sdpa_kernel,
@@ -175,11 +275,17 @@ impl ModelArgs {
             max_batch_sequences: self.max_batch_sequences,
             max_seq_length: self.max_seq_length,
             layout: self.batch_layout,
-        }
+            compile: self.passes.options()?,
+            cache_dir: if self.no_plan_cache {
+                None
+            } else {
+                self.cache.cache_dir.clone().or_else(kiln_engine::cache::default_dir)
+            },
+        })
     }
 
     fn load(&self) -> Result<EncoderModel> {
-        EncoderModel::load(&self.model, &self.load_options()).map_err(|e| anyhow!("{e}"))
+        EncoderModel::load(&self.model, &self.load_options()?).map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -214,6 +320,10 @@ impl ServeArgs {
             payload_limit: self.payload_limit,
             api_keys: (!self.api_keys.is_empty()).then_some(self.api_keys),
             api_keys_file: self.api_keys_file,
+            cache_dir: self.cache_dir,
+            plan_cache: self.no_plan_cache.then_some(false),
+            no_fuse: self.no_fuse.then_some(true),
+            disable_passes: self.disable_pass,
         };
         let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
         let addr: SocketAddr = format!("{}:{}", config.host, config.port)
@@ -243,6 +353,171 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
+        Command::Compile(args) => compile(args),
+        Command::BenchLoad(args) => bench_load(args),
+        Command::Cache { action, dir } => cache(action, &dir),
+    }
+}
+
+fn compile(args: CompileArgs) -> Result<()> {
+    let model = args.model.load()?;
+    let info = model.info();
+    let plan = &info.plan;
+    let cache = match (&plan.cache, &plan.key) {
+        (kiln_models::CacheOutcome::Hit, Some(key)) => {
+            format!("already in the plan cache ({key}), read in {:.1} ms", ms(plan.cache_load_time))
+        }
+        (kiln_models::CacheOutcome::Disabled, _) => "not stored (plan cache off)".into(),
+        (outcome, key) => format!(
+            "compiled in {:.1} ms; plan cache: {} {}",
+            ms(plan.compile_time),
+            outcome.as_str(),
+            key.as_deref().unwrap_or("")
+        ),
+    };
+    println!(
+        "{} on {}: {cache}; loaded in {:.1} ms",
+        info.id,
+        info.device,
+        ms(info.load_time)
+    );
+    if let kiln_models::CacheOutcome::Rebuilt(why) | kiln_models::CacheOutcome::Unavailable(why) =
+        &plan.cache
+    {
+        println!("  ({why})");
+    }
+    if args.explain {
+        println!("\n{}", plan.report.explain());
+    }
+    Ok(())
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Loads the model `runs` times each way in this process, into a fresh plan-cache folder of its
+/// own: without a cache, cold (the folder emptied first: build, compile, store) and warm (plan
+/// read from the cache), each followed by one forward pass (a warm plan's weights are mapped
+/// lazily, so the first pass pays for reading them). Prints medians, with where the time went.
+fn bench_load(args: BenchLoadArgs) -> Result<()> {
+    let cache = std::env::temp_dir().join(format!("kiln-bench-load-{}", std::process::id()));
+    let mut opts = args.model.load_options()?;
+    let probe = [Encoded {
+        ids: vec![101; 16],
+        type_ids: vec![0; 16],
+        untruncated_len: 16,
+    }];
+    let mut rows: Vec<(&str, Vec<[f64; 10]>)> = vec![("no cache", vec![]), ("cold", vec![]), ("warm", vec![])];
+    for run in 0..args.runs.max(1) {
+        for (mode, samples) in rows.iter_mut() {
+            opts.cache_dir = match *mode {
+                "no cache" => None,
+                _ => Some(cache.clone()),
+            };
+            if *mode == "cold" {
+                let _ = std::fs::remove_dir_all(&cache);
+            }
+            let started = Instant::now();
+            let model = EncoderModel::load(&args.model.model, &opts).map_err(|e| anyhow!("{e}"))?;
+            let loaded = started.elapsed();
+            let forward = Instant::now();
+            model.run_batch(&probe).map_err(|e| anyhow!("{e}"))?;
+            let forward = forward.elapsed();
+            let i = model.info();
+            let p = &i.plan;
+            let expected = match *mode {
+                "no cache" => "disabled",
+                "cold" => "miss",
+                _ => "hit",
+            };
+            if p.cache.as_str() != expected {
+                return Err(anyhow!("run {run}, {mode}: plan cache said {}", p.cache.as_str()));
+            }
+            samples.push([
+                ms(loaded),
+                ms(loaded + forward),
+                ms(i.tokenizer_time),
+                ms(p.hash_time),
+                ms(p.build_time),
+                ms(p.compile_time),
+                ms(p.store_time),
+                ms(p.cache_load_time),
+                ms(p.prepare_time),
+                ms(forward),
+            ]);
+        }
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+    let median = |samples: &[[f64; 10]], k: usize| {
+        let mut v: Vec<f64> = samples.iter().map(|s| s[k]).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "model {} on {} ({}), {} runs each, medians in ms",
+        args.model.model.display(),
+        args.model.device,
+        kiln_engine::CpuCaps::detect(),
+        args.runs.max(1)
+    );
+    println!(
+        "| load | load | load + 1st forward | tokenizer | key (stat/hash) | read weights + build graph | compile | store entry | read + verify entry | prepare | 1st forward 1×16 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    for (mode, samples) in &rows {
+        let cells: Vec<String> = (0..10).map(|k| format!("{:.1}", median(samples, k))).collect();
+        println!("| {mode} | {} |", cells.join(" | "));
+    }
+    Ok(())
+}
+
+fn cache(action: CacheAction, dir: &CacheDirArgs) -> Result<()> {
+    let dir = dir.resolve()?;
+    let cache = kiln_engine::cache::PlanCache::open(&dir).map_err(|e| anyhow!("{e}"))?;
+    match action {
+        CacheAction::Ls => {
+            let entries = cache.list().map_err(|e| anyhow!("{e}"))?;
+            println!("plan cache {} ({} entries)", dir.display(), entries.len());
+            let now = kiln_engine::cache::entry::now_unix();
+            for e in entries {
+                let mib = e.bytes as f64 / (1024.0 * 1024.0);
+                match e.summary {
+                    Ok(s) => {
+                        let opts = &s.material.options;
+                        let get = |k: &str| opts.get(k).map_or("?", String::as_str);
+                        println!(
+                            "{}  {mib:>8.1} MiB  {:>6} ago  {}  [{} {} {}; kiln {}]",
+                            s.key,
+                            age(now.saturating_sub(s.created_unix)),
+                            s.model,
+                            get("device"),
+                            get("layout"),
+                            get("passes"),
+                            s.material.kiln_version
+                        );
+                    }
+                    Err(why) => println!(
+                        "{}  {mib:>8.1} MiB  unreadable: {why}",
+                        e.path.display()
+                    ),
+                }
+            }
+        }
+        CacheAction::Clear => {
+            let n = cache.clear().map_err(|e| anyhow!("{e}"))?;
+            println!("removed {n} compiled plans from {}", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
     }
 }
 
@@ -359,11 +634,13 @@ fn bench(args: BenchArgs) -> Result<()> {
         .remove(0);
     let cpu = kiln_engine::CpuCaps::detect();
     println!(
-        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}",
+        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}, {} (plan: {})",
         model.info().id,
         model.info().device,
         args.model.batch_layout,
-        args.model.sdpa_kernel
+        args.model.sdpa_kernel,
+        model.info().plan.report.options.describe(),
+        model.info().plan.cache.as_str(),
     );
     println!("| batch×seq | median ms | min ms | tokens/s | runs |");
     println!("|---|---|---|---|---|");

@@ -51,6 +51,10 @@ pub struct Inner {
     pub batch_tokens: prometheus::Histogram,
     pub queue_size: IntGauge,
     pub model_load_seconds: Gauge,
+    pub plan_compile_seconds: Gauge,
+    pub plan_cache_load_seconds: Gauge,
+    pub plan_cache_hits: IntCounter,
+    pub plan_cache_misses: IntCounter,
     pub sdpa_calls: IntCounterVec,
     pub inferences: IntCounter,
     /// Totals for the KServe statistics extension (not exported to Prometheus, which has the
@@ -138,6 +142,26 @@ impl Metrics {
                 "Time taken to load the model and warm it up.",
             )
             .expect("valid gauge"),
+            plan_compile_seconds: Gauge::new(
+                "kiln_plan_compile_duration_seconds",
+                "Time the graph compiler took at load (0 when the plan came from the plan cache).",
+            )
+            .expect("valid gauge"),
+            plan_cache_load_seconds: Gauge::new(
+                "kiln_plan_cache_load_duration_seconds",
+                "Time taken to read and verify the compiled plan from the plan cache (0 on a miss).",
+            )
+            .expect("valid gauge"),
+            plan_cache_hits: IntCounter::new(
+                "kiln_plan_cache_hits_total",
+                "Model loads whose compiled plan came from the plan cache.",
+            )
+            .expect("valid counter"),
+            plan_cache_misses: IntCounter::new(
+                "kiln_plan_cache_misses_total",
+                "Model loads that compiled their plan (no usable entry in an enabled plan cache).",
+            )
+            .expect("valid counter"),
             sdpa_calls: counter_vec(
                 "kiln_sdpa_kernel_calls_total",
                 "Attention (SDPA) calls by the kernel that ran them.",
@@ -179,6 +203,10 @@ impl Metrics {
             Box::new(inner.batch_tokens.clone()),
             Box::new(inner.queue_size.clone()),
             Box::new(inner.model_load_seconds.clone()),
+            Box::new(inner.plan_compile_seconds.clone()),
+            Box::new(inner.plan_cache_load_seconds.clone()),
+            Box::new(inner.plan_cache_hits.clone()),
+            Box::new(inner.plan_cache_misses.clone()),
             Box::new(inner.sdpa_calls.clone()),
             Box::new(inner.inferences.clone()),
             Box::new(build_info),

@@ -571,3 +571,73 @@ fn rerank_scores_pairs_with_a_single_label_cross_encoder() {
     server.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `kiln compile --explain`, `kiln cache ls` and `kiln cache clear`, and the plan-cache metrics
+/// of a server that compiled its plan and of one that found it in the cache.
+#[test]
+fn compile_ahead_of_time_then_serve_from_the_plan_cache() {
+    let cache = std::env::temp_dir().join(format!("kiln-e2e-compile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let bin = kiln_bin(env!("CARGO_BIN_EXE_kiln"));
+    let model = fixtures().join("tiny/bert-tiny-cls");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(&bin)
+            .args(args)
+            .env("KILN_CACHE_DIR", &cache)
+            .env("KILN_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "kiln {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let m = model.to_str().unwrap();
+    let explain = kiln(&["compile", "--model", m, "--explain"]);
+    for want in [
+        "compiled in",
+        "plan cache: miss",
+        "[qkv]",
+        "merged 3 linears into one [64→192] GEMM: encoder.layer.0.attention.self.{query,key,value}",
+        "[bias-act]",
+        "fused 2 linear + activation pairs into linear_act",
+        "[add-norm]",
+        "[prepack]",
+        "kernels:",
+        "linear [64→192] (e.g. encoder.layer.0.attention.self.{query,key,value}): ",
+        "memory plan:",
+    ] {
+        assert!(explain.contains(want), "`{want}` missing from:\n{explain}");
+    }
+    let again = kiln(&["compile", "--model", m]);
+    assert!(again.contains("already in the plan cache"), "{again}");
+    let unfused = kiln(&["compile", "--model", m, "--no-fuse", "--explain"]);
+    assert!(unfused.contains("[qkv] off"), "{unfused}");
+    let ls = kiln(&["cache", "ls"]);
+    assert!(ls.contains("(2 entries)"), "{ls}");
+    assert!(ls.contains("bert-tiny-cls") && ls.contains("passes off: sdpa, qkv, bias-act, add-norm"), "{ls}");
+
+    // A server finds the plan `kiln compile` stored: a hit, no compile time.
+    let cache_arg = cache.to_str().unwrap();
+    let warm = start(&model, &["--cache-dir", cache_arg]);
+    assert_eq!(warm.metric("kiln_plan_cache_hits_total"), 1.0);
+    assert_eq!(warm.metric("kiln_plan_cache_misses_total"), 0.0);
+    assert_eq!(warm.metric("kiln_plan_compile_duration_seconds"), 0.0);
+    assert!(warm.metric("kiln_plan_cache_load_duration_seconds") > 0.0);
+    let (_, info) = warm.get("/info");
+    assert_eq!(info["plan"]["cache"], "hit");
+    warm.terminate();
+
+    let cleared = kiln(&["cache", "clear"]);
+    assert!(cleared.contains("removed 2 compiled plans"), "{cleared}");
+    assert!(kiln(&["cache", "ls"]).contains("(0 entries)"));
+    let cold = start(&model, &["--cache-dir", cache_arg]);
+    assert_eq!(cold.metric("kiln_plan_cache_hits_total"), 0.0);
+    assert_eq!(cold.metric("kiln_plan_cache_misses_total"), 1.0);
+    assert!(cold.metric("kiln_plan_compile_duration_seconds") > 0.0);
+    cold.terminate();
+    let _ = std::fs::remove_dir_all(&cache);
+}

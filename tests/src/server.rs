@@ -41,8 +41,15 @@ impl Reply {
     }
 }
 
+/// The plan cache the end-to-end tests' servers share (one per machine; entries are keyed by
+/// build, so test runs of different builds do not mix): a temp folder, never the user's cache.
+pub fn test_cache_dir() -> PathBuf {
+    std::env::temp_dir().join("kiln-e2e-plan-cache")
+}
+
 impl Server {
     /// Starts `kiln serve --model MODEL EXTRA...` on 127.0.0.1 and waits for `/health` = 200.
+    /// The plan cache is [`test_cache_dir`] unless `extra` names one.
     pub fn start(bin: &Path, model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(bin)
             .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
@@ -50,6 +57,7 @@ impl Server {
             .args(extra)
             .env("NO_COLOR", "1")
             .env("KILN_LOG", "info")
+            .env("KILN_CACHE_DIR", test_cache_dir())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

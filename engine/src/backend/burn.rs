@@ -13,8 +13,11 @@ use burn_tensor::{Bool, Device, Int, Tensor, TensorData};
 use kiln_attention::KernelChoice;
 
 use super::{Backend, CpuBackend, SdpaMaskArg, cumulative};
+use crate::caps::CpuCaps;
+use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
-use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::ir::{Activation, ConstRole, DType, PoolMode};
+use crate::storage::{ElemType, StoredTensor, WeightFormat};
 use crate::tensor::{HostData, HostTensor};
 
 /// A tensor on [`BurnBackend`].
@@ -148,6 +151,43 @@ impl Backend for BurnBackend {
 
     fn name(&self) -> String {
         self.label.clone()
+    }
+
+    fn compile_target(&self) -> CompileTarget {
+        CompileTarget {
+            linear_formats: vec![WeightFormat::F32InOut, WeightFormat::Plain],
+        }
+    }
+
+    fn device_facts(&self) -> Vec<(String, String)> {
+        // burn-flex runs on this CPU; a wgpu device adds its adapter's facts here.
+        let caps = CpuCaps::detect();
+        vec![
+            ("backend".into(), self.name()),
+            ("arch".into(), caps.arch.into()),
+            ("cpu_features".into(), caps.feature_names().join(",")),
+        ]
+    }
+
+    fn upload_stored(&self, t: &StoredTensor) -> Result<BurnTensor> {
+        match (t.format, t.dtype) {
+            (WeightFormat::Plain, _) => self.upload(&t.to_host()?, t.role),
+            (WeightFormat::F32InOut, DType::F32) => {
+                let buf = t.buffer("data")?;
+                buf.check()?;
+                let (Some(v), ElemType::F32, &[inn, out]) =
+                    (buf.bytes.as_f32(), buf.elem, &buf.shape[..])
+                else {
+                    return Err(self.err("an [in, out] weight must be 2-D f32"));
+                };
+                let data = TensorData::new(v.to_vec(), [1, 1, inn, out]);
+                Ok(BurnTensor::Float {
+                    t: Tensor::<4>::from_data(data, &self.device),
+                    rank: 2,
+                })
+            }
+            (format, dtype) => Err(self.err(format!("cannot upload a {format} {dtype:?} tensor"))),
+        }
     }
 
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<BurnTensor> {
@@ -404,6 +444,48 @@ impl Backend for BurnBackend {
         let norm = x.clone().square().sum_dim(3).sqrt().clamp_min(1e-12);
         Ok(BurnTensor::Float {
             t: x.div(norm),
+            rank,
+        })
+    }
+
+    fn matmul(&self, a: BurnTensor, b: BurnTensor, transpose_b: bool) -> Result<BurnTensor> {
+        let (a, rank) = self.float(a, "matmul lhs")?;
+        let (b, _) = self.float(b, "matmul rhs")?;
+        let b = if transpose_b { b.swap_dims(2, 3) } else { b };
+        Ok(BurnTensor::Float {
+            t: a.matmul(b),
+            rank,
+        })
+    }
+
+    fn scale(&self, x: BurnTensor, factor: f32) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "scale input")?;
+        Ok(BurnTensor::Float {
+            t: x.mul_scalar(factor),
+            rank,
+        })
+    }
+
+    fn causal_mask(&self, x: BurnTensor) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "causal_mask input")?;
+        let [a, b, q, k] = x.dims();
+        // `tril_mask` is true strictly above the diagonal: the entries a query may not see.
+        let above = Tensor::<2, Bool>::tril_mask([q, k], 0, &self.device)
+            .reshape([1, 1, q, k])
+            .expand([a, b, q, k]);
+        Ok(BurnTensor::Float {
+            t: x.mask_fill(above, f32::NEG_INFINITY),
+            rank,
+        })
+    }
+
+    fn slice_last(&self, x: BurnTensor, start: usize, len: usize) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "slice_last input")?;
+        if start + len > x.dims()[3] || len == 0 {
+            return Err(self.err(format!("slice_last: columns {start}..{}", start + len)));
+        }
+        Ok(BurnTensor::Float {
+            t: x.narrow(3, start, len),
             rank,
         })
     }

@@ -1,5 +1,8 @@
 //! kiln's own CPU backend: owned `f32` buffers, direct `gemm` calls, the attention crate's
 //! kernels, and in-place element-wise ops whenever the executor hands over the last reference.
+//! Intermediate buffers come from and return to an [`Arena`], so a plan that has run once at a
+//! shape runs again without allocating them; compiled weights are read in place from their
+//! stored bytes (a mapping of the plan-cache file on a warm start).
 
 use std::sync::Arc;
 
@@ -8,10 +11,14 @@ use kiln_attention::{
     scaled_dot_product_attention_varlen,
 };
 
+use super::arena::Arena;
 use super::{Backend, SdpaMaskArg, cumulative};
+use crate::caps::CpuCaps;
+use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
-use crate::ir::{Activation, ConstRole, PoolMode};
-use crate::kernels::{gemm, rowwise};
+use crate::ir::{Activation, ConstRole, DType, PoolMode};
+use crate::kernels::{gemm, panel_gemm, rowwise};
+use crate::storage::{Blob, ElemType, StoredTensor, WeightFormat};
 use crate::tensor::{HostData, HostTensor};
 
 /// A tensor on [`CpuBackend`]. Buffers are shared until written (`Arc::make_mut`), so ops that
@@ -26,22 +33,100 @@ pub struct CpuTensor {
 enum CpuData {
     F32(Arc<Vec<f32>>),
     I64(Arc<Vec<i64>>),
-    /// A linear weight pre-packed as `[in, out]` row-major (the transpose of the HF layout),
-    /// which is the layout the GEMM streams best. `shape` stays the logical `[out, in]`.
-    PackedLinear(Arc<Vec<f32>>),
+    /// A constant read in place from stored bytes (checked at upload to view as `f32`/`i64`).
+    StoredF32(Blob),
+    StoredI64(Blob),
+    /// A linear weight in a packed f32 format (`F32Panels16` for kiln's GEMM, `F32InOut` for
+    /// the `gemm` crate's). `shape` stays the logical `[out, in]`.
+    PackedLinear(Blob, WeightFormat),
 }
 
 /// kiln's own CPU kernels.
 #[derive(Debug, Clone)]
 pub struct CpuBackend {
     threads: usize,
+    arena: Arc<Arena>,
 }
 
 impl CpuBackend {
     pub fn new(threads: usize) -> Self {
         Self {
             threads: threads.max(1),
+            arena: Arc::new(Arena::default()),
         }
+    }
+
+    /// The arena intermediate buffers come from (for tests and metrics).
+    pub fn arena(&self) -> &Arena {
+        &self.arena
+    }
+
+    /// Hands a consumed tensor's buffer back to the arena if nothing else holds it.
+    fn recycle(&self, t: CpuTensor) {
+        if let CpuData::F32(d) = t.data
+            && let Ok(v) = Arc::try_unwrap(d)
+        {
+            self.arena.give(v);
+        }
+    }
+
+    fn packed<'a>(&self, w: &'a CpuTensor) -> Result<(&'a [f32], WeightFormat)> {
+        match &w.data {
+            CpuData::PackedLinear(b, format) => Ok((
+                b.as_f32()
+                    .ok_or_else(|| self.err("linear weight bytes are not f32-aligned"))?,
+                *format,
+            )),
+            _ => Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight")),
+        }
+    }
+
+    /// The linear-weight format this CPU runs fastest: kiln's panel GEMM where AVX2 and FMA
+    /// exist, else the `gemm` crate (which has kernels for other ISAs, NEON included).
+    fn linear_format() -> WeightFormat {
+        let caps = CpuCaps::detect();
+        if caps.avx2 && caps.fma {
+            WeightFormat::F32Panels16
+        } else {
+            WeightFormat::F32InOut
+        }
+    }
+
+    /// An `[out, in]` f32 weight in this CPU's linear format.
+    fn pack_linear(&self, v: &[f32], out: usize, inn: usize) -> CpuData {
+        let format = Self::linear_format();
+        let packed = match format {
+            WeightFormat::F32Panels16 => panel_gemm::pack(v, out, inn),
+            _ => super::transpose(v, out, inn),
+        };
+        CpuData::PackedLinear(Blob::from_f32(packed), format)
+    }
+
+    fn linear_impl(
+        &self,
+        x: CpuTensor,
+        w: CpuTensor,
+        b: Option<CpuTensor>,
+        act: Option<Activation>,
+    ) -> Result<CpuTensor> {
+        let (packed, format) = self.packed(&w)?;
+        let (out_f, in_f) = (w.shape[0], w.shape[1]);
+        let xs = self.f32_ref(&x, "linear input")?;
+        let m = xs.len() / in_f.max(1);
+        let mut y = self.arena.take(m * out_f);
+        let bias = b.as_ref().map(|b| self.f32_ref(b, "linear bias")).transpose()?;
+        match format {
+            WeightFormat::F32Panels16 => {
+                panel_gemm::linear(&mut y, xs, packed, m, in_f, out_f, bias, act, self.threads);
+            }
+            _ => gemm::linear(&mut y, xs, packed, m, in_f, out_f, bias, act, self.threads),
+        }
+        let mut shape = x.shape.clone();
+        *shape
+            .last_mut()
+            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
+        self.recycle(x);
+        Ok(f32_tensor(shape, y))
     }
 
     fn err(&self, reason: impl Into<String>) -> EngineError {
@@ -51,16 +136,34 @@ impl CpuBackend {
         }
     }
 
+    /// The tensor's values in a buffer this op may overwrite: its own if it held the only
+    /// reference, else a copy in an arena buffer.
     fn f32_of(&self, t: CpuTensor, what: &str) -> Result<(Vec<usize>, Vec<f32>)> {
-        match t.data {
-            CpuData::F32(d) => Ok((t.shape, Arc::unwrap_or_clone(d))),
-            _ => Err(self.err(format!("{what}: expected an F32 tensor"))),
-        }
+        let data = match t.data {
+            CpuData::F32(d) => match Arc::try_unwrap(d) {
+                Ok(v) => v,
+                Err(shared) => self.copy_of(&shared),
+            },
+            CpuData::StoredF32(b) => self.copy_of(b.as_f32().ok_or_else(|| self.misaligned())?),
+            _ => return Err(self.err(format!("{what}: expected an F32 tensor"))),
+        };
+        Ok((t.shape, data))
+    }
+
+    fn copy_of(&self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.arena.take(src.len());
+        v.copy_from_slice(src);
+        v
+    }
+
+    fn misaligned(&self) -> EngineError {
+        self.err("stored constant is not aligned for its element type")
     }
 
     fn f32_ref<'a>(&self, t: &'a CpuTensor, what: &str) -> Result<&'a [f32]> {
         match &t.data {
             CpuData::F32(d) => Ok(d),
+            CpuData::StoredF32(b) => b.as_f32().ok_or_else(|| self.misaligned()),
             _ => Err(self.err(format!("{what}: expected an F32 tensor"))),
         }
     }
@@ -68,6 +171,7 @@ impl CpuBackend {
     fn i64_ref<'a>(&self, t: &'a CpuTensor, what: &str) -> Result<&'a [i64]> {
         match &t.data {
             CpuData::I64(d) => Ok(d),
+            CpuData::StoredI64(b) => b.as_i64().ok_or_else(|| self.misaligned()),
             _ => Err(self.err(format!("{what}: expected an I64 tensor"))),
         }
     }
@@ -86,19 +190,27 @@ fn f32_tensor(shape: Vec<usize>, data: Vec<f32>) -> CpuTensor {
     }
 }
 
-/// `[a, b, c, d]` → `[a, c, b, d]` (swap the two middle axes), the head split/merge shuffle.
-fn swap_middle(src: &[f32], a: usize, b: usize, c: usize, d: usize) -> Vec<f32> {
-    let mut out = vec![0.0f32; src.len()];
+/// `[a, b, c, d]` → `[a, c, b, d]` (swap the two middle axes), the head split/merge shuffle,
+/// reading each source row of `c·d` values at `offset` within rows `row_stride` apart (so a
+/// head split can read its columns straight out of a merged Q/K/V projection).
+#[allow(clippy::too_many_arguments)]
+fn swap_middle_into(
+    out: &mut [f32],
+    src: &[f32],
+    (a, b, c, d): (usize, usize, usize, usize),
+    row_stride: usize,
+    offset: usize,
+) {
     for i in 0..a {
         for j in 0..b {
+            let row = (i * b + j) * row_stride + offset;
             for k in 0..c {
-                let s = ((i * b + j) * c + k) * d;
+                let s = row + k * d;
                 let t = ((i * c + k) * b + j) * d;
                 out[t..t + d].copy_from_slice(&src[s..s + d]);
             }
         }
     }
-    out
 }
 
 impl Backend for CpuBackend {
@@ -108,16 +220,87 @@ impl Backend for CpuBackend {
         "cpu".into()
     }
 
+    fn compile_target(&self) -> CompileTarget {
+        let mut formats = vec![Self::linear_format()];
+        for f in [WeightFormat::F32Panels16, WeightFormat::F32InOut, WeightFormat::Plain] {
+            if !formats.contains(&f) {
+                formats.push(f);
+            }
+        }
+        CompileTarget {
+            linear_formats: formats,
+        }
+    }
+
+    fn device_facts(&self) -> Vec<(String, String)> {
+        let caps = CpuCaps::detect();
+        vec![
+            ("backend".into(), self.name()),
+            ("arch".into(), caps.arch.into()),
+            ("cpu_features".into(), caps.feature_names().join(",")),
+        ]
+    }
+
+    fn reserve(&self, buffer_elems: &[usize]) {
+        self.arena.reserve(buffer_elems);
+    }
+
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<CpuTensor> {
         let data = match (&t.data, role) {
             (HostData::F32(v), ConstRole::LinearWeight) => {
                 let [out, inn] = t.shape[..] else {
                     return Err(self.err(format!("linear weight must be 2-D, got {:?}", t.shape)));
                 };
-                CpuData::PackedLinear(Arc::new(super::transpose(v, out, inn)))
+                self.pack_linear(v, out, inn)
             }
             (HostData::F32(v), ConstRole::Other) => CpuData::F32(Arc::new(v.clone())),
             (HostData::I64(v), _) => CpuData::I64(Arc::new(v.clone())),
+        };
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data,
+        })
+    }
+
+    fn upload_stored(&self, t: &StoredTensor) -> Result<CpuTensor> {
+        let buf = t.buffer("data")?;
+        buf.check()?;
+        let viewable = match buf.elem {
+            ElemType::F32 => buf.bytes.as_f32().is_some(),
+            ElemType::I64 => buf.bytes.as_i64().is_some(),
+            _ => false,
+        };
+        if !viewable {
+            return Err(self.err(format!(
+                "stored {:?} data cannot be read in place",
+                buf.elem
+            )));
+        }
+        let data = match (t.format, t.role, t.dtype) {
+            (WeightFormat::Plain, ConstRole::LinearWeight, _) => {
+                return self.upload(&t.to_host()?, t.role);
+            }
+            (WeightFormat::Plain, ConstRole::Other, DType::F32) => {
+                CpuData::StoredF32(buf.bytes.clone())
+            }
+            (WeightFormat::Plain, ConstRole::Other, DType::I64) => {
+                CpuData::StoredI64(buf.bytes.clone())
+            }
+            (WeightFormat::F32InOut, ConstRole::LinearWeight, DType::F32)
+                if buf.shape == [t.shape[1], t.shape[0]] =>
+            {
+                CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32InOut)
+            }
+            (WeightFormat::F32Panels16, ConstRole::LinearWeight, DType::F32)
+                if buf.shape == [t.shape[0].div_ceil(panel_gemm::NR), t.shape[1], panel_gemm::NR] =>
+            {
+                CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32Panels16)
+            }
+            (format, role, dtype) => {
+                return Err(self.err(format!(
+                    "cannot use a {format} {dtype:?} tensor with role {role:?}"
+                )));
+            }
         };
         Ok(CpuTensor {
             shape: t.shape.clone(),
@@ -129,7 +312,15 @@ impl Backend for CpuBackend {
         match t.data {
             CpuData::F32(d) => HostTensor::f32(t.shape, Arc::unwrap_or_clone(d)),
             CpuData::I64(d) => HostTensor::i64(t.shape, Arc::unwrap_or_clone(d)),
-            CpuData::PackedLinear(_) => Err(self.err("a packed weight cannot be downloaded")),
+            CpuData::StoredF32(b) => HostTensor::f32(
+                t.shape,
+                b.as_f32().ok_or_else(|| self.misaligned())?.to_vec(),
+            ),
+            CpuData::StoredI64(b) => HostTensor::i64(
+                t.shape,
+                b.as_i64().ok_or_else(|| self.misaligned())?.to_vec(),
+            ),
+            CpuData::PackedLinear(..) => Err(self.err("a packed weight cannot be downloaded")),
         }
     }
 
@@ -137,13 +328,13 @@ impl Backend for CpuBackend {
         let rows = self.f32_ref(&table, "embedding table")?;
         let ids_v = self.i64_ref(&ids, "embedding ids")?;
         let (vocab, hidden) = (table.shape[0], table.shape[1]);
-        let mut out = Vec::with_capacity(ids_v.len() * hidden);
-        for &id in ids_v {
+        let mut out = self.arena.take(ids_v.len() * hidden);
+        for (&id, o) in ids_v.iter().zip(out.chunks_mut(hidden.max(1))) {
             let row = usize::try_from(id)
                 .ok()
                 .filter(|&r| r < vocab)
                 .ok_or_else(|| self.err(format!("id {id} is outside the table of {vocab} rows")))?;
-            out.extend_from_slice(&rows[row * hidden..(row + 1) * hidden]);
+            o.copy_from_slice(&rows[row * hidden..(row + 1) * hidden]);
         }
         let mut shape = ids.shape.clone();
         shape.push(hidden);
@@ -151,29 +342,17 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
-        let CpuData::PackedLinear(packed) = &w.data else {
-            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
-        };
-        let (out_f, in_f) = (w.shape[0], w.shape[1]);
-        let xs = self.f32_ref(&x, "linear input")?;
-        let m = xs.len() / in_f.max(1);
-        let mut y = match &b {
-            Some(bias) => {
-                let bias = self.f32_ref(bias, "linear bias")?;
-                let mut y = Vec::with_capacity(m * out_f);
-                for _ in 0..m {
-                    y.extend_from_slice(bias);
-                }
-                y
-            }
-            None => vec![0.0f32; m * out_f],
-        };
-        gemm::matmul(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
-        let mut shape = x.shape.clone();
-        *shape
-            .last_mut()
-            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
-        Ok(f32_tensor(shape, y))
+        self.linear_impl(x, w, b, None)
+    }
+
+    fn linear_act(
+        &self,
+        x: CpuTensor,
+        w: CpuTensor,
+        b: Option<CpuTensor>,
+        act: Activation,
+    ) -> Result<CpuTensor> {
+        self.linear_impl(x, w, b, Some(act))
     }
 
     fn add(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
@@ -182,7 +361,8 @@ impl Backend for CpuBackend {
         if av.len() != bs.len() {
             return Err(self.err(format!("add: {} vs {} elements", av.len(), bs.len())));
         }
-        av.iter_mut().zip(bs).for_each(|(x, y)| *x += y);
+        rowwise::add(&mut av, bs);
+        self.recycle(b);
         Ok(f32_tensor(shape, av))
     }
 
@@ -193,6 +373,29 @@ impl Backend for CpuBackend {
         Ok(f32_tensor(shape, xv))
     }
 
+    fn add_layer_norm(
+        &self,
+        x: CpuTensor,
+        residual: CpuTensor,
+        g: CpuTensor,
+        b: CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
+        let (gs, bs) = (self.f32_ref(&g, "gamma")?, self.f32_ref(&b, "beta")?);
+        let rs = self.f32_ref(&residual, "residual")?;
+        let (shape, mut xv) = self.f32_of(x, "add_layer_norm input")?;
+        if xv.len() != rs.len() {
+            return Err(self.err(format!(
+                "add_layer_norm: {} vs {} elements",
+                xv.len(),
+                rs.len()
+            )));
+        }
+        rowwise::add_layer_norm(&mut xv, rs, gs.len(), gs, bs, eps);
+        self.recycle(residual);
+        Ok(f32_tensor(shape, xv))
+    }
+
     fn activation(&self, x: CpuTensor, act: Activation) -> Result<CpuTensor> {
         let (shape, mut xv) = self.f32_of(x, "activation input")?;
         rowwise::activation(&mut xv, act);
@@ -200,15 +403,34 @@ impl Backend for CpuBackend {
     }
 
     fn split_heads(&self, x: CpuTensor, heads: usize) -> Result<CpuTensor> {
+        let [_, _, w] = x.shape[..] else {
+            return Err(self.err(format!("split_heads: x must be 3-D, got {:?}", x.shape)));
+        };
+        self.slice_split_heads(x, heads, 0, w)
+    }
+
+    fn slice_split_heads(
+        &self,
+        x: CpuTensor,
+        heads: usize,
+        start: usize,
+        width: usize,
+    ) -> Result<CpuTensor> {
         let [b, s, w] = x.shape[..] else {
             return Err(self.err(format!("split_heads: x must be 3-D, got {:?}", x.shape)));
         };
-        let d = w / heads;
+        if heads == 0 || width % heads != 0 || start + width > w {
+            return Err(self.err(format!(
+                "split_heads: columns {start}..{} of {w} in {heads} heads",
+                start + width
+            )));
+        }
+        let d = width / heads;
         let xs = self.f32_ref(&x, "split_heads input")?;
-        Ok(f32_tensor(
-            vec![b, heads, s, d],
-            swap_middle(xs, b, s, heads, d),
-        ))
+        let mut out = self.arena.take(b * s * width);
+        swap_middle_into(&mut out, xs, (b, s, heads, d), w, start);
+        self.recycle(x);
+        Ok(f32_tensor(vec![b, heads, s, d], out))
     }
 
     fn merge_heads(&self, x: CpuTensor) -> Result<CpuTensor> {
@@ -216,7 +438,92 @@ impl Backend for CpuBackend {
             return Err(self.err(format!("merge_heads: x must be 4-D, got {:?}", x.shape)));
         };
         let xs = self.f32_ref(&x, "merge_heads input")?;
-        Ok(f32_tensor(vec![b, s, h * d], swap_middle(xs, b, h, s, d)))
+        let mut out = self.arena.take(xs.len());
+        swap_middle_into(&mut out, xs, (b, h, s, d), s * d, 0);
+        self.recycle(x);
+        Ok(f32_tensor(vec![b, s, h * d], out))
+    }
+
+    fn slice_last(&self, x: CpuTensor, start: usize, len: usize) -> Result<CpuTensor> {
+        let w = *x.shape.last().unwrap_or(&0);
+        if len == 0 || start + len > w {
+            return Err(self.err(format!(
+                "slice_last: columns {start}..{} of {w}",
+                start + len
+            )));
+        }
+        let xs = self.f32_ref(&x, "slice_last input")?;
+        let rows = xs.len() / w;
+        let mut out = self.arena.take(rows * len);
+        for (o, r) in out.chunks_mut(len).zip(xs.chunks(w)) {
+            o.copy_from_slice(&r[start..start + len]);
+        }
+        let mut shape = x.shape.clone();
+        *shape.last_mut().expect("checked non-empty") = len;
+        self.recycle(x);
+        Ok(f32_tensor(shape, out))
+    }
+
+    fn matmul(&self, a: CpuTensor, b: CpuTensor, transpose_b: bool) -> Result<CpuTensor> {
+        let r = a.shape.len();
+        if r < 2 || b.shape.len() != r || a.shape[..r - 2] != b.shape[..r - 2] {
+            return Err(self.err(format!(
+                "matmul: shapes {:?} and {:?} do not fit",
+                a.shape, b.shape
+            )));
+        }
+        let (m, k) = (a.shape[r - 2], a.shape[r - 1]);
+        let (bk, n) = if transpose_b {
+            (b.shape[r - 1], b.shape[r - 2])
+        } else {
+            (b.shape[r - 2], b.shape[r - 1])
+        };
+        if bk != k {
+            return Err(self.err(format!("matmul: inner sizes {k} and {bk} differ")));
+        }
+        let batches: usize = a.shape[..r - 2].iter().product();
+        let (xs, ys) = (self.f32_ref(&a, "matmul lhs")?, self.f32_ref(&b, "matmul rhs")?);
+        let mut out = self.arena.take(batches * m * n);
+        // b's strides: [k, n] row-major, or [n, k] read transposed.
+        let (rs, cs) = if transpose_b { (1, k) } else { (n, 1) };
+        for i in 0..batches {
+            gemm::matmul_strided(
+                &mut out[i * m * n..(i + 1) * m * n],
+                &xs[i * m * k..(i + 1) * m * k],
+                &ys[i * k * n..(i + 1) * k * n],
+                (m, k, n),
+                (rs, cs),
+                self.threads,
+            );
+        }
+        let mut shape = a.shape.clone();
+        shape[r - 1] = n;
+        self.recycle(a);
+        self.recycle(b);
+        Ok(f32_tensor(shape, out))
+    }
+
+    fn scale(&self, x: CpuTensor, factor: f32) -> Result<CpuTensor> {
+        let (shape, mut xv) = self.f32_of(x, "scale input")?;
+        xv.iter_mut().for_each(|v| *v *= factor);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn causal_mask(&self, x: CpuTensor) -> Result<CpuTensor> {
+        let r = x.shape.len();
+        if r < 2 {
+            return Err(self.err("causal_mask: scores must be at least 2-D"));
+        }
+        let (q, k) = (x.shape[r - 2], x.shape[r - 1]);
+        let (shape, mut xv) = self.f32_of(x, "causal_mask input")?;
+        for matrix in xv.chunks_mut((q * k).max(1)) {
+            for (i, row) in matrix.chunks_mut(k.max(1)).enumerate() {
+                row.iter_mut()
+                    .skip(i + 1)
+                    .for_each(|v| *v = f32::NEG_INFINITY);
+            }
+        }
+        Ok(f32_tensor(shape, xv))
     }
 
     fn sdpa(
@@ -246,7 +553,7 @@ impl Backend for CpuBackend {
             kv_len,
             head_dim,
         };
-        let mut out = vec![0.0f32; qs.len()];
+        let mut out = self.arena.take(qs.len());
         let padded = |mask: Mask<'_>, out: &mut [f32]| {
             let params = SdpaParams { shape, mask, scale };
             scaled_dot_product_attention(qs, ks, vs, out, &params, kernel)
@@ -282,7 +589,11 @@ impl Backend for CpuBackend {
                 scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?
             }
         };
-        Ok((f32_tensor(q.shape.clone(), out), ran.name()))
+        let shape = q.shape.clone();
+        for t in [q, k, v] {
+            self.recycle(t);
+        }
+        Ok((f32_tensor(shape, out), ran.name()))
     }
 
     fn pool(&self, x: CpuTensor, mask: CpuTensor, mode: PoolMode) -> Result<CpuTensor> {
@@ -334,7 +645,9 @@ impl Backend for CpuBackend {
                 }
             }
         }
-        Ok(f32_tensor(vec![segments.len(), h], out))
+        let n = segments.len();
+        self.recycle(x);
+        Ok(f32_tensor(vec![n, h], out))
     }
 
     fn l2_normalize(&self, x: CpuTensor) -> Result<CpuTensor> {

@@ -6,16 +6,20 @@
 //! [`CpuBackend`] runs kiln's own CPU kernels (direct `gemm` calls into owned buffers, the
 //! attention crate's kernels). Both are tested op by op against each other.
 
+mod arena;
 mod burn;
 mod cpu;
 
+pub use self::arena::Arena;
 pub use self::burn::BurnBackend;
 pub use self::cpu::CpuBackend;
 
 use kiln_attention::{KernelChoice, ProblemSummary};
 
-use crate::error::Result;
+use crate::compile::CompileTarget;
+use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::storage::{StoredTensor, WeightFormat};
 use crate::tensor::HostTensor;
 
 /// Transposes a row-major `[rows, cols]` matrix: how a Hugging Face `[out, in]` linear weight
@@ -53,11 +57,36 @@ pub enum SdpaMaskArg<T> {
 
 /// Ops a device provides. Every method takes its tensor arguments by value so a backend may
 /// reuse a buffer that the executor no longer needs; shapes have been checked by the graph.
+///
+/// Methods with a default were added for the compiler: fused ops default to running their parts
+/// one after another (correct on any backend, faster where a backend overrides them), and the
+/// generic ops that only spelled-out graphs use (`matmul`, `scale`, ...) default to an error.
 pub trait Backend: Send + Sync + 'static {
     type Tensor: Clone + Send + Sync;
 
     /// Short name for logs and `/info`, e.g. `cpu` or `burn-flex`.
     fn name(&self) -> String;
+
+    /// What the compiler may emit for this backend (weight formats it uploads).
+    fn compile_target(&self) -> CompileTarget {
+        CompileTarget::default()
+    }
+
+    /// Facts about the device that change what a compiled plan contains or how fast its kernels
+    /// are, as `(name, value)` pairs: they are part of the plan-cache key, so a plan compiled on
+    /// another machine kind (CPU features, GPU adapter and driver) is never reused here.
+    fn device_facts(&self) -> Vec<(String, String)> {
+        vec![("backend".into(), self.name())]
+    }
+
+    /// Moves a stored tensor (a compiled plan's weight) onto the device. The default takes
+    /// `Plain` tensors through [`Backend::upload`]; packed formats need the backend's support.
+    fn upload_stored(&self, t: &StoredTensor) -> Result<Self::Tensor> {
+        if t.format != WeightFormat::Plain {
+            return Err(unsupported(self, &format!("{} weights", t.format)));
+        }
+        self.upload(&t.to_host()?, t.role)
+    }
 
     /// Moves a host tensor onto the device; `role` lets the backend choose a weight layout.
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<Self::Tensor>;
@@ -110,4 +139,71 @@ pub trait Backend: Send + Sync + 'static {
     fn pool(&self, x: Self::Tensor, mask: Self::Tensor, mode: PoolMode) -> Result<Self::Tensor>;
     fn l2_normalize(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     fn softmax(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+
+    /// Batched `a · b` (or `a · bᵀ`) over equal leading dimensions.
+    fn matmul(&self, a: Self::Tensor, b: Self::Tensor, transpose_b: bool) -> Result<Self::Tensor> {
+        let _ = (a, b, transpose_b);
+        Err(unsupported(self, "matmul"))
+    }
+    fn scale(&self, x: Self::Tensor, factor: f32) -> Result<Self::Tensor> {
+        let _ = (x, factor);
+        Err(unsupported(self, "scale"))
+    }
+    /// Sets scores above the top-left diagonal to -∞.
+    fn causal_mask(&self, x: Self::Tensor) -> Result<Self::Tensor> {
+        let _ = x;
+        Err(unsupported(self, "causal_mask"))
+    }
+    fn slice_last(&self, x: Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor> {
+        let _ = (x, start, len);
+        Err(unsupported(self, "slice_last"))
+    }
+
+    /// `act(x·wᵀ + b)`.
+    fn linear_act(
+        &self,
+        x: Self::Tensor,
+        w: Self::Tensor,
+        b: Option<Self::Tensor>,
+        act: Activation,
+    ) -> Result<Self::Tensor> {
+        let y = self.linear(x, w, b)?;
+        self.activation(y, act)
+    }
+    /// `LayerNorm(x + residual)`.
+    fn add_layer_norm(
+        &self,
+        x: Self::Tensor,
+        residual: Self::Tensor,
+        gamma: Self::Tensor,
+        beta: Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let sum = self.add(x, residual)?;
+        self.layer_norm(sum, gamma, beta, eps)
+    }
+    /// Columns `[start, start + width)` of `x [b, s, W]`, split into `heads`.
+    fn slice_split_heads(
+        &self,
+        x: Self::Tensor,
+        heads: usize,
+        start: usize,
+        width: usize,
+    ) -> Result<Self::Tensor> {
+        let part = self.slice_last(x, start, width)?;
+        self.split_heads(part, heads)
+    }
+
+    /// Sizes (in elements) of the intermediate buffers one run at the current shape needs, from
+    /// the plan's memory plan: a backend with an arena may allocate them up front.
+    fn reserve(&self, buffer_elems: &[usize]) {
+        let _ = buffer_elems;
+    }
+}
+
+fn unsupported<B: Backend + ?Sized>(backend: &B, what: &str) -> EngineError {
+    EngineError::Backend {
+        backend: backend.name(),
+        reason: format!("{what} is not implemented on this backend"),
+    }
 }

@@ -6,13 +6,42 @@
 
 /// Problems smaller than this many multiply-adds run on one thread: below it, waking the pool
 /// costs more than it saves (measured on MiniLM's 1×16 shapes).
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+pub const PARALLEL_MIN_MACS: usize = 1 << 18;
+
+use crate::ir::Activation;
+use crate::kernels::rowwise;
+
+/// A linear layer on a weight pre-packed as `[in, out]`: `y[m×n] = act(x[m×k] · w[k×n] + bias)`.
+/// The bias is written into `y` first so the GEMM adds onto it (`C = C + A·B`), and the
+/// activation runs over `y` as the epilogue.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    bias: Option<&[f32]>,
+    act: Option<Activation>,
+    threads: usize,
+) {
+    if let Some(b) = bias {
+        for row in y[..m * n].chunks_mut(n.max(1)) {
+            row.copy_from_slice(&b[..n]);
+        }
+    }
+    matmul(y, x, w, m, k, n, bias.is_some(), threads);
+    if let Some(act) = act {
+        rowwise::activation(&mut y[..m * n], act);
+    }
+}
 
 /// Row-major `c[m×n] = (accumulate ? c : 0) + a[m×k] · b[k×n]`.
 ///
 /// Panics if a slice is shorter than its shape says: callers derive both from checked shapes,
 /// and the check guards the raw-pointer call below.
-#[allow(clippy::too_many_arguments, unsafe_code)]
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     c: &mut [f32],
     a: &[f32],
@@ -23,8 +52,39 @@ pub fn matmul(
     accumulate: bool,
     threads: usize,
 ) {
+    gemm_strided(c, a, b, (m, k, n), (n, 1), accumulate, threads);
+}
+
+/// `c[m×n] = a[m×k] · B` where `B[p][j] = b[p·rs + j·cs]` (so `(1, k)` reads `b` as `[n, k]`,
+/// transposed).
+pub fn matmul_strided(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (rs, cs): (usize, usize),
+    threads: usize,
+) {
+    gemm_strided(c, a, b, (m, k, n), (rs, cs), false, threads);
+}
+
+#[allow(unsafe_code)]
+fn gemm_strided(
+    c: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    (m, k, n): (usize, usize, usize),
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+    threads: usize,
+) {
+    let b_needed = if k == 0 || n == 0 {
+        0
+    } else {
+        (k - 1) * b_rs + (n - 1) * b_cs + 1
+    };
     assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        c.len() >= m * n && a.len() >= m * k && b.len() >= b_needed,
         "matmul: buffers too short"
     );
     if m == 0 || n == 0 {
@@ -41,9 +101,9 @@ pub fn matmul(
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the assert above guarantees `c` holds m·n, `a` m·k and `b` k·n elements; the
-    // strides below describe exactly those dense row-major layouts (column stride 1, row stride
-    // = row length), so every address gemm computes is in bounds. `c` is borrowed mutably and
+    // SAFETY: the assert above guarantees `c` holds m·n and `a` m·k elements (dense row-major:
+    // column stride 1, row stride = row length), and that `b`'s largest address under its
+    // strides, (k-1)·rs + (n-1)·cs, is in bounds; so every address gemm computes is in bounds. `c` is borrowed mutably and
     // does not alias `a` or `b` (distinct borrows). With `read_dst = false` gemm never reads `c`.
     unsafe {
         gemm::gemm(
@@ -58,8 +118,8 @@ pub fn matmul(
             1,
             k as isize,
             b.as_ptr(),
-            1,
-            n as isize,
+            b_cs as isize,
+            b_rs as isize,
             1.0,
             1.0,
             false,
@@ -125,6 +185,25 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn strided_b_reads_a_transposed_matrix() {
+        let (m, k, n) = (5, 7, 3);
+        let a = fill(m * k, 5);
+        let bt = fill(n * k, 6); // [n, k]
+        let mut b = vec![0.0; k * n];
+        for p in 0..k {
+            for j in 0..n {
+                b[p * n + j] = bt[j * k + p];
+            }
+        }
+        let mut c = vec![0.0; m * n];
+        matmul_strided(&mut c, &a, &bt, (m, k, n), (1, k), 1);
+        let want = matmul_reference(&a, &b, m, k, n);
+        for (x, y) in c.iter().zip(&want) {
+            assert!((x - y).abs() < 1e-5);
         }
     }
 
