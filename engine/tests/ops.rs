@@ -749,19 +749,20 @@ fn after_one_run_at_a_shape_the_cpu_arena_allocates_no_intermediate_buffer() {
         let c = compile(graph.clone(), &backend, &options, ExecOptions::default()).unwrap();
         let plan = Plan::new(c.graph, backend.clone(), ExecOptions::default()).unwrap();
         let feed = |b: usize, s: usize| vec![("x".to_string(), f32_tensor(&[b, s, h], 9))];
-        plan.run(&feed(4, 32)).unwrap();
+        // The outputs are held, as a caller holds them while it reads them: each run hands its
+        // output buffer to the caller, so at most that one buffer per run is new (none while the
+        // free list still has spares); every intermediate comes back from the arena.
+        let mut held = vec![plan.run(&feed(4, 32)).unwrap()];
         let after_first = backend.arena().allocations();
         assert!(after_first > 0);
         for _ in 0..3 {
-            plan.run(&feed(4, 32)).unwrap();
+            held.push(plan.run(&feed(4, 32)).unwrap());
         }
-        plan.run(&feed(2, 9)).unwrap();
-        // Each run hands its one output buffer to the caller and so allocates that one again;
-        // every intermediate comes from the arena.
-        assert_eq!(
-            backend.arena().allocations() - after_first,
-            4,
-            "{}: steady-state runs allocated intermediate buffers",
+        held.push(plan.run(&feed(2, 9)).unwrap());
+        let steady = backend.arena().allocations() - after_first;
+        assert!(
+            steady <= 4,
+            "{}: 4 steady-state runs allocated {steady} buffers (intermediates not reused)",
             options.describe()
         );
     }

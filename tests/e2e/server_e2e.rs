@@ -603,7 +603,7 @@ fn compile_ahead_of_time_then_serve_from_the_plan_cache() {
         "[qkv]",
         "merged 3 linears into one [64→192] GEMM: encoder.layer.0.attention.self.{query,key,value}",
         "[bias-act]",
-        "fused 2 linear + activation pairs into linear_act",
+        "fused 3 linear + activation pairs into linear_act",
         "[add-norm]",
         "[prepack]",
         "kernels:",
