@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Client conformance: the official `tritonclient[http]` and `openai` packages from PyPI, in a
 # venv, used unmodified against `kiln serve` with all-MiniLM-L6-v2; every embedding must match
-# the sentence-transformers fixtures. Exits non-zero on any failure (CI runs it from .ci/run).
+# the sentence-transformers fixtures. Then the `openai` client generates with the tiny GPT-2
+# fixture (completions, chat, streams). Exits non-zero on any failure (CI runs it from .ci/run).
 #
 # Env: KILN_BIN (default: the workspace's debug build), KILN_MODEL_DIR, KILN_FIXTURES,
 #      KILN_CONFORMANCE_VENV (default .venv-conformance).
@@ -21,6 +22,12 @@ fixtures=${KILN_FIXTURES:-../shared/fixtures}
 trap 'stop_kiln || true' EXIT
 start_kiln "$model" --model-id all-MiniLM-L6-v2
 "$venv/bin/python" scripts/conformance.py --url "$KILN_URL" --fixtures "$fixtures/minilm" --model all-MiniLM-L6-v2
+stop_kiln
+
+# Generation (issue 8): the same `openai` client against a causal LM, the tiny GPT-2 fixture
+# with a ChatML template: a completion, a chat completion and streams of both.
+start_kiln "$fixtures/tiny/gpt2-tiny" --model-id gpt2-tiny --chat-template tests/data/chatml.jinja
+"$venv/bin/python" scripts/openai-generation.py --url "$KILN_URL" --fixture "$fixtures/tiny/gpt2-tiny" --model gpt2-tiny
 stop_kiln
 trap - EXIT
 echo "conformance: OK"

@@ -14,7 +14,8 @@
 //! length. All three run on the same blocks of work (`task.rs`): a run of query rows of one
 //! (sequence, head), cut the same way from a padded batch or from a padding-free ("varlen")
 //! batch, so every kernel supports varlen and the driver parallelises over batch × heads × query
-//! blocks.
+//! blocks. Decoders run [`scaled_dot_product_attention_paged`] over a paged KV cache (prefill
+//! chunks and decode steps alike, bottom-right causal), with the same selector and kernels.
 //!
 //! Conventions follow PyTorch's `scaled_dot_product_attention`: a key-padding mask entry of `true`
 //! means "attend to this key" (burn uses the opposite convention; the engine converts).
@@ -24,6 +25,7 @@ pub mod flash;
 mod gemm;
 pub mod math;
 pub mod mem_efficient;
+mod paged;
 mod params;
 pub mod reference;
 mod select;
@@ -32,6 +34,7 @@ mod task;
 mod tiled;
 
 pub use error::SdpaError;
+pub use paged::{PagedParams, scaled_dot_product_attention_paged};
 pub use params::{
     CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,
 };

@@ -12,6 +12,7 @@ use kiln_attention::{KernelChoice, MaskKind, ProblemSummary, SdpaShape};
 use crate::backend::{Backend, SdpaMaskArg};
 use crate::error::{EngineError, Result, graph_err};
 use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
+use crate::kv::{KvCache, KvCacheSpec, PagedBatch};
 use crate::tensor::{HostData, HostTensor};
 
 /// Options that change how a graph is executed (not what it computes).
@@ -130,8 +131,12 @@ impl<B: Backend> Plan<B> {
         let mut seen = Vec::new();
         let mut plan = Vec::new();
         for node in &self.graph.nodes {
-            let Op::Sdpa { mask, .. } = node.op else {
-                continue;
+            // A paged node is planned as a whole prompt of `seq` tokens (bottom-right causal,
+            // varlen); its decode steps are the same problem with one query row.
+            let mask = match node.op {
+                Op::Sdpa { mask, .. } => Some(mask),
+                Op::PagedSdpa { .. } => None,
+                _ => continue,
             };
             let ty = |v: ValueId| &self.graph.nodes[v.0].ty;
             let (q, k) = (ty(node.inputs[0]), ty(node.inputs[1]));
@@ -150,11 +155,16 @@ impl<B: Backend> Plan<B> {
                     head_dim: dim(q.dims[3]),
                 },
                 mask: match mask {
-                    AttnMask::None | AttnMask::Varlen => MaskKind::None,
-                    AttnMask::KeyPadding => MaskKind::KeyPadding,
-                    AttnMask::Causal => MaskKind::CausalTopLeft,
+                    Some(AttnMask::None | AttnMask::Varlen) => MaskKind::None,
+                    Some(AttnMask::VarlenCausal) => MaskKind::CausalTopLeft,
+                    Some(AttnMask::KeyPadding) => MaskKind::KeyPadding,
+                    Some(AttnMask::Causal) => MaskKind::CausalTopLeft,
+                    None => MaskKind::CausalBottomRight,
                 },
-                varlen: mask == AttnMask::Varlen,
+                varlen: matches!(
+                    mask,
+                    Some(AttnMask::Varlen | AttnMask::VarlenCausal) | None
+                ),
             };
             if seen.contains(&problem) {
                 continue;
@@ -267,7 +277,49 @@ impl<B: Backend> Plan<B> {
 
     /// Runs the graph once. Returns the graph's outputs, by name, in declaration order.
     pub fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
-        self.bind(feeds)?;
+        self.execute(feeds, None)
+    }
+
+    /// Allocates a paged KV cache on this plan's backend, for [`Plan::run_paged`].
+    pub fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache> {
+        KvCache::check_spec(&spec)?;
+        let store = self.backend.kv_cache_alloc(&spec)?;
+        KvCache::new(spec, self.backend.name(), store)
+    }
+
+    /// Runs a graph with `PagedSdpa` nodes for one packed step: `batch` says which of the
+    /// step's tokens belong to which sequence and where each sequence's keys live in `cache`.
+    pub fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        if cache.backend() != self.backend.name() {
+            return Err(graph_err(format!(
+                "the KV cache was allocated by backend `{}`, not `{}`",
+                cache.backend(),
+                self.backend.name()
+            )));
+        }
+        self.execute(feeds, Some((cache, batch)))
+    }
+
+    fn execute(
+        &self,
+        feeds: &[(String, HostTensor)],
+        mut paged: Option<(&mut KvCache, &PagedBatch)>,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let bindings = self.bind(feeds)?;
+        if let Some((cache, batch)) = &paged {
+            batch.validate(cache.spec(), bindings.batch * bindings.seq)?;
+            if bindings.batch != 1 {
+                return Err(graph_err(format!(
+                    "a paged step is one packed batch (batch 1), got batch {}",
+                    bindings.batch
+                )));
+            }
+        }
         let be = &self.backend;
         let mut values: Vec<Option<B::Tensor>> = vec![None; self.graph.nodes.len()];
         for (i, node) in self.graph.nodes.iter().enumerate() {
@@ -302,7 +354,11 @@ impl<B: Backend> Plan<B> {
                 Op::Linear => {
                     let (x, w) = (next(), next());
                     let b = (node.inputs.len() == 3).then(&mut next);
-                    Some(be.linear(x, w, b)?)
+                    if paged.is_some() {
+                        Some(be.linear_decode(x, w, b)?)
+                    } else {
+                        Some(be.linear(x, w, b)?)
+                    }
                 }
                 Op::Add => Some(be.add(next(), next())?),
                 Op::LayerNorm { eps } => Some(be.layer_norm(next(), next(), next(), *eps)?),
@@ -316,6 +372,7 @@ impl<B: Backend> Plan<B> {
                         AttnMask::Causal => SdpaMaskArg::Causal,
                         AttnMask::KeyPadding => SdpaMaskArg::KeyPadding(next()),
                         AttnMask::Varlen => SdpaMaskArg::Varlen(next()),
+                        AttnMask::VarlenCausal => SdpaMaskArg::VarlenCausal(next()),
                     };
                     let (out, kernel) = be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?;
                     self.sdpa_calls.record(kernel);
@@ -324,6 +381,38 @@ impl<B: Backend> Plan<B> {
                 Op::Pool { mode } => Some(be.pool(next(), next(), *mode)?),
                 Op::L2Normalize => Some(be.l2_normalize(next())?),
                 Op::Softmax => Some(be.softmax(next())?),
+                Op::RmsNorm { eps } => Some(be.rms_norm(next(), next(), *eps)?),
+                Op::Mul => Some(be.mul(next(), next())?),
+                Op::Rope => Some(be.rope(next(), next(), next())?),
+                Op::PagedSdpa { layer, scale } => {
+                    let (cache, batch) = paged.as_mut().ok_or_else(|| {
+                        graph_err(format!(
+                            "{}: a graph with a KV cache runs with run_paged, not run",
+                            node.label
+                        ))
+                    })?;
+                    let spec = *cache.spec();
+                    if *layer >= spec.layers {
+                        return Err(graph_err(format!(
+                            "{}: layer {layer} is outside the KV cache of {} layers",
+                            node.label, spec.layers
+                        )));
+                    }
+                    let (q, k, v) = (next(), next(), next());
+                    let (out, kernel) = be.paged_sdpa(
+                        q,
+                        k,
+                        v,
+                        cache.store.as_mut(),
+                        &spec,
+                        *layer,
+                        batch,
+                        *scale,
+                        self.options.sdpa_kernel,
+                    )?;
+                    self.sdpa_calls.record(kernel);
+                    Some(out)
+                }
             };
             if let Some(out) = out
                 && self.last_use[i] != 0
@@ -356,6 +445,15 @@ pub trait Runnable: Send + Sync {
     fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)>;
     /// See [`Plan::attention_plan`].
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>>;
+    /// See [`Plan::new_kv_cache`].
+    fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache>;
+    /// See [`Plan::run_paged`].
+    fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>>;
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -377,6 +475,19 @@ impl<B: Backend> Runnable for Plan<B> {
 
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
         Plan::attention_plan(self, seq)
+    }
+
+    fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache> {
+        Plan::new_kv_cache(self, spec)
+    }
+
+    fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        Plan::run_paged(self, feeds, cache, batch)
     }
 }
 

@@ -24,11 +24,13 @@ pub mod error;
 pub mod exec;
 pub mod ir;
 pub mod kernels;
+pub mod kv;
 pub mod tensor;
 
 pub use caps::CpuCaps;
 pub use device::{DeviceKind, prepare};
 pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
+pub use kv::{KvCache, KvCacheSpec, PagedBatch};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
 pub use tensor::{HostData, HostTensor};

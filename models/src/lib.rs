@@ -13,7 +13,9 @@
 
 pub mod bert;
 pub mod config;
+pub mod decoder;
 mod error;
+pub mod generate;
 pub mod st;
 pub mod text;
 pub mod weights;
@@ -29,6 +31,10 @@ pub use error::{ModelError, Result};
 pub use text::{Encoded, TextInput, TextTokenizer};
 
 pub use bert::BatchLayout;
+pub use decoder::{CausalLm, DecoderInfo, is_causal_lm};
+pub use generate::{
+    Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId, SamplingParams,
+};
 use bert::{Head, names};
 
 /// How to load a model.
@@ -121,7 +127,7 @@ impl std::fmt::Debug for EncoderModel {
     }
 }
 
-fn require(dir: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn require(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if p.is_file() {
         Ok(p)

@@ -41,6 +41,13 @@ pub struct RawServeConfig {
     pub payload_limit: Option<usize>,
     pub api_keys: Option<Vec<String>>,
     pub api_keys_file: Option<PathBuf>,
+    // Generation (causal LMs).
+    pub max_batch_total_tokens: Option<usize>,
+    pub max_batch_prefill_tokens: Option<usize>,
+    pub max_waiting_tokens: Option<usize>,
+    pub waiting_served_ratio: Option<f32>,
+    pub kv_block_size: Option<usize>,
+    pub chat_template: Option<PathBuf>,
 }
 
 impl RawServeConfig {
@@ -77,6 +84,16 @@ impl RawServeConfig {
             payload_limit: self.payload_limit.or(fallback.payload_limit),
             api_keys: self.api_keys.or(fallback.api_keys),
             api_keys_file: self.api_keys_file.or(fallback.api_keys_file),
+            max_batch_total_tokens: self
+                .max_batch_total_tokens
+                .or(fallback.max_batch_total_tokens),
+            max_batch_prefill_tokens: self
+                .max_batch_prefill_tokens
+                .or(fallback.max_batch_prefill_tokens),
+            max_waiting_tokens: self.max_waiting_tokens.or(fallback.max_waiting_tokens),
+            waiting_served_ratio: self.waiting_served_ratio.or(fallback.waiting_served_ratio),
+            kv_block_size: self.kv_block_size.or(fallback.kv_block_size),
+            chat_template: self.chat_template.or(fallback.chat_template),
         }
     }
 
@@ -114,8 +131,14 @@ impl RawServeConfig {
             max_batch_sequences,
             max_concurrent_requests,
             max_client_batch_size,
-            payload_limit
+            payload_limit,
+            max_batch_total_tokens,
+            max_batch_prefill_tokens,
+            max_waiting_tokens,
+            waiting_served_ratio,
+            kv_block_size
         );
+        config.chat_template = self.chat_template;
         config.max_input_tokens = self.max_input_tokens;
         if let Some(t) = self.truncate {
             config.auto_truncate = t;
@@ -173,6 +196,19 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// A file with one key per line, re-read when it changes.
     pub api_keys_file: Option<PathBuf>,
+    /// Causal LMs: tokens the paged KV cache holds across every running request (prompt plus
+    /// `max_tokens` of each is reserved when it joins the batch).
+    pub max_batch_total_tokens: usize,
+    /// Causal LMs: prompt tokens prefilled in one step (longer prompts run in chunks).
+    pub max_batch_prefill_tokens: usize,
+    /// Causal LMs: steps a waiting request may be held back while a batch runs.
+    pub max_waiting_tokens: usize,
+    /// Causal LMs: waiting requests join early once they are this many times the running ones.
+    pub waiting_served_ratio: f32,
+    /// Causal LMs: tokens per KV cache block.
+    pub kv_block_size: usize,
+    /// Causal LMs: a Jinja chat template file overriding the model folder's.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -185,6 +221,9 @@ impl ServeConfig {
             ("max-concurrent-requests", self.max_concurrent_requests),
             ("max-client-batch-size", self.max_client_batch_size),
             ("payload-limit", self.payload_limit),
+            ("max-batch-total-tokens", self.max_batch_total_tokens),
+            ("max-batch-prefill-tokens", self.max_batch_prefill_tokens),
+            ("kv-block-size", self.kv_block_size),
         ] {
             if v == 0 {
                 return Err(format!("--{name} must be at least 1"));
@@ -202,6 +241,12 @@ impl ServeConfig {
                     self.max_batch_tokens
                 ));
             }
+        }
+        if !(self.waiting_served_ratio >= 0.0 && self.waiting_served_ratio.is_finite()) {
+            return Err("--waiting-served-ratio must be a number >= 0".into());
+        }
+        if self.kv_block_size > self.max_batch_total_tokens {
+            return Err("--kv-block-size must not exceed --max-batch-total-tokens".into());
         }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be more than 0".into());
@@ -243,6 +288,12 @@ impl ServeConfig {
             payload_limit: 2 * 1024 * 1024,
             api_keys: Vec::new(),
             api_keys_file: None,
+            max_batch_total_tokens: 16384,
+            max_batch_prefill_tokens: 4096,
+            max_waiting_tokens: 20,
+            waiting_served_ratio: 1.2,
+            kv_block_size: 16,
+            chat_template: None,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod generation;
 pub mod infer;
 pub mod json;
 pub mod metrics;

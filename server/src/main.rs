@@ -33,6 +33,31 @@ enum Command {
     Embed(EmbedArgs),
     /// Measure forward throughput (tokens/s) at given batch×sequence shapes.
     Bench(BenchArgs),
+    /// Measure generation with a causal LM: time to first token and decode tokens/s at given
+    /// batch sizes (random prompt ids, greedy, EOS ignored).
+    BenchGenerate(BenchGenerateArgs),
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    /// Causal LM folder in the Hugging Face layout.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated batch sizes (requests submitted together).
+    #[arg(long, default_value = "1,8")]
+    batch: String,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed repetitions per batch size (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Attention kernel: auto, flash, mem_efficient or math.
+    #[arg(long, default_value = "auto")]
+    sdpa_kernel: SdpaKernelChoice,
 }
 
 #[derive(Args)]
@@ -134,6 +159,27 @@ struct ServeArgs {
     /// File with one API key per line (`#` comments), re-read when it changes.
     #[arg(long, env = "KILN_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// Causal LMs: tokens the paged KV cache holds across running requests (each reserves its
+    /// prompt plus max_tokens when it joins the batch). [default: 16384]
+    #[arg(long, env = "KILN_MAX_BATCH_TOTAL_TOKENS")]
+    max_batch_total_tokens: Option<usize>,
+    /// Causal LMs: prompt tokens prefilled per step; longer prompts run in chunks.
+    /// [default: 4096]
+    #[arg(long, env = "KILN_MAX_BATCH_PREFILL_TOKENS")]
+    max_batch_prefill_tokens: Option<usize>,
+    /// Causal LMs: steps a waiting request may be held back while a batch runs. [default: 20]
+    #[arg(long, env = "KILN_MAX_WAITING_TOKENS")]
+    max_waiting_tokens: Option<usize>,
+    /// Causal LMs: waiting requests join at once when they reach this many times the running
+    /// ones. [default: 1.2]
+    #[arg(long, env = "KILN_WAITING_SERVED_RATIO")]
+    waiting_served_ratio: Option<f32>,
+    /// Causal LMs: tokens per KV cache block. [default: 16]
+    #[arg(long, env = "KILN_KV_BLOCK_SIZE")]
+    kv_block_size: Option<usize>,
+    /// Causal LMs: a Jinja chat template file (overrides the model folder's).
+    #[arg(long, env = "KILN_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -214,6 +260,12 @@ impl ServeArgs {
             payload_limit: self.payload_limit,
             api_keys: (!self.api_keys.is_empty()).then_some(self.api_keys),
             api_keys_file: self.api_keys_file,
+            max_batch_total_tokens: self.max_batch_total_tokens,
+            max_batch_prefill_tokens: self.max_batch_prefill_tokens,
+            max_waiting_tokens: self.max_waiting_tokens,
+            waiting_served_ratio: self.waiting_served_ratio,
+            kv_block_size: self.kv_block_size,
+            chat_template: self.chat_template,
         };
         let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
         let addr: SocketAddr = format!("{}:{}", config.host, config.port)
@@ -243,6 +295,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
+        Command::BenchGenerate(args) => bench_generate(args),
     }
 }
 
@@ -399,6 +452,110 @@ fn bench(args: BenchArgs) -> Result<()> {
             times[0],
             tokens as f64 / (median / 1e3),
             times.len()
+        );
+    }
+    Ok(())
+}
+
+/// One timed generation run: (time to first token of the batch, decode tokens/s, total s).
+fn generate_once(
+    model: &std::sync::Arc<kiln_models::CausalLm>,
+    batch: usize,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    seed: u64,
+) -> Result<(f64, f64, f64)> {
+    use kiln_models::{Event, GenerationLimits, GenerationRequest, Generator, SamplingParams};
+    let limits = GenerationLimits {
+        max_batch_total_tokens: batch * (prompt_tokens + new_tokens + 16),
+        max_batch_prefill_tokens: batch * prompt_tokens,
+        max_running: batch,
+        ..GenerationLimits::default()
+    };
+    let mut g = Generator::new(model.clone(), limits).map_err(|e| anyhow!("{e}"))?;
+    let vocab = model.info().vocab_size as u64;
+    let mut s = seed | 1;
+    for _ in 0..batch {
+        let prompt = (0..prompt_tokens)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % vocab) as u32
+            })
+            .collect();
+        g.submit(GenerationRequest {
+            prompt,
+            max_new_tokens: new_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+        })
+        .map_err(|e| anyhow!("{e}"))?;
+    }
+    let started = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut tokens = 0usize;
+    while !g.is_idle() {
+        for e in g.step() {
+            match e {
+                Event::Token { .. } => tokens += 1,
+                Event::Failed { message, .. } => return Err(anyhow!(message)),
+            }
+        }
+        if first.is_none() && tokens >= batch {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    let decode = (tokens - batch) as f64 / (total - ttft).max(1e-9);
+    Ok((ttft, decode, total))
+}
+
+fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    let opts = LoadOptions {
+        exec: kiln_engine::ExecOptions {
+            sdpa_kernel: args.sdpa_kernel,
+        },
+        ..LoadOptions::default()
+    };
+    let model = std::sync::Arc::new(
+        kiln_models::CausalLm::load(&args.model, &opts, None).map_err(|e| anyhow!("{e}"))?,
+    );
+    let cpu = kiln_engine::CpuCaps::detect();
+    println!(
+        "model {} ({}, {} layers, hidden {}, vocab {}) on {} ({cpu}), prompt {} tokens, {} new, greedy",
+        model.info().id,
+        model.info().architecture,
+        model.info().num_layers,
+        model.info().hidden_size,
+        model.info().vocab_size,
+        model.info().device,
+        args.prompt_tokens,
+        args.new_tokens
+    );
+    println!("| batch | time to first token ms | decode tokens/s | total s | runs |");
+    println!("|---|---|---|---|---|");
+    for b in args.batch.split(',') {
+        let b: usize = b.trim().parse()?;
+        generate_once(&model, b, args.prompt_tokens, args.new_tokens.min(4), 1)?; // warm-up
+        let mut runs = Vec::new();
+        for i in 0..args.iters.max(1) {
+            runs.push(generate_once(&model, b, args.prompt_tokens, args.new_tokens, 7 + i as u64)?);
+        }
+        let median = |f: fn(&(f64, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.2} | {} |",
+            median(|r| r.0) * 1e3,
+            median(|r| r.1),
+            median(|r| r.2),
+            runs.len()
         );
     }
     Ok(())

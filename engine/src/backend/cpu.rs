@@ -4,14 +4,16 @@
 use std::sync::Arc;
 
 use kiln_attention::{
-    KernelChoice, Mask, SdpaParams, SdpaShape, VarlenParams, scaled_dot_product_attention,
+    KernelChoice, Mask, PagedParams, SdpaParams, SdpaShape, VarlenParams,
+    scaled_dot_product_attention, scaled_dot_product_attention_paged,
     scaled_dot_product_attention_varlen,
 };
 
-use super::{Backend, SdpaMaskArg, cumulative};
+use super::{Backend, KvStore, SdpaMaskArg, cumulative};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
-use crate::kernels::{gemm, rowwise};
+use crate::kv::{KvCacheSpec, PagedBatch};
+use crate::kernels::{gemm, gemv, rowwise};
 use crate::tensor::{HostData, HostTensor};
 
 /// A tensor on [`CpuBackend`]. Buffers are shared until written (`Arc::make_mut`), so ops that
@@ -63,6 +65,44 @@ impl CpuBackend {
             CpuData::F32(d) => Ok(d),
             _ => Err(self.err(format!("{what}: expected an F32 tensor"))),
         }
+    }
+
+    /// `x @ w.T + b`; with `small_m`, a few rows take the weight-streaming path.
+    fn linear_impl(
+        &self,
+        x: CpuTensor,
+        w: CpuTensor,
+        b: Option<CpuTensor>,
+        small_m: bool,
+    ) -> Result<CpuTensor> {
+        let CpuData::PackedLinear(packed) = &w.data else {
+            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
+        };
+        let (out_f, in_f) = (w.shape[0], w.shape[1]);
+        let xs = self.f32_ref(&x, "linear input")?;
+        let m = xs.len() / in_f.max(1);
+        let mut y = match &b {
+            Some(bias) => {
+                let bias = self.f32_ref(bias, "linear bias")?;
+                let mut y = Vec::with_capacity(m * out_f);
+                for _ in 0..m {
+                    y.extend_from_slice(bias);
+                }
+                y
+            }
+            None => vec![0.0f32; m * out_f],
+        };
+        if small_m && m <= gemv::SMALL_M {
+            // A decode step's few rows: read the weights once, across threads.
+            gemv::matmul_small_m(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
+        } else {
+            gemm::matmul(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
+        }
+        let mut shape = x.shape.clone();
+        *shape
+            .last_mut()
+            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
+        Ok(f32_tensor(shape, y))
     }
 
     fn i64_ref<'a>(&self, t: &'a CpuTensor, what: &str) -> Result<&'a [i64]> {
@@ -151,29 +191,16 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
-        let CpuData::PackedLinear(packed) = &w.data else {
-            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
-        };
-        let (out_f, in_f) = (w.shape[0], w.shape[1]);
-        let xs = self.f32_ref(&x, "linear input")?;
-        let m = xs.len() / in_f.max(1);
-        let mut y = match &b {
-            Some(bias) => {
-                let bias = self.f32_ref(bias, "linear bias")?;
-                let mut y = Vec::with_capacity(m * out_f);
-                for _ in 0..m {
-                    y.extend_from_slice(bias);
-                }
-                y
-            }
-            None => vec![0.0f32; m * out_f],
-        };
-        gemm::matmul(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
-        let mut shape = x.shape.clone();
-        *shape
-            .last_mut()
-            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
-        Ok(f32_tensor(shape, y))
+        self.linear_impl(x, w, b, false)
+    }
+
+    fn linear_decode(
+        &self,
+        x: CpuTensor,
+        w: CpuTensor,
+        b: Option<CpuTensor>,
+    ) -> Result<CpuTensor> {
+        self.linear_impl(x, w, b, true)
     }
 
     fn add(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
@@ -264,7 +291,9 @@ impl Backend for CpuBackend {
                     .collect();
                 padded(Mask::KeyPadding(&keep), &mut out)?
             }
-            SdpaMaskArg::Varlen(lengths) => {
+            SdpaMaskArg::Varlen(lengths) | SdpaMaskArg::VarlenCausal(lengths) => {
+                let causal = matches!(mask, SdpaMaskArg::VarlenCausal(_))
+                    .then_some(kiln_attention::CausalAlign::TopLeft);
                 if batch != 1 {
                     return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
                 }
@@ -276,7 +305,7 @@ impl Backend for CpuBackend {
                     head_dim,
                     cu_seqlens_q: &cu,
                     cu_seqlens_k: &cu,
-                    causal: None,
+                    causal,
                     scale,
                 };
                 scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?
@@ -317,6 +346,11 @@ impl Backend for CpuBackend {
                         o.copy_from_slice(row(first));
                     }
                 }
+                PoolMode::Last => {
+                    if let Some(&last) = rows.last() {
+                        o.copy_from_slice(row(last));
+                    }
+                }
                 PoolMode::Mean => {
                     for &r in rows {
                         o.iter_mut().zip(row(r)).for_each(|(a, v)| *a += v);
@@ -350,4 +384,117 @@ impl Backend for CpuBackend {
         rowwise::softmax(&mut xv, width);
         Ok(f32_tensor(shape, xv))
     }
+
+    fn rms_norm(&self, x: CpuTensor, g: CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let gs = self.f32_ref(&g, "gamma")?;
+        let (shape, mut xv) = self.f32_of(x, "rms_norm input")?;
+        rowwise::rms_norm(&mut xv, gs.len(), gs, eps);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn mul(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
+        let bs = self.f32_ref(&b, "mul rhs")?;
+        let (shape, mut av) = self.f32_of(a, "mul lhs")?;
+        if av.len() != bs.len() {
+            return Err(self.err(format!("mul: {} vs {} elements", av.len(), bs.len())));
+        }
+        av.iter_mut().zip(bs).for_each(|(x, y)| *x *= y);
+        Ok(f32_tensor(shape, av))
+    }
+
+    fn rope(&self, x: CpuTensor, cos: CpuTensor, sin: CpuTensor) -> Result<CpuTensor> {
+        let [b, h, s, d] = x.shape[..] else {
+            return Err(self.err(format!("rope: x must be 4-D, got {:?}", x.shape)));
+        };
+        let r = *cos.shape.last().unwrap_or(&0);
+        let (cs, ss) = (self.f32_ref(&cos, "rope cos")?, self.f32_ref(&sin, "rope sin")?);
+        if cs.len() != b * s * r || ss.len() != cs.len() || 2 * r > d || r == 0 {
+            return Err(self.err(format!(
+                "rope: tables {:?} do not fit x {:?}",
+                cos.shape, x.shape
+            )));
+        }
+        let (shape, mut xv) = self.f32_of(x, "rope input")?;
+        // Head row i is (batch i / (h·s), token i % s): its table row is batch·s + token.
+        rowwise::rope(&mut xv, d, cs, ss, r, |i| (i / (h * s)) * s + i % s);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn kv_cache_alloc(&self, spec: &KvCacheSpec) -> Result<Box<KvStore>> {
+        let per_layer = spec.num_blocks * spec.kv_heads * spec.block_size * spec.head_dim;
+        // Zeroed allocations: the pages are committed only when a block is first written.
+        let layers = (0..spec.layers)
+            .map(|_| (vec![0.0f32; per_layer], vec![0.0f32; per_layer]))
+            .collect();
+        Ok(Box::new(CpuKvStore { layers }))
+    }
+
+    fn paged_sdpa(
+        &self,
+        q: CpuTensor,
+        k: CpuTensor,
+        v: CpuTensor,
+        cache: &mut KvStore,
+        spec: &KvCacheSpec,
+        layer: usize,
+        batch: &PagedBatch,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<(CpuTensor, &'static str)> {
+        let store = cache
+            .downcast_mut::<CpuKvStore>()
+            .ok_or_else(|| self.err("the KV cache was not allocated by the cpu backend"))?;
+        let (qs, ks, vs) = (
+            self.f32_ref(&q, "q")?,
+            self.f32_ref(&k, "k")?,
+            self.f32_ref(&v, "v")?,
+        );
+        let (&[1, q_heads, tokens, head_dim], &[1, kv_heads, _, _]) = (&q.shape[..], &k.shape[..])
+        else {
+            return Err(self.err(format!(
+                "paged_sdpa: q {:?} and k {:?} must be [1, heads, tokens, d]",
+                q.shape, k.shape
+            )));
+        };
+        if kv_heads != spec.kv_heads || head_dim != spec.head_dim {
+            return Err(self.err(format!(
+                "paged_sdpa: k has {kv_heads} heads of {head_dim}, the cache {} of {}",
+                spec.kv_heads, spec.head_dim
+            )));
+        }
+        let (kc, vc) = &mut store.layers[layer];
+        let (bs, d) = (spec.block_size, head_dim);
+        // Write the new keys and values: token t of head h goes to its slot's row in block
+        // `slot / bs`, head h.
+        for (t, slot) in batch.slots(bs).into_iter().enumerate() {
+            let (block, off) = (slot / bs, slot % bs);
+            for h in 0..kv_heads {
+                let dst = ((block * kv_heads + h) * bs + off) * d;
+                let src = (h * tokens + t) * d;
+                kc[dst..dst + d].copy_from_slice(&ks[src..src + d]);
+                vc[dst..dst + d].copy_from_slice(&vs[src..src + d]);
+            }
+        }
+        let cu = batch.cu_seqlens_q();
+        let params = PagedParams {
+            q_heads,
+            kv_heads,
+            head_dim,
+            block_size: bs,
+            num_blocks: spec.num_blocks,
+            cu_seqlens_q: &cu,
+            context_lens: &batch.context_lens,
+            block_tables: &batch.block_tables,
+            scale,
+        };
+        let mut out = vec![0.0f32; qs.len()];
+        let ran = scaled_dot_product_attention_paged(qs, kc, vc, &mut out, &params, kernel)?;
+        Ok((f32_tensor(q.shape.clone(), out), ran.name()))
+    }
+}
+
+/// The cpu backend's KV cache: per layer, keys and values as `[num_blocks, kv_heads,
+/// block_size, head_dim]`, the layout the paged attention kernel reads.
+struct CpuKvStore {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
 }

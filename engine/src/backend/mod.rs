@@ -14,9 +14,22 @@ pub use self::cpu::CpuBackend;
 
 use kiln_attention::{KernelChoice, ProblemSummary};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::kv::{KvCacheSpec, PagedBatch};
 use crate::tensor::HostTensor;
+
+/// Backend storage of a paged KV cache (each backend downcasts to its own type).
+pub type KvStore = dyn std::any::Any + Send;
+
+/// The error a backend returns for an op it does not implement (the decoder ops have default
+/// methods, so a new backend compiles before it runs decoders).
+pub(crate) fn unsupported_op(backend: String, op: &str) -> EngineError {
+    EngineError::Backend {
+        backend,
+        reason: format!("op `{op}` is not implemented by this backend"),
+    }
+}
 
 /// Transposes a row-major `[rows, cols]` matrix: how a Hugging Face `[out, in]` linear weight
 /// becomes the `[in, out]` layout both backends' GEMMs stream best.
@@ -49,6 +62,8 @@ pub enum SdpaMaskArg<T> {
     Causal,
     /// `[sequences]` I64 lengths of a packed batch (`q`/`k`/`v` are `[1, heads, tokens, d]`).
     Varlen(T),
+    /// Like `Varlen`, causal within each sequence.
+    VarlenCausal(T),
 }
 
 /// Ops a device provides. Every method takes its tensor arguments by value so a backend may
@@ -71,6 +86,16 @@ pub trait Backend: Send + Sync + 'static {
         w: Self::Tensor,
         b: Option<Self::Tensor>,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::linear`] in a decoder's paged step, where few rows (one per decoding
+    /// sequence) meet each weight: a backend may take a weight-streaming path.
+    fn linear_decode(
+        &self,
+        x: Self::Tensor,
+        w: Self::Tensor,
+        b: Option<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.linear(x, w, b)
+    }
     fn add(&self, a: Self::Tensor, b: Self::Tensor) -> Result<Self::Tensor>;
     fn layer_norm(
         &self,
@@ -110,4 +135,50 @@ pub trait Backend: Send + Sync + 'static {
     fn pool(&self, x: Self::Tensor, mask: Self::Tensor, mode: PoolMode) -> Result<Self::Tensor>;
     fn l2_normalize(&self, x: Self::Tensor) -> Result<Self::Tensor>;
     fn softmax(&self, x: Self::Tensor) -> Result<Self::Tensor>;
+
+    // Decoder ops. Defaults refuse, so a backend without them still compiles and runs encoders.
+
+    /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension.
+    fn rms_norm(&self, x: Self::Tensor, gamma: Self::Tensor, eps: f32) -> Result<Self::Tensor> {
+        let _ = (x, gamma, eps);
+        Err(unsupported_op(self.name(), "rms_norm"))
+    }
+
+    /// Element-wise product of two tensors of one shape.
+    fn mul(&self, a: Self::Tensor, b: Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (a, b);
+        Err(unsupported_op(self.name(), "mul"))
+    }
+
+    /// Rotary embedding (rotate-half) of `x [b, h, s, d]` by `cos`/`sin [b, s, r]`.
+    fn rope(&self, x: Self::Tensor, cos: Self::Tensor, sin: Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (x, cos, sin);
+        Err(unsupported_op(self.name(), "rope"))
+    }
+
+    /// Allocates a paged KV cache for every layer, in this backend's layout.
+    fn kv_cache_alloc(&self, spec: &KvCacheSpec) -> Result<Box<KvStore>> {
+        let _ = spec;
+        Err(unsupported_op(self.name(), "paged_sdpa"))
+    }
+
+    /// Writes the step's new keys and values of `layer` into the cache, then runs attention of
+    /// `q` over each sequence's context (bottom-right causal). Returns the output and the
+    /// kernel that ran. `batch` has been validated against `spec` and the token count.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_sdpa(
+        &self,
+        q: Self::Tensor,
+        k: Self::Tensor,
+        v: Self::Tensor,
+        cache: &mut KvStore,
+        spec: &KvCacheSpec,
+        layer: usize,
+        batch: &PagedBatch,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<(Self::Tensor, &'static str)> {
+        let _ = (q, k, v, cache, spec, layer, batch, scale, kernel);
+        Err(unsupported_op(self.name(), "paged_sdpa"))
+    }
 }

@@ -2,4 +2,5 @@
 //! reference it is tested against.
 
 pub mod gemm;
+pub mod gemv;
 pub mod rowwise;

@@ -31,6 +31,39 @@ pub fn layer_norm(x: &mut [f32], width: usize, gamma: &[f32], beta: &[f32], eps:
     });
 }
 
+/// RMSNorm over rows of `width`, in place: `x / sqrt(mean(x²) + eps) · gamma`, as Hugging
+/// Face's `LlamaRMSNorm` computes it in f32.
+pub fn rms_norm(x: &mut [f32], width: usize, gamma: &[f32], eps: f32) {
+    for_rows(x, width, |row| {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(gamma) {
+            *v = g * (*v * inv);
+        }
+    });
+}
+
+/// Rotary embedding in place over `rows` head rows of `d` channels: row `i` turns its first
+/// `2r` channels by the angles whose cosines and sines are `cos[table(i)·r..]` (rotate-half:
+/// channel `j` pairs with `j + r`).
+pub fn rope(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32], r: usize, table: impl Fn(usize) -> usize + Sync) {
+    let body = |(i, row): (usize, &mut [f32])| {
+        let t = table(i) * r;
+        let (c, s) = (&cos[t..t + r], &sin[t..t + r]);
+        let (lo, hi) = row[..2 * r].split_at_mut(r);
+        for j in 0..r {
+            let (a, b) = (lo[j], hi[j]);
+            lo[j] = a * c[j] - b * s[j];
+            hi[j] = b * c[j] + a * s[j];
+        }
+    };
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks_mut(d).enumerate().for_each(body);
+    } else {
+        x.chunks_mut(d).enumerate().for_each(body);
+    }
+}
+
 pub fn activation(x: &mut [f32], act: Activation) {
     let f: fn(f32) -> f32 = match act {
         Activation::Gelu => |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),

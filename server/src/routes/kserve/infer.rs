@@ -143,6 +143,9 @@ async fn run_infer(
     // Content-Type is not checked, as Triton does not: tritonclient sends none, curl sends a
     // form type, binary requests may say octet-stream. The body's own structure is checked.
     let _ = headers.get(header::CONTENT_TYPE);
+    if let Some(g) = super::generation_model(&state, name, version)? {
+        return super::generate::infer(&state, g, headers, body).await;
+    }
     let ready = model(&state, name, version)?;
     let (json_part, mut binary): (&[u8], &[u8]) = match headers.get(HEADER_LENGTH) {
         None => (&body, &[]),
