@@ -56,6 +56,13 @@ impl GenParams {
                 self.stop.len()
             )));
         }
+        if let Some(t) = self.temperature
+            && !(t >= 0.0 && t.is_finite())
+        {
+            return Err(AppError::validation(format!(
+                "temperature must be >= 0, got {t}"
+            )));
+        }
         let sample = match self.do_sample {
             Some(s) => s,
             None => self.temperature.map_or(defaults.do_sample == Some(true), |t| t > 0.0),
