@@ -211,9 +211,8 @@ pub fn scaled_dot_product_attention_paged(
         return Ok(kernel);
     }
     // Cut the output into one slice per (sequence, query head), grouped by sequence.
-    let mut slices: Vec<Vec<&mut [f32]>> = (0..n)
-        .map(|_| Vec::with_capacity(params.q_heads))
-        .collect();
+    let mut slices: Vec<Vec<&mut [f32]>> =
+        (0..n).map(|_| Vec::with_capacity(params.q_heads)).collect();
     for head_out in out.chunks_mut(tq * d) {
         let mut rest = head_out;
         for (s, seq_slices) in slices.iter_mut().enumerate() {
@@ -278,12 +277,8 @@ fn run_task(
         }
         let take = left.min(bs);
         let off = (b as usize * kvh + task.kv_head) * bs * d;
-        scratch
-            .k
-            .extend_from_slice(&k_cache[off..off + take * d]);
-        scratch
-            .v
-            .extend_from_slice(&v_cache[off..off + take * d]);
+        scratch.k.extend_from_slice(&k_cache[off..off + take * d]);
+        scratch.v.extend_from_slice(&v_cache[off..off + take * d]);
         left -= take;
     }
     let tiled = matches!(task.kernel, Kernel::Flash | Kernel::MemEfficient);

@@ -161,10 +161,7 @@ impl<B: Backend> Plan<B> {
                     Some(AttnMask::Causal) => MaskKind::CausalTopLeft,
                     None => MaskKind::CausalBottomRight,
                 },
-                varlen: matches!(
-                    mask,
-                    Some(AttnMask::Varlen | AttnMask::VarlenCausal) | None
-                ),
+                varlen: matches!(mask, Some(AttnMask::Varlen | AttnMask::VarlenCausal) | None),
             };
             if seen.contains(&problem) {
                 continue;

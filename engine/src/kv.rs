@@ -155,7 +155,11 @@ impl std::fmt::Debug for KvCache {
 }
 
 impl KvCache {
-    pub(crate) fn new(spec: KvCacheSpec, backend: String, store: Box<dyn Any + Send>) -> Result<Self> {
+    pub(crate) fn new(
+        spec: KvCacheSpec,
+        backend: String,
+        store: Box<dyn Any + Send>,
+    ) -> Result<Self> {
         spec.validate()?;
         Ok(Self {
             spec,

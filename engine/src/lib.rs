@@ -31,6 +31,6 @@ pub use caps::CpuCaps;
 pub use device::{DeviceKind, prepare};
 pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
-pub use kv::{KvCache, KvCacheSpec, PagedBatch};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
+pub use kv::{KvCache, KvCacheSpec, PagedBatch};
 pub use tensor::{HostData, HostTensor};

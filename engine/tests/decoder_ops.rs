@@ -50,7 +50,12 @@ fn check(
         )
         .unwrap();
         let got = plan.run(feeds).unwrap().remove(0).1;
-        close(&format!("{name} on {device}"), got.as_f32().unwrap(), want, 1e-5);
+        close(
+            &format!("{name} on {device}"),
+            got.as_f32().unwrap(),
+            want,
+            1e-5,
+        );
     }
 }
 
@@ -116,8 +121,14 @@ fn rms_norm_mul_and_rope_match_their_references() {
     }
     let feeds = vec![
         ("q".to_string(), q.clone()),
-        ("cos".to_string(), HostTensor::f32(vec![b, s, r], cos).unwrap()),
-        ("sin".to_string(), HostTensor::f32(vec![b, s, r], sin).unwrap()),
+        (
+            "cos".to_string(),
+            HostTensor::f32(vec![b, s, r], cos).unwrap(),
+        ),
+        (
+            "sin".to_string(),
+            HostTensor::f32(vec![b, s, r], sin).unwrap(),
+        ),
     ];
     check(
         "rope",
@@ -195,7 +206,9 @@ fn last_token_pooling_packed_and_padded() {
             let x = g
                 .input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(h)])
                 .unwrap();
-            let m = g.input("mask", DType::I64, &[Dim::Batch, Dim::Seq]).unwrap();
+            let m = g
+                .input("mask", DType::I64, &[Dim::Batch, Dim::Seq])
+                .unwrap();
             g.push(
                 Op::Pool {
                     mode: PoolMode::Last,
@@ -267,10 +280,18 @@ fn paged_attention_matches_the_reference_over_mixed_steps() {
     let steps: [[usize; 2]; 4] = [[5, 3], [1, 1], [2, 1], [0, 1]];
     let mut configs: Vec<(String, DeviceKind, SdpaKernelChoice)> = vec![
         ("cpu/auto".into(), DeviceKind::Cpu, SdpaKernelChoice::Auto),
-        ("burn-flex".into(), DeviceKind::BurnFlex, SdpaKernelChoice::Auto),
+        (
+            "burn-flex".into(),
+            DeviceKind::BurnFlex,
+            SdpaKernelChoice::Auto,
+        ),
     ];
     for k in SdpaKernel::ALL {
-        configs.push((format!("cpu/{k}"), DeviceKind::Cpu, SdpaKernelChoice::Force(k)));
+        configs.push((
+            format!("cpu/{k}"),
+            DeviceKind::Cpu,
+            SdpaKernelChoice::Force(k),
+        ));
     }
     for (label, device, kernel) in configs {
         let mut g = GraphBuilder::new();
@@ -279,12 +300,21 @@ fn paged_attention_matches_the_reference_over_mixed_steps() {
         let k = g.input("k", DType::F32, &dims(hkv)).unwrap();
         let v = g.input("v", DType::F32, &dims(hkv)).unwrap();
         let out = g
-            .push(Op::PagedSdpa { layer: 0, scale: None }, &[q, k, v], "attn")
+            .push(
+                Op::PagedSdpa {
+                    layer: 0,
+                    scale: None,
+                },
+                &[q, k, v],
+                "attn",
+            )
             .unwrap();
         let plan = prepare(
             g.finish(vec![("out".into(), out)]).unwrap(),
             device,
-            ExecOptions { sdpa_kernel: kernel },
+            ExecOptions {
+                sdpa_kernel: kernel,
+            },
         )
         .unwrap();
         let mut cache = plan.new_kv_cache(spec).unwrap();
@@ -307,7 +337,9 @@ fn paged_attention_matches_the_reference_over_mixed_steps() {
                     let tok = off + i;
                     let take = |t: &HostTensor| -> Vec<f32> {
                         (0..hkv)
-                            .flat_map(|h| t.as_f32().unwrap()[(h * tokens + tok) * d..][..d].to_vec())
+                            .flat_map(|h| {
+                                t.as_f32().unwrap()[(h * tokens + tok) * d..][..d].to_vec()
+                            })
                             .collect()
                     };
                     keys[s].push(take(&kt));
@@ -326,14 +358,20 @@ fn paged_attention_matches_the_reference_over_mixed_steps() {
                 ("k".to_string(), kt),
                 ("v".to_string(), vt),
             ];
-            let got = plan.run_paged(&feeds, &mut cache, &batch).unwrap().remove(0).1;
+            let got = plan
+                .run_paged(&feeds, &mut cache, &batch)
+                .unwrap()
+                .remove(0)
+                .1;
             let got = got.as_f32().unwrap();
             for (s, off, n_new) in rows {
                 let ctx = keys[s].len();
                 let positions: Vec<usize> = (ctx - n_new..ctx).collect();
                 // This sequence's q rows, [hq, n_new, d].
                 let qs: Vec<f32> = (0..hq)
-                    .flat_map(|h| qt.as_f32().unwrap()[(h * tokens + off) * d..][..n_new * d].to_vec())
+                    .flat_map(|h| {
+                        qt.as_f32().unwrap()[(h * tokens + off) * d..][..n_new * d].to_vec()
+                    })
                     .collect();
                 let want = reference(&qs, &keys[s], &vals[s], &positions, hq, hkv, d);
                 for h in 0..hq {
@@ -358,7 +396,14 @@ fn paged_batches_are_validated_before_any_write() {
     let dims = [Dim::Batch, Dim::Fixed(2), Dim::Seq, Dim::Fixed(4)];
     let q = g.input("q", DType::F32, &dims).unwrap();
     let out = g
-        .push(Op::PagedSdpa { layer: 0, scale: None }, &[q, q, q], "attn")
+        .push(
+            Op::PagedSdpa {
+                layer: 0,
+                scale: None,
+            },
+            &[q, q, q],
+            "attn",
+        )
         .unwrap();
     let plan = prepare(
         g.finish(vec![("out".into(), out)]).unwrap(),
@@ -387,10 +432,39 @@ fn paged_batches_are_validated_before_any_write() {
         block_tables: vec![vec![1]],
     };
     plan.run_paged(&feeds, &mut cache, &ok).unwrap();
-    assert!(bad(PagedBatch { q_lens: vec![2], ..ok.clone() }).contains("sum to 2"));
-    assert!(bad(PagedBatch { block_tables: vec![vec![2]], ..ok.clone() }).contains("outside"));
-    assert!(bad(PagedBatch { context_lens: vec![5], ..ok.clone() }).contains("cannot hold"));
-    assert!(bad(PagedBatch { context_lens: vec![2], ..ok.clone() }).contains("context"));
+    assert!(
+        bad(PagedBatch {
+            q_lens: vec![2],
+            ..ok.clone()
+        })
+        .contains("sum to 2")
+    );
+    assert!(
+        bad(PagedBatch {
+            block_tables: vec![vec![2]],
+            ..ok.clone()
+        })
+        .contains("outside")
+    );
+    assert!(
+        bad(PagedBatch {
+            context_lens: vec![5],
+            ..ok.clone()
+        })
+        .contains("cannot hold")
+    );
+    assert!(
+        bad(PagedBatch {
+            context_lens: vec![2],
+            ..ok.clone()
+        })
+        .contains("context")
+    );
     // Without a cache the graph refuses to run.
-    assert!(plan.run(&feeds).unwrap_err().to_string().contains("run_paged"));
+    assert!(
+        plan.run(&feeds)
+            .unwrap_err()
+            .to_string()
+            .contains("run_paged")
+    );
 }

@@ -31,11 +31,11 @@ pub use error::{ModelError, Result};
 pub use text::{Encoded, TextInput, TextTokenizer};
 
 pub use bert::BatchLayout;
+use bert::{Head, names};
 pub use decoder::{CausalLm, DecoderInfo, is_causal_lm};
 pub use generate::{
     Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId, SamplingParams,
 };
-use bert::{Head, names};
 
 /// How to load a model.
 #[derive(Debug, Clone)]

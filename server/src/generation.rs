@@ -131,7 +131,11 @@ impl GenerationService {
     }
 
     /// Tokenizes on the blocking pool.
-    pub async fn encode(&self, text: String, add_special_tokens: bool) -> Result<Vec<u32>, AppError> {
+    pub async fn encode(
+        &self,
+        text: String,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, AppError> {
         let model = self.model.clone();
         tokio::task::spawn_blocking(move || model.encode(&text, add_special_tokens))
             .await
@@ -143,7 +147,11 @@ impl GenerationService {
     /// generation_config.json's `max_new_tokens` when it has one).
     pub fn default_max_tokens(&self, prompt_tokens: usize) -> usize {
         let left = self.model.info().max_context.saturating_sub(prompt_tokens);
-        let left = left.min(self.config.max_batch_total_tokens.saturating_sub(prompt_tokens));
+        let left = left.min(
+            self.config
+                .max_batch_total_tokens
+                .saturating_sub(prompt_tokens),
+        );
         match self.model.generation_defaults().max_new_tokens {
             Some(n) => left.min(n),
             None => left,

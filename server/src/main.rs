@@ -543,7 +543,13 @@ fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
         generate_once(&model, b, args.prompt_tokens, args.new_tokens.min(4), 1)?; // warm-up
         let mut runs = Vec::new();
         for i in 0..args.iters.max(1) {
-            runs.push(generate_once(&model, b, args.prompt_tokens, args.new_tokens, 7 + i as u64)?);
+            runs.push(generate_once(
+                &model,
+                b,
+                args.prompt_tokens,
+                args.new_tokens,
+                7 + i as u64,
+            )?);
         }
         let median = |f: fn(&(f64, f64, f64)) -> f64| {
             let mut v: Vec<f64> = runs.iter().map(f).collect();

@@ -73,7 +73,10 @@ fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
             &json!({ "inputs": prompt, "parameters": { "max_new_tokens": 16 } }),
         );
         assert_eq!(events.len(), 16);
-        let parsed: Vec<Value> = events.iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+        let parsed: Vec<Value> = events
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
         let text: String = parsed
             .iter()
             .map(|e| e["token"]["text"].as_str().unwrap())
@@ -129,12 +132,19 @@ fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
             .iter()
             .map(|e| serde_json::from_str(e).unwrap())
             .collect();
-        assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"));
+        assert!(
+            chunks
+                .iter()
+                .all(|c| c["object"] == "chat.completion.chunk")
+        );
         let text: String = chunks
             .iter()
             .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
             .collect();
-        assert_eq!(text, whole["choices"][0]["message"]["content"].as_str().unwrap());
+        assert_eq!(
+            text,
+            whole["choices"][0]["message"]["content"].as_str().unwrap()
+        );
 
         // KServe v2: BYTES in, BYTES out.
         let (status, body) = server.post(
@@ -162,25 +172,54 @@ fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
     // Encoder routes answer a clear 4xx; bad generation requests too; the server goes on.
     let (status, body) = server.post("/v1/embeddings", &json!({ "input": "hi" }));
     assert_eq!(status, 422, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("causal language model"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("causal language model")
+    );
     for (path, req) in [
-        ("/v1/completions", json!({ "prompt": "hi", "max_tokens": 100000 })),
+        (
+            "/v1/completions",
+            json!({ "prompt": "hi", "max_tokens": 100000 }),
+        ),
         ("/v1/completions", json!({ "max_tokens": 4 })),
         ("/v1/completions", json!({ "prompt": "hi", "n": 2 })),
-        ("/v1/completions", json!({ "prompt": "hi", "temperature": -1 })),
+        (
+            "/v1/completions",
+            json!({ "prompt": "hi", "temperature": -1 }),
+        ),
         ("/v1/completions", json!({ "prompt": "hi", "top_p": 0 })),
         ("/v1/completions", json!({ "prompt": "hi", "stop": 3 })),
         ("/v1/chat/completions", json!({ "messages": [] })),
-        ("/v1/chat/completions", json!({ "messages": [{ "content": "x" }] })),
+        (
+            "/v1/chat/completions",
+            json!({ "messages": [{ "content": "x" }] }),
+        ),
         ("/generate", json!({ "inputs": "" })),
-        ("/generate", json!({ "inputs": "hi", "parameters": { "max_new_tokens": 0 } })),
-        ("/generate", json!({ "inputs": "hi", "parameters": { "bogus": 1 } })),
+        (
+            "/generate",
+            json!({ "inputs": "hi", "parameters": { "max_new_tokens": 0 } }),
+        ),
+        (
+            "/generate",
+            json!({ "inputs": "hi", "parameters": { "bogus": 1 } }),
+        ),
     ] {
         let (status, body) = server.post(path, &req);
-        assert!((400..500).contains(&status), "{path} {req}: {status} {body}");
-        assert!(body["error"].is_object() || body["error"].is_string(), "{body}");
+        assert!(
+            (400..500).contains(&status),
+            "{path} {req}: {status} {body}"
+        );
+        assert!(
+            body["error"].is_object() || body["error"].is_string(),
+            "{body}"
+        );
     }
-    let (status, _) = server.post("/v1/completions", &json!({ "prompt": "hi", "max_tokens": 2 }));
+    let (status, _) = server.post(
+        "/v1/completions",
+        &json!({ "prompt": "hi", "max_tokens": 2 }),
+    );
     assert_eq!(status, 200);
 }
 

@@ -66,7 +66,12 @@ fn logits_match_the_reference_on_every_valid_position() {
         let vocab = r["outputs"]["logits"]["shape"][2].as_u64().unwrap() as usize;
         let seq = r["outputs"]["logits"]["shape"][1].as_u64().unwrap() as usize;
         let want = flatten(&r["outputs"]["logits"]["data"]);
-        let masks: Vec<Vec<u32>> = r["attention_mask"].as_array().unwrap().iter().map(ids).collect();
+        let masks: Vec<Vec<u32>> = r["attention_mask"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(ids)
+            .collect();
         let prompts: Vec<Vec<u32>> = r["input_ids"]
             .as_array()
             .unwrap()
@@ -84,7 +89,10 @@ fn logits_match_the_reference_on_every_valid_position() {
                 for (p, row) in rows.iter().enumerate() {
                     let at = (b * seq + p) * vocab;
                     let err = max_abs_diff(row, &want[at..at + vocab]);
-                    assert!(err <= TOL, "{name} {label}: text {b} position {p}: max error {err}");
+                    assert!(
+                        err <= TOL,
+                        "{name} {label}: text {b} position {p}: max error {err}"
+                    );
                 }
             }
         }
@@ -96,15 +104,28 @@ fn the_transformers_4_config_spelling_loads_the_same_llama() {
     let src = dir("llama-tiny");
     let tmp = std::env::temp_dir().join(format!("kiln-llama-t4-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         std::fs::copy(src.join(f), tmp.join(f)).unwrap();
     }
-    std::fs::copy(src.join("config.transformers4-style.json"), tmp.join("config.json")).unwrap();
+    std::fs::copy(
+        src.join("config.transformers4-style.json"),
+        tmp.join("config.json"),
+    )
+    .unwrap();
     let t5 = kiln_models::decoder::DecoderConfig::load(&src.join("config.json")).unwrap();
     let t4 = kiln_models::decoder::DecoderConfig::load(&tmp.join("config.json")).unwrap();
     assert_eq!(t4, t5);
-    let a = load(&src, &LoadOptions::default()).full_logits(&[vec![5, 6, 7]]).unwrap();
-    let b = load(&tmp, &LoadOptions::default()).full_logits(&[vec![5, 6, 7]]).unwrap();
+    let a = load(&src, &LoadOptions::default())
+        .full_logits(&[vec![5, 6, 7]])
+        .unwrap();
+    let b = load(&tmp, &LoadOptions::default())
+        .full_logits(&[vec![5, 6, 7]])
+        .unwrap();
     assert_eq!(a, b);
     std::fs::remove_dir_all(&tmp).ok();
 }
@@ -183,12 +204,14 @@ fn greedy_generation_matches_alone_and_in_one_continuous_batch() {
             }
             // Both in one batch; the second joins after the first has decoded a few tokens.
             let mut g = Generator::new(model.clone(), limits).unwrap();
-            g.submit(greedy(cases[0].0.clone(), cases[0].1.len())).unwrap();
+            g.submit(greedy(cases[0].0.clone(), cases[0].1.len()))
+                .unwrap();
             let mut early = Vec::new();
             for _ in 0..3 {
                 early.extend(g.step());
             }
-            g.submit(greedy(cases[1].0.clone(), cases[1].1.len())).unwrap();
+            g.submit(greedy(cases[1].0.clone(), cases[1].1.len()))
+                .unwrap();
             let mut out = drain(&mut g, 2);
             let first: Vec<u32> = early
                 .iter()
@@ -199,7 +222,10 @@ fn greedy_generation_matches_alone_and_in_one_continuous_batch() {
                 .collect();
             out[0].0.splice(0..0, first);
             for (i, (prompt, want, _)) in cases.iter().enumerate() {
-                assert_eq!(&out[i].0, want, "{name} {label}: prompt {prompt:?} in a batch");
+                assert_eq!(
+                    &out[i].0, want,
+                    "{name} {label}: prompt {prompt:?} in a batch"
+                );
             }
             assert_eq!(g.blocks_used().0, 0);
         }

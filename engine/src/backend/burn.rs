@@ -392,7 +392,9 @@ impl Backend for BurnBackend {
             let rows: Vec<Tensor<2>> = (0..b)
                 .map(|r| {
                     let last = (0..s).rfind(|&i| m[r * s + i] != 0).unwrap_or(0);
-                    x.clone().slice([r..r + 1, last..last + 1, 0..h]).reshape([1, h])
+                    x.clone()
+                        .slice([r..r + 1, last..last + 1, 0..h])
+                        .reshape([1, h])
                 })
                 .collect();
             return Ok(BurnTensor::Float {
@@ -531,12 +533,14 @@ impl Backend for BurnBackend {
                 end += 1;
             }
             let (s0, n) = (slots[t], end - t);
-            *kc = kc
-                .clone()
-                .slice_assign([s0..s0 + n, 0..width], k_rows.clone().slice([t..end, 0..width]));
-            *vc = vc
-                .clone()
-                .slice_assign([s0..s0 + n, 0..width], v_rows.clone().slice([t..end, 0..width]));
+            *kc = kc.clone().slice_assign(
+                [s0..s0 + n, 0..width],
+                k_rows.clone().slice([t..end, 0..width]),
+            );
+            *vc = vc.clone().slice_assign(
+                [s0..s0 + n, 0..width],
+                v_rows.clone().slice([t..end, 0..width]),
+            );
             t = end;
         }
         let options = AttentionModuleOptions {

@@ -12,8 +12,8 @@ use kiln_attention::{
 use super::{Backend, KvStore, SdpaMaskArg, cumulative};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
-use crate::kv::{KvCacheSpec, PagedBatch};
 use crate::kernels::{gemm, gemv, rowwise};
+use crate::kv::{KvCacheSpec, PagedBatch};
 use crate::tensor::{HostData, HostTensor};
 
 /// A tensor on [`CpuBackend`]. Buffers are shared until written (`Arc::make_mut`), so ops that
@@ -194,12 +194,7 @@ impl Backend for CpuBackend {
         self.linear_impl(x, w, b, false)
     }
 
-    fn linear_decode(
-        &self,
-        x: CpuTensor,
-        w: CpuTensor,
-        b: Option<CpuTensor>,
-    ) -> Result<CpuTensor> {
+    fn linear_decode(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
         self.linear_impl(x, w, b, true)
     }
 
@@ -407,7 +402,10 @@ impl Backend for CpuBackend {
             return Err(self.err(format!("rope: x must be 4-D, got {:?}", x.shape)));
         };
         let r = *cos.shape.last().unwrap_or(&0);
-        let (cs, ss) = (self.f32_ref(&cos, "rope cos")?, self.f32_ref(&sin, "rope sin")?);
+        let (cs, ss) = (
+            self.f32_ref(&cos, "rope cos")?,
+            self.f32_ref(&sin, "rope sin")?,
+        );
         if cs.len() != b * s * r || ss.len() != cs.len() || 2 * r > d || r == 0 {
             return Err(self.err(format!(
                 "rope: tables {:?} do not fit x {:?}",

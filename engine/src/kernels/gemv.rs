@@ -113,7 +113,10 @@ mod tests {
     fn matches_the_reference_for_every_small_m() {
         let fill = |n: usize, s: u32| -> Vec<f32> {
             (0..n)
-                .map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(s) % 1000) as f32 / 500.0 - 1.0)
+                .map(|i| {
+                    ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(s) % 1000) as f32 / 500.0
+                        - 1.0
+                })
                 .collect()
         };
         for &(k, n) in &[(1, 1), (7, 3), (64, 300), (96, 513), (300, 1000)] {
@@ -125,7 +128,10 @@ mod tests {
                     let mut y = vec![1.0f32; m * n];
                     matmul_small_m(&mut y, &x, &w, m, k, n, true, threads);
                     for (a, b) in y.iter().zip(&want) {
-                        assert!((a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}");
+                        assert!(
+                            (a - (b + 1.0)).abs() <= 1e-4 * (1.0 + b.abs()),
+                            "{m}x{k}x{n}"
+                        );
                     }
                     let mut y = vec![f32::NAN; m * n];
                     matmul_small_m(&mut y, &x, &w, m, k, n, false, threads);

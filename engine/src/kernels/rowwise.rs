@@ -46,7 +46,14 @@ pub fn rms_norm(x: &mut [f32], width: usize, gamma: &[f32], eps: f32) {
 /// Rotary embedding in place over `rows` head rows of `d` channels: row `i` turns its first
 /// `2r` channels by the angles whose cosines and sines are `cos[table(i)·r..]` (rotate-half:
 /// channel `j` pairs with `j + r`).
-pub fn rope(x: &mut [f32], d: usize, cos: &[f32], sin: &[f32], r: usize, table: impl Fn(usize) -> usize + Sync) {
+pub fn rope(
+    x: &mut [f32],
+    d: usize,
+    cos: &[f32],
+    sin: &[f32],
+    r: usize,
+    table: impl Fn(usize) -> usize + Sync,
+) {
     let body = |(i, row): (usize, &mut [f32])| {
         let t = table(i) * r;
         let (c, s) = (&cos[t..t + r], &sin[t..t + r]);

@@ -284,15 +284,10 @@ impl DecoderConfig {
                     );
                 }
                 let heads = r.num_attention_heads;
-                let head_dim = r
-                    .head_dim
-                    .unwrap_or(if heads > 0 { r.hidden_size / heads } else { 0 });
-                let rope = rope_config(
-                    &r,
-                    head_dim,
-                    r.max_position_embeddings,
-                    path,
-                )?;
+                let head_dim =
+                    r.head_dim
+                        .unwrap_or(if heads > 0 { r.hidden_size / heads } else { 0 });
+                let rope = rope_config(&r, head_dim, r.max_position_embeddings, path)?;
                 DecoderConfig {
                     arch,
                     architecture: if architecture.is_empty() {

@@ -113,9 +113,8 @@ pub fn build(cfg: &DecoderConfig, weights: &Weights, mode: GraphMode) -> Result<
     };
     let bs = [Dim::Batch, Dim::Seq];
     let ids = c.g.input(names::INPUT_IDS, DType::I64, &bs)?;
-    let lengths = c
-        .g
-        .input(names::SEQUENCE_LENGTHS, DType::I64, &[Dim::Sequences])?;
+    let lengths =
+        c.g.input(names::SEQUENCE_LENGTHS, DType::I64, &[Dim::Sequences])?;
     let x = match cfg.arch {
         DecoderArch::Gpt2 => gpt2(&mut c, cfg, ids, lengths, mode)?,
         DecoderArch::Llama => llama(&mut c, cfg, ids, lengths, mode)?,
@@ -183,9 +182,8 @@ fn gpt2(
         })?;
     let (h, heads, d) = (cfg.hidden_size, cfg.num_heads, cfg.head_dim);
     let eps = cfg.norm_eps;
-    let positions = c
-        .g
-        .input(names::POSITION_IDS, DType::I64, &[Dim::Batch, Dim::Seq])?;
+    let positions =
+        c.g.input(names::POSITION_IDS, DType::I64, &[Dim::Batch, Dim::Seq])?;
     let wte = w.tensor(&format!("{p}wte.weight"), &[cfg.vocab_size, h])?;
     let wte_id = c.constant(&format!("{p}wte.weight"), wte.clone(), ConstRole::Other)?;
     let wpe = c.weight(
@@ -279,7 +277,11 @@ fn gpt2(
             0..inner,
             format!("{lp}.mlp.c_fc"),
         )?;
-        let m = c.op(Op::Activation(cfg.activation), &[m], format!("{lp}.mlp.act"))?;
+        let m = c.op(
+            Op::Activation(cfg.activation),
+            &[m],
+            format!("{lp}.mlp.act"),
+        )?;
         let m = conv1d(
             c,
             m,
@@ -314,13 +316,21 @@ fn llama(
     let p = w
         .prefix_of("embed_tokens.weight", &["model.", ""])
         .ok_or_else(|| {
-            ModelError::file(w.first_path(), "tensor `model.embed_tokens.weight` not found")
+            ModelError::file(
+                w.first_path(),
+                "tensor `model.embed_tokens.weight` not found",
+            )
         })?;
     let rope = cfg
         .rope
         .as_ref()
         .ok_or_else(|| ModelError::Unsupported("a Llama model needs RoPE settings".into()))?;
-    let (h, hq, hkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let (h, hq, hkv, d) = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
     let half = rope.rotary_dim / 2;
     let table = [Dim::Batch, Dim::Seq, Dim::Fixed(half)];
     let cos = c.g.input(names::ROPE_COS, DType::F32, &table)?;

@@ -86,7 +86,10 @@ impl CausalLm {
         let weights = shards::Weights::open(dir)?;
         let graph = graph::build(&config, &weights, GraphMode::Paged)?;
         let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
-        for seq in [16.min(config.max_position_embeddings), config.max_position_embeddings] {
+        for seq in [
+            16.min(config.max_position_embeddings),
+            config.max_position_embeddings,
+        ] {
             let attention = plan.attention_plan(seq).map_err(|e| {
                 ModelError::Unsupported(format!("sdpa_kernel = {}: {e}", opts.exec.sdpa_kernel))
             })?;
@@ -186,7 +189,9 @@ impl CausalLm {
     }
 
     pub fn new_kv_cache(&self, num_blocks: usize, block_size: usize) -> Result<KvCache> {
-        Ok(self.plan.new_kv_cache(self.kv_spec(num_blocks, block_size))?)
+        Ok(self
+            .plan
+            .new_kv_cache(self.kv_spec(num_blocks, block_size))?)
     }
 
     /// Attention calls per kernel since the model was loaded.
@@ -245,7 +250,10 @@ impl CausalLm {
         let total = ids.len();
         let lengths: Vec<i64> = spans.iter().map(|s| s.1 as i64).collect();
         let mut feeds = vec![
-            (names::INPUT_IDS.into(), HostTensor::i64(vec![1, total], ids)?),
+            (
+                names::INPUT_IDS.into(),
+                HostTensor::i64(vec![1, total], ids)?,
+            ),
             (
                 names::SEQUENCE_LENGTHS.into(),
                 HostTensor::i64(vec![spans.len()], lengths)?,
@@ -300,8 +308,7 @@ impl CausalLm {
             None => {
                 let weights = shards::Weights::open(&self.info.dir)?;
                 let graph = graph::build(&self.config, &weights, GraphMode::Full)?;
-                let plan =
-                    kiln_engine::prepare(graph, self.options.device, self.options.exec)?;
+                let plan = kiln_engine::prepare(graph, self.options.device, self.options.exec)?;
                 self.full.get_or_init(|| plan)
             }
         };

@@ -101,12 +101,13 @@ impl RopeConfig {
                 mscale_all_dim,
                 truncate,
             } => {
-                let attention = attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
-                    (Some(m), Some(all)) if *m != 0.0 && *all != 0.0 => {
-                        yarn_mscale(*factor, *m) / yarn_mscale(*factor, *all)
-                    }
-                    _ => yarn_mscale(*factor, 1.0),
-                });
+                let attention =
+                    attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
+                        (Some(m), Some(all)) if *m != 0.0 && *all != 0.0 => {
+                            yarn_mscale(*factor, *m) / yarn_mscale(*factor, *all)
+                        }
+                        _ => yarn_mscale(*factor, 1.0),
+                    });
                 let d = dim as f64;
                 let correction = |rotations: f64| {
                     d * (*original as f64 / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln())

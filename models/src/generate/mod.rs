@@ -436,9 +436,7 @@ impl Generator {
                     finish = Some(FinishReason::Stop);
                 }
             }
-            if finish.is_none()
-                && (s.generated.len() >= s.max_new_tokens || s.len() >= context)
-            {
+            if finish.is_none() && (s.generated.len() >= s.max_new_tokens || s.len() >= context) {
                 finish = Some(FinishReason::Length);
             }
             if finish.is_some() && !matches!(finish, Some(FinishReason::Stop) if s.stops_hit()) {

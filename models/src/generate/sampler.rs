@@ -253,7 +253,10 @@ mod tests {
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
         let distinct: std::collections::HashSet<_> = run(3).into_iter().collect();
-        assert!(distinct.len() >= 6, "uniform logits should spread: {distinct:?}");
+        assert!(
+            distinct.len() >= 6,
+            "uniform logits should spread: {distinct:?}"
+        );
     }
 
     #[test]

@@ -144,7 +144,10 @@ mod tests {
 
     fn stream(bytes: &[u8]) -> (Vec<String>, String) {
         let mut d = Detokenizer::default();
-        let mut pieces: Vec<String> = bytes.iter().map(|&b| d.push(u32::from(b), &Bytes)).collect();
+        let mut pieces: Vec<String> = bytes
+            .iter()
+            .map(|&b| d.push(u32::from(b), &Bytes))
+            .collect();
         pieces.push(d.finish(&Bytes));
         let full = Bytes.decode_ids(&bytes.iter().map(|&b| u32::from(b)).collect::<Vec<_>>());
         (pieces, full)

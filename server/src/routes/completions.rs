@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
 use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
 use kiln_models::decoder::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -67,7 +67,9 @@ struct StreamOptions {
 impl Common {
     fn params(&self) -> Result<GenParams, AppError> {
         if self.n.is_some_and(|n| n != 1) {
-            return Err(AppError::validation("kiln returns one choice per request (n = 1)"));
+            return Err(AppError::validation(
+                "kiln returns one choice per request (n = 1)",
+            ));
         }
         if !matches!(self.logprobs, Value::Null | Value::Bool(false)) {
             return Err(AppError::validation("logprobs are not supported"));
@@ -174,7 +176,9 @@ pub async fn completions(
     State(state): State<AppState>,
     body: Result<ApiJson<CompletionRequest>, AppError>,
 ) -> Result<Response, AppError> {
-    completions_inner(state, body).await.map_err(AppError::openai)
+    completions_inner(state, body)
+        .await
+        .map_err(AppError::openai)
 }
 
 async fn completions_inner(
@@ -219,7 +223,11 @@ async fn completions_inner(
     let model = state.config().model_id.clone();
     let created = now();
     if req.common.stream {
-        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = req
+            .common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         let (id2, model2) = (id.clone(), model.clone());
         return Ok(openai_stream(
             generation,
@@ -274,7 +282,10 @@ fn message(i: usize, m: &Value) -> Result<ChatMessage, AppError> {
         Some(Value::Array(parts)) => {
             let mut text = String::new();
             for (j, p) in parts.iter().enumerate() {
-                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
                     (Some("text"), Some(t)) => text.push_str(t),
                     _ => {
                         return Err(AppError::validation(format!(
@@ -337,7 +348,11 @@ async fn chat_inner(
     let model = state.config().model_id.clone();
     let created = now();
     if req.common.stream {
-        let include_usage = req.common.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let include_usage = req
+            .common
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage);
         let (id2, model2) = (id.clone(), model.clone());
         let mut first = true;
         return Ok(openai_stream(

@@ -65,7 +65,9 @@ impl GenParams {
         }
         let sample = match self.do_sample {
             Some(s) => s,
-            None => self.temperature.map_or(defaults.do_sample == Some(true), |t| t > 0.0),
+            None => self
+                .temperature
+                .map_or(defaults.do_sample == Some(true), |t| t > 0.0),
         };
         let sampling = SamplingParams {
             temperature: if sample {
@@ -113,9 +115,9 @@ pub fn stop_strings(v: &Value) -> Result<Vec<String>, AppError> {
         Value::Array(items) => items
             .iter()
             .map(|i| {
-                i.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| AppError::validation("`stop` must be a string or a list of strings"))
+                i.as_str().map(str::to_string).ok_or_else(|| {
+                    AppError::validation("`stop` must be a string or a list of strings")
+                })
             })
             .collect(),
         _ => Err(AppError::validation(
@@ -162,13 +164,18 @@ pub async fn collect(mut generation: Generation) -> Result<Completed, AppError> 
             }
         }
     }
-    Err(AppError::unavailable("the generation scheduler has stopped"))
+    Err(AppError::unavailable(
+        "the generation scheduler has stopped",
+    ))
 }
 
 /// Server-Sent Events from a generation: `render` turns each piece into events and says when
 /// the stream ends. Dropping the stream (the client went away) drops the generation, which
 /// cancels it and frees its KV blocks at once.
-pub fn sse<F>(generation: Generation, render: F) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
+pub fn sse<F>(
+    generation: Generation,
+    render: F,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
 where
     F: FnMut(Piece) -> (Vec<Event>, bool) + Send + 'static,
 {

@@ -146,7 +146,8 @@ pub async fn infer(
     if !binary.is_empty() {
         return Err(bad("binary data follows the inputs that no input claims"));
     }
-    let prompts = prompts.ok_or_else(|| bad(format!("the request needs a `{TEXT_INPUT}` input")))?;
+    let prompts =
+        prompts.ok_or_else(|| bad(format!("the request needs a `{TEXT_INPUT}` input")))?;
     if prompts.is_empty() || prompts.iter().any(String::is_empty) {
         return Err(bad(format!("`{TEXT_INPUT}` needs non-empty texts")));
     }
@@ -204,7 +205,10 @@ pub async fn infer(
     let head = serde_json::to_vec(&answer).map_err(|_| AppError::internal())?;
     if !as_binary {
         return Ok((
-            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
             head,
         )
             .into_response());
