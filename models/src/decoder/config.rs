@@ -262,7 +262,7 @@ impl DecoderConfig {
                     num_layers: r.n_layer,
                     num_heads: r.n_head,
                     num_kv_heads: r.n_head,
-                    head_dim: if r.n_head > 0 { r.n_embd / r.n_head } else { 0 },
+                    head_dim: r.n_embd.checked_div(r.n_head).unwrap_or(0),
                     intermediate_size: r.n_inner.unwrap_or(4 * r.n_embd),
                     max_position_embeddings: r.n_positions,
                     norm_eps: r.layer_norm_epsilon as f32,
@@ -286,7 +286,7 @@ impl DecoderConfig {
                 let heads = r.num_attention_heads;
                 let head_dim =
                     r.head_dim
-                        .unwrap_or(if heads > 0 { r.hidden_size / heads } else { 0 });
+                        .unwrap_or(r.hidden_size.checked_div(heads).unwrap_or(0));
                 let rope = rope_config(&r, head_dim, r.max_position_embeddings, path)?;
                 DecoderConfig {
                     arch,
@@ -341,7 +341,7 @@ impl DecoderConfig {
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.arch == DecoderArch::Gpt2 && self.hidden_size % self.num_heads != 0 {
+        if self.arch == DecoderArch::Gpt2 && !self.hidden_size.is_multiple_of(self.num_heads) {
             return bad(format!(
                 "n_embd {} is not divisible by n_head {}",
                 self.hidden_size, self.num_heads
