@@ -284,9 +284,9 @@ impl DecoderConfig {
                     );
                 }
                 let heads = r.num_attention_heads;
-                let head_dim =
-                    r.head_dim
-                        .unwrap_or(r.hidden_size.checked_div(heads).unwrap_or(0));
+                let head_dim = r
+                    .head_dim
+                    .unwrap_or(r.hidden_size.checked_div(heads).unwrap_or(0));
                 let rope = rope_config(&r, head_dim, r.max_position_embeddings, path)?;
                 DecoderConfig {
                     arch,
