@@ -108,7 +108,7 @@ expect_error("unknown model is NOT_FOUND", lambda: tc.infer("no-such-model", [te
              "StatusCode.NOT_FOUND", "not served")
 expect_error("unknown version is NOT_FOUND", lambda: tc.get_model_metadata(args.model, "9"),
              "StatusCode.NOT_FOUND", "no version")
-bad = grpcclient.InferInput("text", [3], "BYTES")
+bad = grpcclient.InferInput("text", [2], "BYTES")
 bad.set_data_from_numpy(np.array([b"x", b"y"], dtype=np.object_))
 bad.set_shape([3])  # a shape that disagrees with the data
 expect_error("shape mismatch is INVALID_ARGUMENT", lambda: tc.infer(args.model, [bad]),

@@ -81,7 +81,8 @@ podman run --rm "$builder" cargo --version
 stage "builder image"
 
 say "podman build of ./Dockerfile (release build of kiln inside; long on 2 cores)"
-podman build --build-arg RUST_IMAGE="$builder" --build-arg RUNTIME_IMAGE="$base" \
+# Docker's image format: the OCI format podman defaults to has no HEALTHCHECK.
+podman build --format docker --build-arg RUST_IMAGE="$builder" --build-arg RUNTIME_IMAGE="$base" \
   --build-arg CARGO_FEATURES="${KILN_SMOKE_CARGO_FEATURES:-}" -t "$image" . >"$work/build.log" 2>&1 ||
   { tail -40 "$work/build.log"; exit 1; }
 grep -E '^ *Finished|kiln [0-9]' "$work/build.log" || true
