@@ -83,7 +83,7 @@ impl AppState {
     pub fn ready(&self) -> Result<&Ready, AppError> {
         if self.inner.generation.get().is_some() {
             return Err(AppError::validation(format!(
-                "model `{}` is a causal language model: it generates text                  (/v1/completions, /v1/chat/completions, /generate, /generate_stream);                  this route needs an embedding or classification model",
+                "model `{}` is a causal language model: it generates text (/v1/completions, /v1/chat/completions, /generate, /generate_stream); this route needs an embedding or classification model",
                 self.config().model_id
             )));
         }
@@ -100,7 +100,7 @@ impl AppState {
         }
         if self.inner.ready.get().is_some() {
             return Err(AppError::validation(format!(
-                "model `{}` is an encoder (embeddings or classification); text generation needs                  a causal language model such as GPT-2 or Llama",
+                "model `{}` is an encoder (embeddings or classification); text generation needs a causal language model such as GPT-2 or Llama",
                 self.config().model_id
             )));
         }

@@ -27,6 +27,8 @@ pub struct RawServeConfig {
     pub batch_layout: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub grpc_port: Option<u16>,
+    pub grpc_max_message_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub max_batch_requests: Option<usize>,
     pub max_batch_sequences: Option<usize>,
@@ -68,6 +70,10 @@ impl RawServeConfig {
             batch_layout: self.batch_layout.or(fallback.batch_layout),
             host: self.host.or(fallback.host),
             port: self.port.or(fallback.port),
+            grpc_port: self.grpc_port.or(fallback.grpc_port),
+            grpc_max_message_size: self
+                .grpc_max_message_size
+                .or(fallback.grpc_max_message_size),
             max_batch_tokens: self.max_batch_tokens.or(fallback.max_batch_tokens),
             max_batch_requests: self.max_batch_requests.or(fallback.max_batch_requests),
             max_batch_sequences: self.max_batch_sequences.or(fallback.max_batch_sequences),
@@ -122,6 +128,9 @@ impl RawServeConfig {
         if let Some(p) = self.port {
             config.port = p;
         }
+        if let Some(p) = self.grpc_port {
+            config.grpc_port = p;
+        }
         macro_rules! take {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
         }
@@ -136,7 +145,8 @@ impl RawServeConfig {
             max_batch_prefill_tokens,
             max_waiting_tokens,
             waiting_served_ratio,
-            kv_block_size
+            kv_block_size,
+            grpc_max_message_size
         );
         config.chat_template = self.chat_template;
         config.max_input_tokens = self.max_input_tokens;
@@ -157,6 +167,9 @@ impl RawServeConfig {
     }
 }
 
+/// The largest gRPC message tritonclient and gRPC implementations accept: 2 GiB - 1.
+pub const MAX_GRPC_MESSAGE_SIZE: usize = i32::MAX as usize;
+
 /// The resolved, validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -168,7 +181,12 @@ pub struct ServeConfig {
     /// Packed (padding-free, varlen attention) or padded engine batches.
     pub batch_layout: BatchLayout,
     pub host: String,
+    /// The HTTP port.
     pub port: u16,
+    /// The gRPC port (on the same host address). 0 picks a free port, as for `port`.
+    pub grpc_port: u16,
+    /// Largest gRPC message, received or sent, in bytes (RESOURCE_EXHAUSTED beyond).
+    pub grpc_max_message_size: usize,
     /// Token budget of one batch: requests are added to a batch while their tokens fit, and an
     /// engine call never runs more (padded) tokens than this, except a single over-long input.
     pub max_batch_tokens: usize,
@@ -224,6 +242,7 @@ impl ServeConfig {
             ("max-batch-total-tokens", self.max_batch_total_tokens),
             ("max-batch-prefill-tokens", self.max_batch_prefill_tokens),
             ("kv-block-size", self.kv_block_size),
+            ("grpc-max-message-size", self.grpc_max_message_size),
         ] {
             if v == 0 {
                 return Err(format!("--{name} must be at least 1"));
@@ -247,6 +266,17 @@ impl ServeConfig {
         }
         if self.kv_block_size > self.max_batch_total_tokens {
             return Err("--kv-block-size must not exceed --max-batch-total-tokens".into());
+        }
+        if self.grpc_max_message_size > MAX_GRPC_MESSAGE_SIZE {
+            return Err(format!(
+                "--grpc-max-message-size must be at most {MAX_GRPC_MESSAGE_SIZE} (2 GiB - 1, gRPC's limit)"
+            ));
+        }
+        if self.port != 0 && self.port == self.grpc_port {
+            return Err(format!(
+                "--port and --grpc-port are both {}; HTTP and gRPC need their own ports",
+                self.port
+            ));
         }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be more than 0".into());
@@ -276,6 +306,8 @@ impl ServeConfig {
             batch_layout: BatchLayout::Packed,
             host: "0.0.0.0".into(),
             port: 8080,
+            grpc_port: 8081,
+            grpc_max_message_size: 64 * 1024 * 1024,
             max_batch_tokens: 8192,
             max_batch_requests: 64,
             max_batch_sequences: 64,
@@ -379,5 +411,18 @@ mod tests {
             ..Default::default()
         };
         assert!(raw.resolve().unwrap_err().contains("--max-batch-tokens"));
+        let same_ports = RawServeConfig {
+            model: Some("m".into()),
+            port: Some(9000),
+            grpc_port: Some(9000),
+            ..Default::default()
+        };
+        assert!(same_ports.resolve().unwrap_err().contains("--grpc-port"));
+        let huge = RawServeConfig {
+            model: Some("m".into()),
+            grpc_max_message_size: Some(MAX_GRPC_MESSAGE_SIZE + 1),
+            ..Default::default()
+        };
+        assert!(huge.resolve().unwrap_err().contains("2 GiB"));
     }
 }

@@ -8,12 +8,12 @@ use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
-use kiln_server::{AppState, RawServeConfig, ServeConfig, app};
+use kiln_server::{AppState, RawServeConfig, ServeConfig, app, grpc};
 
 /// kiln: a transformer inference server.
 ///
 /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json and the
-/// sentence-transformers files) and serves it over HTTP.
+/// sentence-transformers files) and serves it over HTTP and gRPC.
 ///
 /// Get the default model with `scripts/fetch-model.sh`, then:
 ///   kiln serve --model models/local/all-MiniLM-L6-v2
@@ -27,7 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a model over HTTP: OpenAI, KServe v2 and TEI-style routes, /metrics, /health.
+    /// Serve a model over HTTP (OpenAI, KServe v2 and TEI-style routes, /metrics, /health) and
+    /// gRPC (KServe v2, grpc.health.v1, reflection).
     Serve(Box<ServeArgs>),
     /// Embed texts and print the vectors as JSON.
     Embed(EmbedArgs),
@@ -36,6 +37,9 @@ enum Command {
     /// Measure generation with a causal LM: time to first token and decode tokens/s at given
     /// batch sizes (random prompt ids, greedy, EOS ignored).
     BenchGenerate(BenchGenerateArgs),
+    /// Exit 0 if a `kiln serve` on this machine answers /health with 200 (the container
+    /// image's HEALTHCHECK), else print why and exit 1.
+    Health(HealthArgs),
 }
 
 #[derive(Args)]
@@ -58,6 +62,19 @@ struct BenchGenerateArgs {
     /// Attention kernel: auto, flash, mem_efficient or math.
     #[arg(long, default_value = "auto")]
     sdpa_kernel: SdpaKernelChoice,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Address to ask (the server's --host may be 0.0.0.0, which is not one to connect to).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The server's HTTP port.
+    #[arg(long, env = "KILN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Give up after this long, e.g. `3s`.
+    #[arg(long, default_value = "5s")]
+    timeout: String,
 }
 
 #[derive(Args)]
@@ -109,9 +126,17 @@ struct ServeArgs {
     /// [default: 0.0.0.0]
     #[arg(long, env = "KILN_HOST")]
     host: Option<String>,
-    /// [default: 8080]
+    /// HTTP port. [default: 8080]
     #[arg(long, env = "KILN_PORT")]
     port: Option<u16>,
+    /// gRPC port (KServe v2 `inference.GRPCInferenceService`, grpc.health.v1, reflection), on
+    /// the same host address. [default: 8081]
+    #[arg(long, env = "KILN_GRPC_PORT")]
+    grpc_port: Option<u16>,
+    /// Largest gRPC message received or sent, in bytes (RESOURCE_EXHAUSTED beyond; at most
+    /// 2147483647). [default: 67108864]
+    #[arg(long, env = "KILN_GRPC_MAX_MESSAGE_SIZE")]
+    grpc_max_message_size: Option<usize>,
     /// Token budget of one batch (requests join a batch while their tokens fit). [default: 8192]
     #[arg(long, env = "KILN_MAX_BATCH_TOKENS")]
     max_batch_tokens: Option<usize>,
@@ -231,7 +256,7 @@ impl ModelArgs {
 
 impl ServeArgs {
     /// Stage one (flags and env over the config file) into stage two (the validated config).
-    fn resolve(self) -> Result<(ServeConfig, SocketAddr)> {
+    fn resolve(self) -> Result<(ServeConfig, SocketAddr, SocketAddr)> {
         let file = match &self.config {
             Some(path) => RawServeConfig::from_toml_file(path).map_err(|e| anyhow!(e))?,
             None => RawServeConfig::default(),
@@ -244,6 +269,8 @@ impl ServeArgs {
             batch_layout: self.batch_layout,
             host: self.host,
             port: self.port,
+            grpc_port: self.grpc_port,
+            grpc_max_message_size: self.grpc_max_message_size,
             max_batch_tokens: self.max_batch_tokens,
             max_batch_requests: self.max_batch_requests,
             max_batch_sequences: self.max_batch_sequences,
@@ -268,11 +295,14 @@ impl ServeArgs {
             chat_template: self.chat_template,
         };
         let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
-        let addr: SocketAddr = format!("{}:{}", config.host, config.port)
-            .parse()
-            .or_else(|_| format!("[{}]:{}", config.host, config.port).parse())
-            .with_context(|| format!("invalid --host {}", config.host))?;
-        Ok((config, addr))
+        let addr = |port: u16| -> Result<SocketAddr> {
+            format!("{}:{port}", config.host)
+                .parse()
+                .or_else(|_| format!("[{}]:{port}", config.host).parse())
+                .with_context(|| format!("invalid --host {}", config.host))
+        };
+        let (http, grpc) = (addr(config.port)?, addr(config.grpc_port)?);
+        Ok((config, http, grpc))
     }
 }
 
@@ -296,6 +326,7 @@ fn main() -> Result<()> {
         Command::Embed(args) => embed(args),
         Command::Bench(args) => bench(args),
         Command::BenchGenerate(args) => bench_generate(args),
+        Command::Health(args) => health(args),
     }
 }
 
@@ -303,7 +334,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if !matches!(args.log_format.as_str(), "text" | "json") {
         return Err(anyhow!("--log-format must be `text` or `json`"));
     }
-    let (config, addr) = args.resolve()?;
+    let (config, addr, grpc_addr) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -313,19 +344,44 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(address = %listener.local_addr()?, "listening; /health answers 503 until the model is ready");
+        let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on {grpc_addr} (gRPC)"))?;
+        tracing::info!(address = %listener.local_addr()?, grpc = %grpc_listener.local_addr()?, "listening (HTTP at address, gRPC at grpc); /health answers 503 until the model is ready");
+        let (routes, grpc_health) = grpc::routes(state.clone()).await.map_err(|e| anyhow!(e))?;
+
+        // One signal stops both servers: each stops accepting and drains its in-flight requests.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let health = grpc_health.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            health.set(false).await;
+            let _ = stop_tx.send(true);
+        });
+        let http = axum::serve(listener, app(state.clone())).with_graceful_shutdown(stopped());
+        let http = tokio::spawn(async move { http.await });
+        let grpc = tokio::spawn(grpc::serve(grpc_listener, routes, stopped()));
+
         let loader = state.clone();
-        let load = tokio::task::spawn_blocking(move || loader.load());
-        let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal());
-        let server = tokio::spawn(async move { server.await });
-        match load.await? {
-            Ok(()) => tracing::info!("model ready"),
+        match tokio::task::spawn_blocking(move || loader.load()).await? {
+            Ok(()) => {
+                grpc_health.set(true).await;
+                tracing::info!("model ready");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the model");
                 return Err(anyhow!("cannot load the model: {e}"));
             }
         }
-        server.await??;
+        let (http, grpc) = tokio::join!(http, grpc);
+        http?.context("HTTP server")?;
+        grpc?.context("gRPC server")?;
         tracing::info!("shut down cleanly");
         Ok(())
     })
@@ -351,6 +407,14 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown requested; draining in-flight requests");
+}
+
+fn health(args: HealthArgs) -> Result<()> {
+    let timeout = kiln_server::config::parse_duration(&args.timeout)
+        .map_err(|e| anyhow!("--timeout: {e}"))?;
+    kiln_server::healthcheck::check(&args.host, args.port, timeout).map_err(|e| anyhow!(e))?;
+    println!("healthy");
+    Ok(())
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {

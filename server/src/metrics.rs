@@ -32,6 +32,9 @@ pub const FAILURE_REASONS: [&str; 7] = [
     "unavailable",
 ];
 
+/// API families, the values of the `api` label: the HTTP route families and gRPC.
+pub const API_FAMILIES: [&str; 4] = ["openai", "kserve", "native", "grpc"];
+
 #[derive(Clone)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -89,7 +92,7 @@ impl Metrics {
         let inner = Inner {
             requests: counter_vec(
                 "kiln_request_total",
-                "Inference requests received, by API family.",
+                "Inference requests received, by API family (openai, kserve, native: HTTP; grpc).",
                 &["api"],
             ),
             successes: counter_vec(
@@ -249,7 +252,7 @@ impl Metrics {
         for reason in FAILURE_REASONS {
             inner.failures.with_label_values(&[reason]);
         }
-        for api in ["openai", "kserve", "native"] {
+        for api in API_FAMILIES {
             inner.requests.with_label_values(&[api]);
             inner.successes.with_label_values(&[api]);
         }
@@ -329,13 +332,57 @@ fn api_of(path: &str) -> &'static str {
     }
 }
 
-/// Counts a request that never got an answer (its client went away) as cancelled.
-struct CancelGuard {
+/// One inference request being counted: `kiln_request_total{api}` when it starts; success or
+/// failure by reason and `kiln_request_duration_seconds{api}` when [`finish`](Self::finish)ed;
+/// a request dropped before it finished (its client went away) counts as `cancelled`. The HTTP
+/// middleware [`track`] and the gRPC service both count through it.
+pub struct RequestTracker {
     metrics: Metrics,
+    api: &'static str,
+    started: Instant,
     done: bool,
 }
 
-impl Drop for CancelGuard {
+impl Metrics {
+    pub fn start_request(&self, api: &'static str) -> RequestTracker {
+        self.requests.with_label_values(&[api]).inc();
+        RequestTracker {
+            metrics: self.clone(),
+            api,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+}
+
+impl RequestTracker {
+    /// `failure`: `None` for a success, else the error's kind (see [`FAILURE_REASONS`]).
+    pub fn finish(mut self, failure: Option<&str>) {
+        self.done = true;
+        let m = &self.metrics;
+        let elapsed = self.started.elapsed();
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        m.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        match failure {
+            None => {
+                m.successes.with_label_values(&[self.api]).inc();
+                m.success_ns.fetch_add(ns, Ordering::Relaxed);
+            }
+            Some(kind) => {
+                m.failure_ns.fetch_add(ns, Ordering::Relaxed);
+                m.failures.with_label_values(&[reason_of(kind)]).inc();
+            }
+        }
+        m.request_duration
+            .with_label_values(&[self.api])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl Drop for RequestTracker {
     fn drop(&mut self) {
         if !self.done {
             self.metrics
@@ -352,39 +399,21 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
         .extensions()
         .get::<MatchedPath>()
         .map_or("native", |p| api_of(p.as_str()));
-    let started = Instant::now();
-    metrics.requests.with_label_values(&[api]).inc();
-    let mut guard = CancelGuard {
-        metrics: metrics.clone(),
-        done: false,
-    };
+    let tracker = metrics.start_request(api);
     let response = next.run(req).await;
-    guard.done = true;
-    let elapsed = started.elapsed();
-    let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    metrics.last_inference_ms.store(now_ms, Ordering::Relaxed);
-    if response.status().is_success() {
-        metrics.successes.with_label_values(&[api]).inc();
-        metrics.success_ns.fetch_add(ns, Ordering::Relaxed);
+    let failure = if response.status().is_success() {
+        None
     } else {
-        metrics.failure_ns.fetch_add(ns, Ordering::Relaxed);
-        let reason = response.extensions().get::<ErrorKind>().map_or(
+        Some(response.extensions().get::<ErrorKind>().map_or(
             if response.status().is_server_error() {
                 "inference"
             } else {
                 "validation"
             },
-            |k| reason_of(k.0),
-        );
-        metrics.failures.with_label_values(&[reason]).inc();
-    }
-    metrics
-        .request_duration
-        .with_label_values(&[api])
-        .observe(elapsed.as_secs_f64());
+            |k| k.0,
+        ))
+    };
+    tracker.finish(failure);
     response
 }
 

@@ -24,8 +24,14 @@ use crate::error::AppError;
 pub const MODEL_VERSION: &str = "1";
 
 mod generate;
+mod execute;
 mod infer;
 mod tensors;
+
+pub(crate) use execute::{Answer, execute};
+pub(crate) use tensors::{
+    Data, Input, check_count, decode_binary, shape_of, unsupported_type, utf8_text,
+};
 
 pub use infer::infer;
 
@@ -288,7 +294,7 @@ fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Val
     let m = state.metrics();
     let ns = |secs: f64| (secs * 1e9) as u64;
     let stat = |count: u64, secs: f64| json!({ "count": count, "ns": ns(secs) });
-    let successes: u64 = ["openai", "kserve", "native"]
+    let successes: u64 = crate::metrics::API_FAMILIES
         .iter()
         .map(|a| m.successes.with_label_values(&[a]).get())
         .sum();
