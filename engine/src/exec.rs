@@ -12,13 +12,17 @@ use kiln_attention::{KernelChoice, MaskKind, ProblemSummary, SdpaShape};
 use crate::backend::{Backend, SdpaMaskArg};
 use crate::error::{EngineError, Result, graph_err};
 use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
+use crate::quantize::{LinearChoice, LinearFormat, QuantOptions, linear_formats};
 use crate::tensor::{HostData, HostTensor};
 
-/// Options that change how a graph is executed (not what it computes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Options that change how a graph is executed (not what it computes, up to the precision the
+/// quantization and math-mode options trade away).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecOptions {
     /// The attention kernel: `Auto` lets the selector decide.
     pub sdpa_kernel: KernelChoice,
+    /// int8 quantization and bf16 fast-math of `Linear` layers.
+    pub quant: QuantOptions,
 }
 
 struct InputSpec {
@@ -38,6 +42,7 @@ pub struct Plan<B: Backend> {
     inputs: Vec<InputSpec>,
     options: ExecOptions,
     sdpa_calls: KernelCounts,
+    linears: Vec<LinearChoice>,
 }
 
 /// How many attention calls each kernel has run since the plan was built (cumulative, for the
@@ -75,12 +80,20 @@ impl<B: Backend> Plan<B> {
         for (_, v) in &graph.outputs {
             last_use[v.0] = KEEP;
         }
+        let linears = linear_formats(&graph, &options.quant)?;
         let mut constants = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
             if let Op::Constant { value, role, name } = &node.op {
-                let t = backend
-                    .upload(value, *role)
-                    .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
+                let format = linears
+                    .iter()
+                    .find(|c| c.weight.0 == i)
+                    .map(|c| c.format)
+                    .filter(|f| *f != LinearFormat::F32);
+                let t = match format {
+                    Some(format) => backend.upload_linear(value, &format),
+                    None => backend.upload(value, *role),
+                }
+                .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
                 constants.insert(i, t);
             }
         }
@@ -112,7 +125,13 @@ impl<B: Backend> Plan<B> {
             inputs,
             options,
             sdpa_calls: KernelCounts::default(),
+            linears,
         })
+    }
+
+    /// Every `Linear` layer's weight format (f32, int8, bf16), in graph order.
+    pub fn linear_choices(&self) -> &[LinearChoice] {
+        &self.linears
     }
 
     pub fn graph(&self) -> &Graph {
@@ -356,6 +375,8 @@ pub trait Runnable: Send + Sync {
     fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)>;
     /// See [`Plan::attention_plan`].
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>>;
+    /// See [`Plan::linear_choices`].
+    fn linear_choices(&self) -> &[LinearChoice];
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -377,6 +398,10 @@ impl<B: Backend> Runnable for Plan<B> {
 
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
         Plan::attention_plan(self, seq)
+    }
+
+    fn linear_choices(&self) -> &[LinearChoice] {
+        Plan::linear_choices(self)
     }
 }
 

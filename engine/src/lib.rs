@@ -24,6 +24,7 @@ pub mod error;
 pub mod exec;
 pub mod ir;
 pub mod kernels;
+pub mod quantize;
 pub mod tensor;
 
 pub use caps::CpuCaps;
@@ -31,4 +32,5 @@ pub use device::{DeviceKind, prepare};
 pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
+pub use quantize::{LayerFilter, LinearFormat, MathMode, QuantOptions, Quantize, StaticScales};
 pub use tensor::{HostData, HostTensor};

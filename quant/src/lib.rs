@@ -27,6 +27,18 @@ pub use int8::{ActParams, ActQuant, Int8Kernel, Int8Weights, QuantError};
 
 #[cfg(test)]
 pub(crate) mod test_util {
+    /// Notes a kernel the CPU lacks. `KILN_REQUIRE_KERNELS` (comma-separated kernel names) turns
+    /// that into a failure, so that CI cannot skip the kernels it means to test (the aarch64 run
+    /// under qemu requires `bfdot,bfmmla`).
+    pub fn skipped(kernel: &str) {
+        let required = std::env::var("KILN_REQUIRE_KERNELS").unwrap_or_default();
+        assert!(
+            !required.split(',').any(|r| r.trim() == kernel),
+            "kernel {kernel} is required (KILN_REQUIRE_KERNELS) but this CPU does not support it"
+        );
+        eprintln!("kernel {kernel} is not supported by this CPU: its test is skipped");
+    }
+
     /// A small deterministic generator for test data (no dependency needed).
     pub struct Rng(u64);
 

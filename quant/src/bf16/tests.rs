@@ -6,7 +6,7 @@ use crate::test_util::Rng;
 
 fn kernels() -> Vec<Bf16Kernel> {
     for k in Bf16Kernel::ALL.into_iter().filter(|k| !k.is_supported()) {
-        eprintln!("bf16 kernel {k} is not supported by this CPU: skipped");
+        crate::test_util::skipped(k.name());
     }
     Bf16Kernel::ALL
         .into_iter()

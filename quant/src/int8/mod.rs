@@ -705,7 +705,10 @@ fn run_pairs(tile: TileFn, a: &[i16], lda: usize, b: &[i16], ep: &Epilogue<'_>, 
     match tile {
         #[cfg(target_arch = "x86_64")]
         TileFn::Kernel(Int8Kernel::Avx2) => x86::avx2_tile(a, lda, b, ep, out),
-        _ => unreachable!("only the AVX2 kernel uses the i16 pair layout"),
+        _ => {
+            let _ = (a, lda, b, ep, out);
+            unreachable!("only the AVX2 kernel uses the i16 pair layout")
+        }
     }
 }
 

@@ -6,6 +6,7 @@ use crate::test_util::Rng;
 
 /// The tiles this machine can run: every supported kernel, plus the emulated AVX-VNNI tile.
 fn tiles() -> Vec<(String, TileFn, Int8Kernel)> {
+    #[allow(unused_mut)]
     let mut out: Vec<(String, TileFn, Int8Kernel)> = Int8Kernel::ALL
         .into_iter()
         .filter(|k| k.is_supported())

@@ -65,6 +65,7 @@ fn avx2_body(a: &[i16], lda: usize, b: &[i16], ep: &Epilogue<'_>, out: &mut Tile
     finish_avx2(&c, ep, out);
 }
 
+#[cfg(test)]
 /// `vpdpbusd` done exactly with AVX2: zero-extend the u8 and sign-extend the s8 bytes to i16
 /// (even and odd bytes separately) and sum both `vpmaddwd` products.
 #[target_feature(enable = "avx2")]
@@ -110,6 +111,7 @@ macro_rules! quads_tile_256 {
 }
 
 quads_tile_256!(avxvnni_body, "avx2,avxvnni", _mm256_dpbusd_avx_epi32);
+#[cfg(test)]
 quads_tile_256!(avxvnni_emulated_body, "avx2", dpbusd_emulated);
 
 /// AVX512-VNNI: one 512-bit register holds a quad of k for all 16 columns of a panel.
