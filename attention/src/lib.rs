@@ -22,6 +22,7 @@
 mod error;
 pub mod flash;
 mod gemm;
+mod half_inputs;
 pub mod math;
 pub mod mem_efficient;
 mod params;
@@ -32,6 +33,9 @@ mod task;
 mod tiled;
 
 pub use error::SdpaError;
+pub use half_inputs::{
+    HalfElement, scaled_dot_product_attention_half, scaled_dot_product_attention_varlen_half,
+};
 pub use params::{
     CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,
 };
