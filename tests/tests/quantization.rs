@@ -99,6 +99,34 @@ fn int8_static_calibrated_on_other_texts_within_bounds() {
     );
 }
 
+/// The accuracy of static quantization per observer and deny list (run with `--ignored` to
+/// print the table behind the default choices).
+#[test]
+#[ignore]
+fn int8_static_sensitivity() {
+    let dir = minilm_dir();
+    for observer in [ObserverKind::MinMax, ObserverKind::Percentile(0.9999)] {
+        let scales = Arc::new(
+            quantize::calibrate(&dir, &LoadOptions::default(), &calibration_texts(), observer)
+                .unwrap(),
+        );
+        for deny in [
+            vec![],
+            vec!["*.output.dense"],
+            vec!["*.intermediate.dense"],
+            vec!["*.output.dense", "*.intermediate.dense"],
+            vec!["encoder.layer.0.*", "encoder.layer.5.*"],
+        ] {
+            let mut opts = options(Quantize::Int8Dynamic, MathMode::Precise, &dir);
+            opts.exec.quant.quantize = Quantize::Int8Static;
+            opts.exec.quant.scales = Some(scales.clone());
+            opts.exec.quant.layers.deny = deny.iter().map(|s| s.to_string()).collect();
+            let (min, mean) = minilm_cosines(&opts);
+            eprintln!("static {observer} deny {deny:?}: min {min:.6} mean {mean:.6}");
+        }
+    }
+}
+
 #[test]
 fn bf16_fast_minilm_within_bounds() {
     let (min, mean) = minilm_cosines(&options(Quantize::None, MathMode::Bf16Fast, &minilm_dir()));
