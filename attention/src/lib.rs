@@ -23,6 +23,7 @@
 mod error;
 pub mod flash;
 mod gemm;
+mod half_inputs;
 pub mod math;
 pub mod mem_efficient;
 mod paged;
@@ -34,6 +35,9 @@ mod task;
 mod tiled;
 
 pub use error::SdpaError;
+pub use half_inputs::{
+    HalfElement, scaled_dot_product_attention_half, scaled_dot_product_attention_varlen_half,
+};
 pub use paged::{PagedParams, scaled_dot_product_attention_paged};
 pub use params::{
     CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,

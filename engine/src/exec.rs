@@ -13,13 +13,17 @@ use crate::backend::{Backend, SdpaMaskArg};
 use crate::error::{EngineError, Result, graph_err};
 use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
 use crate::kv::{KvCache, KvCacheSpec, PagedBatch};
+use crate::quantize::{LinearChoice, LinearFormat, QuantOptions, linear_formats};
 use crate::tensor::{HostData, HostTensor};
 
-/// Options that change how a graph is executed (not what it computes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Options that change how a graph is executed (not what it computes, up to the precision the
+/// quantization and math-mode options trade away).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecOptions {
     /// The attention kernel: `Auto` lets the selector decide.
     pub sdpa_kernel: KernelChoice,
+    /// int8 quantization and bf16 fast-math of `Linear` layers.
+    pub quant: QuantOptions,
 }
 
 struct InputSpec {
@@ -39,6 +43,7 @@ pub struct Plan<B: Backend> {
     inputs: Vec<InputSpec>,
     options: ExecOptions,
     sdpa_calls: KernelCounts,
+    linears: Vec<LinearChoice>,
 }
 
 /// How many attention calls each kernel has run since the plan was built (cumulative, for the
@@ -76,12 +81,20 @@ impl<B: Backend> Plan<B> {
         for (_, v) in &graph.outputs {
             last_use[v.0] = KEEP;
         }
+        let linears = linear_formats(&graph, &options.quant)?;
         let mut constants = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
             if let Op::Constant { value, role, name } = &node.op {
-                let t = backend
-                    .upload(value, *role)
-                    .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
+                let format = linears
+                    .iter()
+                    .find(|c| c.weight.0 == i)
+                    .map(|c| c.format)
+                    .filter(|f| *f != LinearFormat::F32);
+                let t = match format {
+                    Some(format) => backend.upload_linear(value, &format),
+                    None => backend.upload(value, *role),
+                }
+                .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
                 constants.insert(i, t);
             }
         }
@@ -113,7 +126,13 @@ impl<B: Backend> Plan<B> {
             inputs,
             options,
             sdpa_calls: KernelCounts::default(),
+            linears,
         })
+    }
+
+    /// Every `Linear` layer's weight format (f32, int8, bf16), in graph order.
+    pub fn linear_choices(&self) -> &[LinearChoice] {
+        &self.linears
     }
 
     pub fn graph(&self) -> &Graph {
@@ -451,6 +470,8 @@ pub trait Runnable: Send + Sync {
         cache: &mut KvCache,
         batch: &PagedBatch,
     ) -> Result<Vec<(String, HostTensor)>>;
+    /// See [`Plan::linear_choices`].
+    fn linear_choices(&self) -> &[LinearChoice];
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -485,6 +506,10 @@ impl<B: Backend> Runnable for Plan<B> {
         batch: &PagedBatch,
     ) -> Result<Vec<(String, HostTensor)>> {
         Plan::run_paged(self, feeds, cache, batch)
+    }
+
+    fn linear_choices(&self) -> &[LinearChoice] {
+        Plan::linear_choices(self)
     }
 }
 

@@ -25,6 +25,7 @@ pub mod exec;
 pub mod ir;
 pub mod kernels;
 pub mod kv;
+pub mod quantize;
 pub mod tensor;
 
 pub use caps::CpuCaps;
@@ -33,4 +34,5 @@ pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
 pub use kv::{KvCache, KvCacheSpec, PagedBatch};
+pub use quantize::{LayerFilter, LinearFormat, MathMode, QuantOptions, Quantize, StaticScales};
 pub use tensor::{HostData, HostTensor};

@@ -314,6 +314,7 @@ fn paged_attention_matches_the_reference_over_mixed_steps() {
             device,
             ExecOptions {
                 sdpa_kernel: kernel,
+                ..Default::default()
             },
         )
         .unwrap();

@@ -259,6 +259,7 @@ fn forcing_the_math_kernel_gives_the_same_answer() {
                 device,
                 ExecOptions {
                     sdpa_kernel: kernel,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -499,8 +500,11 @@ fn packed_batches_equal_padded_batches() {
     ];
     for device in DeviceKind::ALL {
         for sdpa_kernel in choices {
-            let opts = ExecOptions { sdpa_kernel };
-            let padded = prepare(build(false), device, opts).unwrap();
+            let opts = ExecOptions {
+                sdpa_kernel,
+                ..Default::default()
+            };
+            let padded = prepare(build(false), device, opts.clone()).unwrap();
             let packed = prepare(build(true), device, opts).unwrap();
             let want = padded.run(&padded_feeds).unwrap();
             let got = packed.run(&packed_feeds).unwrap();
@@ -571,6 +575,7 @@ fn attention_plan_logs_refuses_and_counts() {
     };
     let flash = ExecOptions {
         sdpa_kernel: SdpaKernelChoice::Force(SdpaKernel::Flash),
+        ..Default::default()
     };
     for device in DeviceKind::ALL {
         let auto = prepare(build(64), device, ExecOptions::default()).unwrap();
@@ -581,11 +586,11 @@ fn attention_plan_logs_refuses_and_counts() {
             assert_eq!(plan[0].1, "flash", "{}", plan[0].2);
             assert_eq!(auto.attention_plan(16).unwrap()[0].1, "math");
         }
-        let wide = prepare(build(320), device, flash).unwrap();
+        let wide = prepare(build(320), device, flash.clone()).unwrap();
         let err = wide.attention_plan(16).unwrap_err().to_string();
         assert!(err.contains("head_dim up to 256"), "{device}: {err}");
 
-        let forced = prepare(build(64), device, flash).unwrap();
+        let forced = prepare(build(64), device, flash.clone()).unwrap();
         let x = HostTensor::f32(vec![1, 300, 128], values(300 * 128, 3)).unwrap();
         forced.run(&[("x".into(), x.clone())]).unwrap();
         forced.run(&[("x".into(), x)]).unwrap();

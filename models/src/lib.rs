@@ -16,6 +16,7 @@ pub mod config;
 pub mod decoder;
 mod error;
 pub mod generate;
+pub mod quantize;
 pub mod st;
 pub mod text;
 pub mod weights;
@@ -49,6 +50,9 @@ pub struct LoadOptions {
     pub max_seq_length: Option<usize>,
     /// Packed (padding-free, the default) or padded batches.
     pub layout: BatchLayout,
+    /// The calibration file for `int8-static` (written by `kiln quantize`); default
+    /// `<model>/kiln-quant.json`.
+    pub quantize_scales: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -59,6 +63,7 @@ impl Default for LoadOptions {
             max_batch_sequences: 32,
             max_seq_length: None,
             layout: BatchLayout::default(),
+            quantize_scales: None,
         }
     }
 }
@@ -145,6 +150,23 @@ pub(crate) fn require(dir: &Path, name: &str) -> Result<PathBuf> {
 impl EncoderModel {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Ok(Self::load_inner(dir, opts, false)?.0)
+    }
+
+    /// Loads the model in f32 with one extra output per `Linear` input (for calibration): the
+    /// model and, per `Linear` label, the output holding its input.
+    pub(crate) fn load_for_calibration(
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<(Self, Vec<(String, String)>)> {
+        Self::load_inner(dir, opts, true)
+    }
+
+    fn load_inner(
+        dir: &Path,
+        opts: &LoadOptions,
+        calibrating: bool,
+    ) -> Result<(Self, Vec<(String, String)>)> {
         let started = Instant::now();
         if !dir.is_dir() {
             return Err(ModelError::io(
@@ -207,7 +229,36 @@ impl EncoderModel {
         }
         let tokenizer = TextTokenizer::load(&require(dir, "tokenizer.json")?, max_len)?;
         let graph = bert::build(&cfg, &weights, head, opts.layout)?;
-        let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
+        let (graph, calibration) = if calibrating {
+            kiln_engine::quantize::calibration_graph(graph)
+        } else {
+            (graph, Vec::new())
+        };
+        let mut exec = opts.exec.clone();
+        if exec.quant.quantize == kiln_engine::Quantize::Int8Static && exec.quant.scales.is_none() {
+            let path = opts
+                .quantize_scales
+                .clone()
+                .unwrap_or_else(|| dir.join(quantize::SCALES_FILE));
+            exec.quant.scales = Some(std::sync::Arc::new(quantize::read_scales(&path)?));
+        }
+        if exec.quant.quantize == kiln_engine::Quantize::Int8Static
+            && exec.quant.layers.allow.is_empty()
+            && exec.quant.layers.deny.is_empty()
+        {
+            exec.quant.layers.deny = bert::STATIC_INT8_DEFAULT_DENY
+                .iter()
+                .map(|p| p.to_string())
+                .collect();
+            tracing::info!(
+                deny = ?exec.quant.layers.deny,
+                "int8-static: keeping the feed-forward layers in f32 (the default deny list; \
+                 set --quantize-skip or --quantize-layers to choose)"
+            );
+        }
+        let plan = kiln_engine::prepare(graph, opts.device, exec)
+            .map_err(|e| quantize::explain_load_error(e, &opts.exec))?;
+        quantize::log_formats(plan.linear_choices(), &opts.exec);
         // Ask the engine which attention kernel runs at a short and at the longest length, log
         // it with the reason, and refuse a forced kernel that cannot run this model.
         for seq in [16.min(max_len), max_len] {
@@ -244,13 +295,21 @@ impl EncoderModel {
             load_ms = info.load_time.as_millis() as u64,
             "model loaded"
         );
-        Ok(Self {
-            info,
-            tokenizer,
-            plan,
-            max_batch: opts.max_batch_sequences.max(1),
-            layout: opts.layout,
-        })
+        Ok((
+            Self {
+                info,
+                tokenizer,
+                plan,
+                max_batch: opts.max_batch_sequences.max(1),
+                layout: opts.layout,
+            },
+            calibration,
+        ))
+    }
+
+    /// Every `Linear` layer's weight format in the loaded plan.
+    pub fn linear_formats(&self) -> &[kiln_engine::quantize::LinearChoice] {
+        self.plan.linear_choices()
     }
 
     pub fn info(&self) -> &ModelInfo {

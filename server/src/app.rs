@@ -125,7 +125,9 @@ impl AppState {
             device: c.device,
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: c.sdpa_kernel,
+                quant: c.quant.clone(),
             },
+            quantize_scales: c.quantize_scales.clone(),
             max_batch_sequences: c.max_batch_sequences,
             max_seq_length: c.max_input_tokens,
             layout: c.batch_layout,

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use kiln_engine::{DeviceKind, SdpaKernelChoice};
+use kiln_engine::{DeviceKind, LayerFilter, MathMode, QuantOptions, Quantize, SdpaKernelChoice};
 use kiln_models::BatchLayout;
 use serde::Deserialize;
 
@@ -25,6 +25,16 @@ pub struct RawServeConfig {
     pub device: Option<String>,
     pub sdpa_kernel: Option<String>,
     pub batch_layout: Option<String>,
+    /// `none`, `int8-dynamic` or `int8-static`.
+    pub quantize: Option<String>,
+    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
+    pub quantize_scales: Option<PathBuf>,
+    /// Layers to quantize (globs on layer names; default all).
+    pub quantize_layers: Option<Vec<String>>,
+    /// Layers to keep in f32 (globs on layer names).
+    pub quantize_skip: Option<Vec<String>>,
+    /// `precise` or `bf16-fast`.
+    pub math_mode: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
     pub grpc_port: Option<u16>,
@@ -68,6 +78,11 @@ impl RawServeConfig {
             device: self.device.or(fallback.device),
             sdpa_kernel: self.sdpa_kernel.or(fallback.sdpa_kernel),
             batch_layout: self.batch_layout.or(fallback.batch_layout),
+            quantize: self.quantize.or(fallback.quantize),
+            quantize_scales: self.quantize_scales.or(fallback.quantize_scales),
+            quantize_layers: self.quantize_layers.or(fallback.quantize_layers),
+            quantize_skip: self.quantize_skip.or(fallback.quantize_skip),
+            math_mode: self.math_mode.or(fallback.math_mode),
             host: self.host.or(fallback.host),
             port: self.port.or(fallback.port),
             grpc_port: self.grpc_port.or(fallback.grpc_port),
@@ -122,6 +137,19 @@ impl RawServeConfig {
             config.batch_layout =
                 BatchLayout::from_str(&l).map_err(|e| format!("--batch-layout: {e}"))?;
         }
+        if let Some(q) = self.quantize {
+            config.quant.quantize =
+                Quantize::from_str(&q).map_err(|e| format!("--quantize: {e}"))?;
+        }
+        if let Some(m) = self.math_mode {
+            config.quant.math_mode =
+                MathMode::from_str(&m).map_err(|e| format!("--math-mode: {e}"))?;
+        }
+        config.quant.layers = LayerFilter {
+            allow: self.quantize_layers.unwrap_or_default(),
+            deny: self.quantize_skip.unwrap_or_default(),
+        };
+        config.quantize_scales = self.quantize_scales;
         if let Some(h) = self.host {
             config.host = h;
         }
@@ -180,6 +208,10 @@ pub struct ServeConfig {
     pub sdpa_kernel: SdpaKernelChoice,
     /// Packed (padding-free, varlen attention) or padded engine batches.
     pub batch_layout: BatchLayout,
+    /// int8 quantization, its layer filter, and the math mode.
+    pub quant: QuantOptions,
+    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
+    pub quantize_scales: Option<PathBuf>,
     pub host: String,
     /// The HTTP port.
     pub port: u16,
@@ -287,6 +319,18 @@ impl ServeConfig {
         if self.model_id.trim().is_empty() || self.model_id.contains('/') {
             return Err("--model-id must be non-empty and contain no `/`".into());
         }
+        if self.quant.quantize == Quantize::None
+            && self.quant.math_mode == MathMode::Precise
+            && !(self.quant.layers.allow.is_empty() && self.quant.layers.deny.is_empty())
+        {
+            return Err(
+                "--quantize-layers / --quantize-skip need --quantize or --math-mode bf16-fast"
+                    .into(),
+            );
+        }
+        if self.quantize_scales.is_some() && self.quant.quantize != Quantize::Int8Static {
+            return Err("--quantize-scales needs --quantize int8-static".into());
+        }
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err("--api-key must not be empty".into());
         }
@@ -304,6 +348,8 @@ impl ServeConfig {
             device: DeviceKind::Cpu,
             sdpa_kernel: SdpaKernelChoice::Auto,
             batch_layout: BatchLayout::Packed,
+            quant: QuantOptions::default(),
+            quantize_scales: None,
             host: "0.0.0.0".into(),
             port: 8080,
             grpc_port: 8081,
@@ -399,6 +445,51 @@ mod tests {
             .unwrap();
         assert_eq!(c.model_id, "all-MiniLM-L6-v2");
         assert_eq!(c.max_queue_delay, Duration::from_millis(2));
+    }
+
+    #[test]
+    fn quantization_settings_from_the_file_and_flags() {
+        let file: RawServeConfig = toml::from_str(
+            "model = \"m\"\nquantize = \"int8-dynamic\"\nquantize_skip = [\"*.output.dense\"]\nmath_mode = \"bf16-fast\"\n",
+        )
+        .unwrap();
+        let c = RawServeConfig::default()
+            .or(file.clone())
+            .resolve()
+            .unwrap();
+        assert_eq!(c.quant.quantize, Quantize::Int8Dynamic);
+        assert_eq!(c.quant.math_mode, MathMode::Bf16Fast);
+        assert_eq!(c.quant.layers.deny, vec!["*.output.dense".to_string()]);
+        let flags = RawServeConfig {
+            quantize: Some("int8-static".into()),
+            quantize_scales: Some("s.json".into()),
+            ..Default::default()
+        };
+        let c = flags.or(file.clone()).resolve().unwrap();
+        assert_eq!(c.quant.quantize, Quantize::Int8Static);
+        assert_eq!(c.quantize_scales, Some(PathBuf::from("s.json")));
+        let bad = RawServeConfig {
+            quantize: Some("int4".into()),
+            ..Default::default()
+        };
+        assert!(
+            bad.or(file.clone())
+                .resolve()
+                .unwrap_err()
+                .contains("--quantize")
+        );
+        let skip_alone = RawServeConfig {
+            quantize: Some("none".into()),
+            math_mode: Some("precise".into()),
+            ..Default::default()
+        };
+        assert!(
+            skip_alone
+                .or(file)
+                .resolve()
+                .unwrap_err()
+                .contains("need --quantize")
+        );
     }
 
     #[test]

@@ -40,6 +40,9 @@ enum Command {
     /// Exit 0 if a `kiln serve` on this machine answers /health with 200 (the container
     /// image's HEALTHCHECK), else print why and exit 1.
     Health(HealthArgs),
+    /// Calibrate static int8 quantization on a set of texts and write the scales file that
+    /// `--quantize int8-static` reads.
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +101,46 @@ struct ModelArgs {
     /// Most sequences per engine call; larger requests are split into length-sorted batches.
     #[arg(long, env = "KILN_MAX_BATCH_SEQUENCES", default_value_t = 32)]
     max_batch_sequences: usize,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// Quantization and math-mode flags (shared by every command that loads a model).
+#[derive(Args)]
+struct QuantArgs {
+    /// Linear layers in int8: `none`, `int8-dynamic` (per-token activation scales at run time)
+    /// or `int8-static` (per-tensor scales from `kiln quantize`). [default: none]
+    #[arg(long, env = "KILN_QUANTIZE")]
+    quantize: Option<String>,
+    /// The calibration file for int8-static. [default: <model>/kiln-quant.json]
+    #[arg(long, env = "KILN_QUANTIZE_SCALES")]
+    quantize_scales: Option<PathBuf>,
+    /// Only these layers are quantized (comma-separated globs on layer names, e.g.
+    /// `encoder.layer.*`). [default: all]
+    #[arg(long, env = "KILN_QUANTIZE_LAYERS", value_delimiter = ',')]
+    quantize_layers: Vec<String>,
+    /// Layers kept in f32 (comma-separated globs, e.g. `*.output.dense,classifier`).
+    #[arg(long, env = "KILN_QUANTIZE_SKIP", value_delimiter = ',')]
+    quantize_skip: Vec<String>,
+    /// `precise` (f32) or `bf16-fast` (linear weights in bf16, inputs rounded to bf16, f32
+    /// accumulation). [default: precise]
+    #[arg(long, env = "KILN_MATH_MODE")]
+    math_mode: Option<String>,
+}
+
+impl QuantArgs {
+    /// The flags as a stage-one config (validated by `RawServeConfig::resolve`).
+    fn raw(&self) -> RawServeConfig {
+        RawServeConfig {
+            quantize: self.quantize.clone(),
+            quantize_scales: self.quantize_scales.clone(),
+            quantize_layers: (!self.quantize_layers.is_empty())
+                .then(|| self.quantize_layers.clone()),
+            quantize_skip: (!self.quantize_skip.is_empty()).then(|| self.quantize_skip.clone()),
+            math_mode: self.math_mode.clone(),
+            ..RawServeConfig::default()
+        }
+    }
 }
 
 /// `kiln serve` flags. Every one is optional here: unset flags fall back to the `KILN_*`
@@ -120,6 +163,8 @@ struct ServeArgs {
     /// Engine batches: `packed` (padding-free, varlen attention) or `padded`. [default: packed]
     #[arg(long, env = "KILN_BATCH_LAYOUT")]
     batch_layout: Option<String>,
+    #[command(flatten)]
+    quant: QuantArgs,
     /// Name clients see (default: the model folder's name).
     #[arg(long, env = "KILN_MODEL_ID")]
     model_id: Option<String>,
@@ -211,6 +256,26 @@ struct ServeArgs {
 }
 
 #[derive(Args)]
+struct QuantizeArgs {
+    /// Model folder in the Hugging Face layout.
+    #[arg(long, env = "KILN_MODEL")]
+    model: PathBuf,
+    /// Calibration texts, one per line: a JSON string or an object with a `text` field.
+    #[arg(long)]
+    calibrate: PathBuf,
+    /// Observer: `minmax` (the default: BERT's outlier channels need their full range) or
+    /// `percentile` (99.99%) / `percentile:P`.
+    #[arg(long, default_value = "minmax")]
+    observer: String,
+    /// Where to write the scales. [default: <model>/kiln-quant.json]
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Most sequences per calibration batch.
+    #[arg(long, default_value_t = 32)]
+    max_batch_sequences: usize,
+}
+
+#[derive(Args)]
 struct EmbedArgs {
     #[command(flatten)]
     model: ModelArgs,
@@ -237,20 +302,27 @@ struct BenchArgs {
 }
 
 impl ModelArgs {
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions {
+    fn load_options(&self) -> Result<LoadOptions> {
+        let raw = RawServeConfig {
+            model: Some(self.model.clone()),
+            ..self.quant.raw()
+        };
+        let resolved = raw.resolve().map_err(|e| anyhow!(e))?;
+        Ok(LoadOptions {
             device: self.device,
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: self.sdpa_kernel,
+                quant: resolved.quant,
             },
             max_batch_sequences: self.max_batch_sequences,
             max_seq_length: self.max_seq_length,
             layout: self.batch_layout,
-        }
+            quantize_scales: resolved.quantize_scales,
+        })
     }
 
     fn load(&self) -> Result<EncoderModel> {
-        EncoderModel::load(&self.model, &self.load_options()).map_err(|e| anyhow!("{e}"))
+        EncoderModel::load(&self.model, &self.load_options()?).map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -261,6 +333,7 @@ impl ServeArgs {
             Some(path) => RawServeConfig::from_toml_file(path).map_err(|e| anyhow!(e))?,
             None => RawServeConfig::default(),
         };
+        let quant = self.quant.raw();
         let flags = RawServeConfig {
             model: self.model,
             model_id: self.model_id,
@@ -293,6 +366,7 @@ impl ServeArgs {
             waiting_served_ratio: self.waiting_served_ratio,
             kv_block_size: self.kv_block_size,
             chat_template: self.chat_template,
+            ..quant
         };
         let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
         let addr = |port: u16| -> Result<SocketAddr> {
@@ -327,6 +401,7 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench(args),
         Command::BenchGenerate(args) => bench_generate(args),
         Command::Health(args) => health(args),
+        Command::Quantize(args) => quantize(args),
     }
 }
 
@@ -417,6 +492,43 @@ fn health(args: HealthArgs) -> Result<()> {
     Ok(())
 }
 
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let observer: kiln_quant::observer::ObserverKind = args
+        .observer
+        .parse()
+        .map_err(|e: String| anyhow!("--observer: {e}"))?;
+    let texts = kiln_models::quantize::read_texts(&args.calibrate).map_err(|e| anyhow!("{e}"))?;
+    let opts = LoadOptions {
+        max_batch_sequences: args.max_batch_sequences.max(1),
+        ..LoadOptions::default()
+    };
+    let started = Instant::now();
+    let scales = kiln_models::quantize::calibrate(&args.model, &opts, &texts, observer)
+        .map_err(|e| anyhow!("{e}"))?;
+    let out = args
+        .out
+        .unwrap_or_else(|| args.model.join(kiln_models::quantize::SCALES_FILE));
+    kiln_models::quantize::write_scales(&out, &scales).map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "calibrated {} layers on {} texts ({} tokens) with the {observer} observer in {:.1} s; wrote {}",
+        scales.layers.len(),
+        texts.len(),
+        scales.source.get("tokens").map_or("?", String::as_str),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    println!(
+        "serve it with: kiln serve --model {} --quantize int8-static{}",
+        args.model.display(),
+        if out == args.model.join(kiln_models::quantize::SCALES_FILE) {
+            String::new()
+        } else {
+            format!(" --quantize-scales {}", out.display())
+        }
+    );
+    Ok(())
+}
+
 fn embed(args: EmbedArgs) -> Result<()> {
     let model = args.model.load()?;
     let out = model
@@ -475,12 +587,18 @@ fn bench(args: BenchArgs) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?
         .remove(0);
     let cpu = kiln_engine::CpuCaps::detect();
+    let opts = args.model.load_options()?;
     println!(
-        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}",
+        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}, quantize {}, math_mode {} \
+         (int8 kernel {}, bf16 kernel {})",
         model.info().id,
         model.info().device,
         args.model.batch_layout,
-        args.model.sdpa_kernel
+        args.model.sdpa_kernel,
+        opts.exec.quant.quantize,
+        opts.exec.quant.math_mode,
+        kiln_quant::Int8Kernel::detect(),
+        kiln_quant::bf16::Bf16Kernel::detect(),
     );
     println!("| batch×seq | median ms | min ms | tokens/s | runs |");
     println!("|---|---|---|---|---|");
@@ -582,6 +700,7 @@ fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
     let opts = LoadOptions {
         exec: kiln_engine::ExecOptions {
             sdpa_kernel: args.sdpa_kernel,
+            ..Default::default()
         },
         ..LoadOptions::default()
     };

@@ -39,6 +39,7 @@ fn configurations() -> Vec<(String, LoadOptions)> {
             LoadOptions {
                 exec: ExecOptions {
                     sdpa_kernel: SdpaKernelChoice::Force(k),
+                    ..Default::default()
                 },
                 ..LoadOptions::default()
             },

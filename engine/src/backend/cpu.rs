@@ -9,11 +9,15 @@ use kiln_attention::{
     scaled_dot_product_attention_varlen,
 };
 
+use kiln_quant::bf16::{Bf16Kernel, Bf16Weights};
+use kiln_quant::{ActQuant, Int8Kernel, Int8Weights};
+
 use super::{Backend, KvStore, SdpaMaskArg, cumulative};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
 use crate::kernels::{gemm, gemv, rowwise};
 use crate::kv::{KvCacheSpec, PagedBatch};
+use crate::quantize::LinearFormat;
 use crate::tensor::{HostData, HostTensor};
 
 /// A tensor on [`CpuBackend`]. Buffers are shared until written (`Arc::make_mut`), so ops that
@@ -31,6 +35,11 @@ enum CpuData {
     /// A linear weight pre-packed as `[in, out]` row-major (the transpose of the HF layout),
     /// which is the layout the GEMM streams best. `shape` stays the logical `[out, in]`.
     PackedLinear(Arc<Vec<f32>>),
+    /// A linear weight quantized to s8 per output channel and packed for the detected int8
+    /// kernel, with how its input activations are quantized.
+    Int8Linear(Arc<(Int8Weights, ActQuant)>),
+    /// A linear weight in bf16, packed for the detected bf16 kernel.
+    Bf16Linear(Arc<Bf16Weights>),
 }
 
 /// kiln's own CPU kernels.
@@ -75,15 +84,42 @@ impl CpuBackend {
         b: Option<CpuTensor>,
         small_m: bool,
     ) -> Result<CpuTensor> {
-        let CpuData::PackedLinear(packed) = &w.data else {
-            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
-        };
         let (out_f, in_f) = (w.shape[0], w.shape[1]);
         let xs = self.f32_ref(&x, "linear input")?;
         let m = xs.len() / in_f.max(1);
-        let mut y = match &b {
+        let mut shape = x.shape.clone();
+        *shape
+            .last_mut()
+            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
+        let bias = b
+            .as_ref()
+            .map(|b| self.f32_ref(b, "linear bias"))
+            .transpose()?;
+        // The quantized kernels quantize the input rows, multiply and add the bias in one pass.
+        let quantized = match &w.data {
+            CpuData::Int8Linear(packed) => {
+                let (weights, act) = &**packed;
+                let mut y = vec![0.0f32; m * out_f];
+                kiln_quant::int8::linear(xs, m, weights, bias, *act, &mut y, self.threads)
+                    .map_err(|e| self.err(e.to_string()))?;
+                Some(y)
+            }
+            CpuData::Bf16Linear(weights) => {
+                let mut y = vec![0.0f32; m * out_f];
+                kiln_quant::bf16::linear(xs, m, weights, bias, &mut y, self.threads)
+                    .map_err(|e| self.err(e.to_string()))?;
+                Some(y)
+            }
+            _ => None,
+        };
+        if let Some(y) = quantized {
+            return Ok(f32_tensor(shape, y));
+        }
+        let CpuData::PackedLinear(packed) = &w.data else {
+            return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight"));
+        };
+        let mut y = match bias {
             Some(bias) => {
-                let bias = self.f32_ref(bias, "linear bias")?;
                 let mut y = Vec::with_capacity(m * out_f);
                 for _ in 0..m {
                     y.extend_from_slice(bias);
@@ -98,10 +134,6 @@ impl CpuBackend {
         } else {
             gemm::matmul(&mut y, xs, packed, m, in_f, out_f, true, self.threads);
         }
-        let mut shape = x.shape.clone();
-        *shape
-            .last_mut()
-            .ok_or_else(|| self.err("linear input is a scalar"))? = out_f;
         Ok(f32_tensor(shape, y))
     }
 
@@ -169,8 +201,32 @@ impl Backend for CpuBackend {
         match t.data {
             CpuData::F32(d) => HostTensor::f32(t.shape, Arc::unwrap_or_clone(d)),
             CpuData::I64(d) => HostTensor::i64(t.shape, Arc::unwrap_or_clone(d)),
-            CpuData::PackedLinear(_) => Err(self.err("a packed weight cannot be downloaded")),
+            CpuData::PackedLinear(_) | CpuData::Int8Linear(_) | CpuData::Bf16Linear(_) => {
+                Err(self.err("a packed weight cannot be downloaded"))
+            }
         }
+    }
+
+    fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<CpuTensor> {
+        let (HostData::F32(v), [out, inn]) = (&t.data, &t.shape[..]) else {
+            return Err(self.err(format!("linear weight must be 2-D F32, got {:?}", t.shape)));
+        };
+        let (out, inn) = (*out, *inn);
+        let quant = |e: kiln_quant::QuantError| self.err(e.to_string());
+        let data = match format {
+            LinearFormat::F32 => return self.upload(t, ConstRole::LinearWeight),
+            LinearFormat::Int8(act) => CpuData::Int8Linear(Arc::new((
+                Int8Weights::pack(v, out, inn, Int8Kernel::detect()).map_err(quant)?,
+                *act,
+            ))),
+            LinearFormat::Bf16 => CpuData::Bf16Linear(Arc::new(
+                Bf16Weights::pack(v, out, inn, Bf16Kernel::detect()).map_err(quant)?,
+            )),
+        };
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data,
+        })
     }
 
     fn embedding(&self, table: CpuTensor, ids: CpuTensor) -> Result<CpuTensor> {

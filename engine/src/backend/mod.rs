@@ -17,6 +17,7 @@ use kiln_attention::{KernelChoice, ProblemSummary};
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
 use crate::kv::{KvCacheSpec, PagedBatch};
+use crate::quantize::LinearFormat;
 use crate::tensor::HostTensor;
 
 /// Backend storage of a paged KV cache (each backend downcasts to its own type).
@@ -77,6 +78,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Moves a host tensor onto the device; `role` lets the backend choose a weight layout.
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<Self::Tensor>;
     fn download(&self, t: Self::Tensor) -> Result<HostTensor>;
+
+    /// Uploads a `Linear`'s `[out, in]` weight in `format` (int8 or bf16 pack their weight for
+    /// the CPU's kernel). Backends without such kernels refuse every format but f32.
+    fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<Self::Tensor> {
+        match format {
+            LinearFormat::F32 => self.upload(t, ConstRole::LinearWeight),
+            other => Err(EngineError::Backend {
+                backend: self.name(),
+                reason: format!(
+                    "{other} linear layers are not implemented on this device (use --device cpu)"
+                ),
+            }),
+        }
+    }
 
     fn embedding(&self, table: Self::Tensor, ids: Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w.T + b` for a weight uploaded with [`ConstRole::LinearWeight`].

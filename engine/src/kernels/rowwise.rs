@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::vmath;
 use crate::ir::Activation;
 
 /// Rows shorter than this run serially: splitting tiny work costs more than it saves.
@@ -72,21 +73,20 @@ pub fn rope(
 }
 
 pub fn activation(x: &mut [f32], act: Activation) {
-    let f: fn(f32) -> f32 = match act {
-        Activation::Gelu => |v| 0.5 * v * (1.0 + libm::erff(v * std::f32::consts::FRAC_1_SQRT_2)),
-        Activation::GeluTanh => |v| {
-            const C: f32 = 0.797_884_6; // sqrt(2/pi)
-            0.5 * v * (1.0 + (C * (v + 0.044715 * v * v * v)).tanh())
-        },
-        Activation::Relu => |v| v.max(0.0),
-        Activation::Tanh => f32::tanh,
-        Activation::Silu => |v| v / (1.0 + (-v).exp()),
+    // The GELUs and SiLU go through `vmath`'s branch-free versions, which vectorise (libm's
+    // `erff`/`tanhf`/`expf` are scalar calls: ~15% of a GPT-2 prefill and ~20 ms per MiniLM
+    // layer at 32×128 before).
+    let f: fn(&mut [f32]) = match act {
+        Activation::Gelu => vmath::gelu_slice,
+        Activation::GeluTanh => vmath::gelu_tanh_slice,
+        Activation::Relu => |c| c.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Tanh => |c| c.iter_mut().for_each(|v| *v = v.tanh()),
+        Activation::Silu => vmath::silu_slice,
     };
     if x.len() >= PAR_MIN_ELEMS {
-        x.par_chunks_mut(4096)
-            .for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+        x.par_chunks_mut(4096).for_each(f);
     } else {
-        x.iter_mut().for_each(|v| *v = f(*v));
+        f(x);
     }
 }
 

@@ -85,7 +85,7 @@ impl CausalLm {
         let chat = chat::ChatTemplate::load(dir, chat_template)?;
         let weights = shards::Weights::open(dir)?;
         let graph = graph::build(&config, &weights, GraphMode::Paged)?;
-        let plan = kiln_engine::prepare(graph, opts.device, opts.exec)?;
+        let plan = kiln_engine::prepare(graph, opts.device, opts.exec.clone())?;
         for seq in [
             16.min(config.max_position_embeddings),
             config.max_position_embeddings,
@@ -308,7 +308,8 @@ impl CausalLm {
             None => {
                 let weights = shards::Weights::open(&self.info.dir)?;
                 let graph = graph::build(&self.config, &weights, GraphMode::Full)?;
-                let plan = kiln_engine::prepare(graph, self.options.device, self.options.exec)?;
+                let plan =
+                    kiln_engine::prepare(graph, self.options.device, self.options.exec.clone())?;
                 self.full.get_or_init(|| plan)
             }
         };

@@ -23,8 +23,8 @@ use crate::error::AppError;
 /// The one version kiln serves of its one model.
 pub const MODEL_VERSION: &str = "1";
 
-mod generate;
 mod execute;
+mod generate;
 mod infer;
 mod tensors;
 
