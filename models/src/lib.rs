@@ -242,9 +242,13 @@ impl EncoderModel {
                 .unwrap_or_else(|| dir.join(quantize::SCALES_FILE));
             exec.quant.scales = Some(std::sync::Arc::new(quantize::read_scales(&path)?));
         }
+        // `--quantize-skip none` asks for no deny list at all (every layer int8).
+        let skip_none = exec.quant.layers.deny.iter().any(|p| p == "none");
+        exec.quant.layers.deny.retain(|p| p != "none");
         if exec.quant.quantize == kiln_engine::Quantize::Int8Static
             && exec.quant.layers.allow.is_empty()
             && exec.quant.layers.deny.is_empty()
+            && !skip_none
         {
             exec.quant.layers.deny = bert::STATIC_INT8_DEFAULT_DENY
                 .iter()

@@ -179,7 +179,7 @@ impl Metrics {
             )
             .expect("valid gauge"),
             kv_cache_blocks_total: IntGauge::new(
-                "kiln_kv_cache_blocks_total",
+                "kiln_kv_cache_blocks_capacity",
                 "KV cache blocks in the pool.",
             )
             .expect("valid gauge"),

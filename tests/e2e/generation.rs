@@ -302,7 +302,7 @@ fn many_concurrent_streams_with_disconnects_return_every_kv_block() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(server.metric("kiln_kv_cache_blocks_total"), 160.0);
+    assert_eq!(server.metric("kiln_kv_cache_blocks_capacity"), 160.0);
     // And the server still answers.
     let (status, again) = server.post(
         "/v1/completions",

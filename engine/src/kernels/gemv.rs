@@ -4,7 +4,8 @@
 //! matrix, so it is bound by reading the weights, not by arithmetic. The `gemm` crate runs such
 //! problems single-threaded below its size threshold and packs the weights for a GEMM's reuse
 //! that a GEMV does not have. Here the weights (`[k, n]` row-major, the layout linear weights are
-//! uploaded in) are read exactly once, in column blocks split across threads: each block keeps the
+//! uploaded in) are read exactly once, in wide column blocks (whole rows for one sequence)
+//! split across threads by column block and range of rows: each task keeps its
 //! `m × block` accumulators in L1 and adds `x[r, i] · w[i, block]` for every row `i` of the
 //! weights, an AXPY the compiler vectorises. On x86-64 the same loop is compiled a second time
 //! with AVX2 and FMA enabled, chosen at run time.
@@ -14,28 +15,38 @@ use rayon::prelude::*;
 /// Most rows this path takes; above it the GEMM is faster (the weights are reused enough).
 pub const SMALL_M: usize = 8;
 
-/// Most columns per block: `SMALL_M × MAX_COLS` accumulators stay in L1.
-const MAX_COLS: usize = 256;
-/// Fewest columns per block (64 floats: each weight row segment is four whole cache lines).
-const MIN_COLS: usize = 64;
-
-/// Columns per block for `n` columns on `threads` threads: as wide as possible, but narrow
-/// enough for about four blocks per thread. A 768-wide output in 256-column blocks is three
-/// blocks, so one of two threads would do two of them and the other one (measured: GPT-2's
-/// 3072→768 projection, a third of each layer's weights, ran at two thirds of the bandwidth).
-fn block_cols(n: usize, threads: usize) -> usize {
-    let per = n.div_ceil(4 * threads.max(1));
-    per.next_multiple_of(16).clamp(MIN_COLS, MAX_COLS)
-}
+/// Bytes of accumulators one block keeps (`m × width` f32): half of a 32 KiB L1 data cache.
+const ACC_BYTES: usize = 16 << 10;
 
 /// Below this many weight elements one thread does it all.
 const PARALLEL_MIN: usize = 1 << 16;
 
-/// `acc[r, ..] += Σ_i x[r, i] · w[i, c0..c0 + acc_width]` for the rows of `x`.
+/// Columns per block for `m` rows: as wide as the accumulator budget allows, so that each weight
+/// row segment a block reads is long and contiguous (for `m = 1` a 768- or 3072-wide layer is
+/// read row after row, start to end). Narrow blocks of a wide matrix read short pieces of many
+/// rows a whole row apart: every piece is a new page for the TLB and a fresh start for the
+/// prefetcher (measured: GPT-2's 50257-wide head in 256-column blocks ran well below the
+/// bandwidth a sequential read gets).
+fn block_cols(n: usize, m: usize) -> usize {
+    let budget = (ACC_BYTES / 4 / m.max(1)) / 16 * 16;
+    budget.max(16).min(n)
+}
+
+/// `acc[r, ..] += Σ_{i in rows} x[r, i] · w[i, c0..c0 + acc_width]` for the rows of `x`.
 #[inline(always)]
-fn block_body(acc: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize) {
+#[allow(clippy::too_many_arguments)]
+fn block_body(
+    acc: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    rows: (usize, usize),
+) {
     let width = acc.len() / m;
-    for i in 0..k {
+    for i in rows.0..rows.1 {
         let wrow = &w[i * n + c0..i * n + c0 + width];
         for r in 0..m {
             let a = x[r * k + i];
@@ -52,23 +63,46 @@ fn block_body(acc: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usiz
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn block_avx2(acc: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize) {
-    block_body(acc, x, w, m, k, n, c0);
+#[allow(clippy::too_many_arguments)]
+fn block_avx2(
+    acc: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    rows: (usize, usize),
+) {
+    block_body(acc, x, w, m, k, n, c0, rows);
 }
 
-#[allow(unsafe_code)]
-fn block(acc: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize, c0: usize) {
+#[allow(unsafe_code, clippy::too_many_arguments)]
+fn block(
+    acc: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    c0: usize,
+    rows: (usize, usize),
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above), which is all that
         // `block_avx2` requires; its body is the same safe code as the portable path.
-        unsafe { block_avx2(acc, x, w, m, k, n, c0) };
+        unsafe { block_avx2(acc, x, w, m, k, n, c0, rows) };
         return;
     }
-    block_body(acc, x, w, m, k, n, c0);
+    block_body(acc, x, w, m, k, n, c0, rows);
 }
 
 /// Row-major `y[m×n] = (accumulate ? y : 0) + x[m×k] · w[k×n]` for `m <= SMALL_M`.
+///
+/// The work is split into tasks of (column block, range of weight rows), at least four per
+/// thread when there is enough of it; tasks that share a column block each sum their rows into
+/// their own accumulators, added together at the end.
 ///
 /// Panics if a slice is shorter than its shape says (callers derive both from checked shapes).
 #[allow(clippy::too_many_arguments)]
@@ -92,26 +126,33 @@ pub fn matmul_small_m(
     if !accumulate {
         y[..m * n].fill(0.0);
     }
-    let cols = block_cols(n, threads);
-    let blocks: Vec<usize> = (0..n).step_by(cols).collect();
-    let run = |c0: usize| -> Vec<f32> {
+    let parallel = threads > 1 && k * n >= PARALLEL_MIN;
+    let cols = block_cols(n, m);
+    let col_blocks = n.div_ceil(cols);
+    let want = if parallel { 4 * threads } else { 1 };
+    // Split the weight rows only as far as needed for `want` tasks, and never below 64 rows.
+    let splits = want.div_ceil(col_blocks).min(k / 64).max(1);
+    let tasks: Vec<(usize, (usize, usize))> = (0..col_blocks)
+        .flat_map(|b| (0..splits).map(move |s| (b * cols, (k * s / splits, k * (s + 1) / splits))))
+        .collect();
+    let run = |&(c0, rows): &(usize, (usize, usize))| -> Vec<f32> {
         let width = cols.min(n - c0);
         let mut acc = vec![0.0f32; m * width];
-        for r in 0..m {
-            acc[r * width..(r + 1) * width].copy_from_slice(&y[r * n + c0..r * n + c0 + width]);
-        }
-        block(&mut acc, x, w, m, k, n, c0);
+        block(&mut acc, x, w, m, k, n, c0, rows);
         acc
     };
-    let results: Vec<Vec<f32>> = if threads > 1 && k * n >= PARALLEL_MIN {
-        blocks.par_iter().map(|&c0| run(c0)).collect()
+    let results: Vec<Vec<f32>> = if parallel {
+        tasks.par_iter().map(run).collect()
     } else {
-        blocks.iter().map(|&c0| run(c0)).collect()
+        tasks.iter().map(run).collect()
     };
-    for (&c0, acc) in blocks.iter().zip(results) {
+    for (&(c0, _), acc) in tasks.iter().zip(results) {
         let width = cols.min(n - c0);
         for r in 0..m {
-            y[r * n + c0..r * n + c0 + width].copy_from_slice(&acc[r * width..(r + 1) * width]);
+            let dst = &mut y[r * n + c0..r * n + c0 + width];
+            for (d, a) in dst.iter_mut().zip(&acc[r * width..(r + 1) * width]) {
+                *d += a;
+            }
         }
     }
 }
