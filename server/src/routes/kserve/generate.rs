@@ -9,10 +9,9 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::tensors::{InputTensor, bool_param, decode_input, texts_of};
+use super::tensors::{InferRequest, bool_param, decode_input, texts_of};
 use super::{MODEL_VERSION, bad};
 use crate::app::AppState;
 use crate::error::AppError;
@@ -22,26 +21,6 @@ use crate::routes::generate::{GenParams, collect};
 
 pub const TEXT_INPUT: &str = "text_input";
 pub const TEXT_OUTPUT: &str = "text_output";
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<InputTensor>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
 
 pub fn metadata(id: &str) -> Json<Value> {
     Json(json!({

@@ -5,37 +5,16 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::execute::execute;
-use super::tensors::{InputTensor, bool_param, decode_input};
+use super::tensors::{InferRequest, bool_param, decode_input};
 use super::{MODEL_VERSION, ModelPath, bad, kserve_error, model};
 use crate::app::AppState;
 use crate::error::AppError;
 use crate::json::RawBody;
 
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<String>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<InputTensor>,
-    #[serde(default)]
-    outputs: Option<Vec<RequestedOutput>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
 
 pub async fn infer(
     State(state): State<AppState>,

@@ -7,6 +7,28 @@ use serde_json::{Map, Value};
 use super::bad;
 use crate::error::AppError;
 
+/// The JSON part of a KServe v2 REST infer request (encoder and generation routes alike).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InferRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    pub inputs: Vec<InputTensor>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// One entry of an infer request's `outputs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RequestedOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct InputTensor {
