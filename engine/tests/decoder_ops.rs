@@ -7,21 +7,8 @@ use kiln_engine::{
     prepare,
 };
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20_000) as f32 / 10_000.0 - 1.0
-        })
-        .collect()
-}
-
-fn t(shape: &[usize], seed: u64) -> HostTensor {
-    HostTensor::f32(shape.to_vec(), values(shape.iter().product(), seed)).unwrap()
-}
+mod common;
+use common::{f32_tensor as t, values};
 
 fn close(name: &str, got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "{name}: length");

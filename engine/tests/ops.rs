@@ -7,21 +7,8 @@ use kiln_engine::ir::{
 };
 use kiln_engine::{DeviceKind, ExecOptions, HostTensor, SdpaKernel, SdpaKernelChoice, prepare};
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20_000) as f32 / 10_000.0 - 1.0
-        })
-        .collect()
-}
-
-fn f32_tensor(shape: &[usize], seed: u64) -> HostTensor {
-    HostTensor::f32(shape.to_vec(), values(shape.iter().product(), seed)).unwrap()
-}
+mod common;
+use common::{f32_tensor, values};
 
 const B: usize = 2;
 const S: usize = 5;
