@@ -313,3 +313,40 @@ fn stop_strings_tokens_and_sampling_seeds() {
     assert_eq!(sample(1), sample(1));
     assert_ne!(sample(1), sample(2));
 }
+
+/// Paged mode cuts to each sequence's last token right after the last layer's attention: that
+/// layer's output projection and MLP run on `[sequences, h]`, every other layer's on all tokens,
+/// and full mode (every position's logits) cuts nothing.
+#[test]
+fn paged_graph_runs_the_last_layers_mlp_on_last_tokens_only() {
+    use kiln_engine::ir::{Dim, Op};
+    use kiln_models::decoder::{DecoderConfig, GraphMode, graph, shards};
+    for name in MODELS {
+        let d = dir(name);
+        let cfg = DecoderConfig::load(&d.join("config.json")).unwrap();
+        let weights = shards::Weights::open(&d).unwrap();
+        let last = cfg.num_layers - 1;
+        for mode in [GraphMode::Paged, GraphMode::Full] {
+            let g = graph::build(&cfg, &weights, mode).unwrap();
+            let linears: Vec<_> = g
+                .nodes
+                .iter()
+                .filter(|n| matches!(n.op, Op::Linear) && n.label != "lm_head")
+                .collect();
+            assert!(!linears.is_empty(), "{name}: no linear layers");
+            for n in linears {
+                let pruned = mode == GraphMode::Paged
+                    && n.label.contains(&format!(".{last}."))
+                    && !["q", "k", "v", "q_proj", "k_proj", "v_proj"]
+                        .iter()
+                        .any(|p| n.label.ends_with(&format!(".{p}")));
+                let rows = &n.ty.dims[..n.ty.dims.len() - 1];
+                if pruned {
+                    assert_eq!(rows, [Dim::Sequences], "{name} {mode:?}: {}", n.label);
+                } else {
+                    assert_eq!(rows, [Dim::Batch, Dim::Seq], "{name} {mode:?}: {}", n.label);
+                }
+            }
+        }
+    }
+}
