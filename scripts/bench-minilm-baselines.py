@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoModel
+
+from minilm_embedder import Embedder, export_onnx
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
@@ -30,24 +31,10 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 
 
-class Embedder(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask):
-        h = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=1)
-
-
 emb = Embedder(AutoModel.from_pretrained(a.model).eval()).eval()
 work = Path(tempfile.mkdtemp())
 fp32 = work / "fp32.onnx"
-ids = torch.ones(2, 8, dtype=torch.int64)
-torch.onnx.export(emb, (ids, torch.ones_like(ids)), str(fp32), input_names=["input_ids", "attention_mask"],
-                  output_names=["embeddings"], opset_version=17, dynamo=False,
-                  dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+export_onnx(emb, fp32)
 int8, int8_pc = work / "int8.onnx", work / "int8_pc.onnx"
 quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
 quantize_dynamic(str(fp32), str(int8_pc), weight_type=QuantType.QInt8, per_channel=True)

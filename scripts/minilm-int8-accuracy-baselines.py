@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import AutoModel
+
+from minilm_embedder import Embedder, export_onnx
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
@@ -34,25 +35,10 @@ mask = np.load(fx / "attention_mask_padded.npy").astype(np.int64)
 want = np.load(fx / "embeddings_normalized.npy").astype(np.float64)
 
 
-class Embedder(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids, attention_mask):
-        h = self.m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), dim=1)
-
-
 emb = Embedder(AutoModel.from_pretrained(a.model).eval()).eval()
 work = Path(tempfile.mkdtemp())
 fp32 = work / "fp32.onnx"
-probe = torch.ones(2, 8, dtype=torch.int64)
-torch.onnx.export(emb, (probe, torch.ones_like(probe)), str(fp32),
-                  input_names=["input_ids", "attention_mask"], output_names=["embeddings"],
-                  opset_version=17, dynamo=False,
-                  dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}})
+export_onnx(emb, fp32)
 
 
 def torch_run(mod):

@@ -5,37 +5,20 @@
 //! GFLOP/s (f32, bf16) or GOPS (int8), counting 2·m·k·n operations, quantization and the bias
 //! included in the int8 and bf16 times.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_engine::kernels::gemm;
 use kiln_quant::bf16::{Bf16Kernel, Bf16Weights};
 use kiln_quant::{ActParams, ActQuant, Int8Kernel, Int8Weights};
 
-fn data(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32 - 0.5) * 2.0
-        })
-        .collect()
-}
+#[path = "../../quant/benches/common/mod.rs"]
+mod common;
 
-/// Median seconds per call over at least 5 calls and about `budget`.
-fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 5 || (start.elapsed() < budget && times.len() < 1000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+/// Median seconds per call (see [`common::time`]).
+fn time(budget: Duration, f: impl FnMut()) -> f64 {
+    common::time(budget, f).0
 }
+use common::data;
 
 fn main() {
     let threads: usize = std::env::args()

@@ -5,36 +5,12 @@
 //! (2·m·k·n operations). `engine/benches/linear.rs` puts the same layers beside f32 and bf16; this
 //! one builds in seconds, for working on the kernel.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kiln_quant::{ActParams, ActQuant, Int8Kernel, Int8Weights};
 
-fn data(n: usize, seed: u32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 17;
-            s ^= s << 5;
-            (s as f32 / u32::MAX as f32 - 0.5) * 2.0
-        })
-        .collect()
-}
-
-/// Median and fastest seconds per call over at least 5 calls and about `budget`. On a shared VM
-/// the fastest call shows what the kernel can do; the median what a user sees.
-fn time(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 5 || (start.elapsed() < budget && times.len() < 2000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], times[0])
-}
+mod common;
+use common::{data, time};
 
 fn main() {
     let threads: usize = std::env::args()
