@@ -14,7 +14,8 @@
 //! length. All three run on the same blocks of work (`task.rs`): a run of query rows of one
 //! (sequence, head), cut the same way from a padded batch or from a padding-free ("varlen")
 //! batch, so every kernel supports varlen and the driver parallelises over batch × heads × query
-//! blocks.
+//! blocks. Decoders run [`scaled_dot_product_attention_paged`] over a paged KV cache (prefill
+//! chunks and decode steps alike, bottom-right causal), with the same selector and kernels.
 //!
 //! Conventions follow PyTorch's `scaled_dot_product_attention`: a key-padding mask entry of `true`
 //! means "attend to this key" (burn uses the opposite convention; the engine converts).
@@ -22,8 +23,10 @@
 mod error;
 pub mod flash;
 mod gemm;
+mod half_inputs;
 pub mod math;
 pub mod mem_efficient;
+mod paged;
 mod params;
 pub mod reference;
 mod select;
@@ -32,6 +35,10 @@ mod task;
 mod tiled;
 
 pub use error::SdpaError;
+pub use half_inputs::{
+    HalfElement, scaled_dot_product_attention_half, scaled_dot_product_attention_varlen_half,
+};
+pub use paged::{PagedParams, scaled_dot_product_attention_paged};
 pub use params::{
     CausalAlign, Mask, MaskKind, ProblemSummary, SdpaParams, SdpaShape, VarlenParams,
 };

@@ -14,13 +14,18 @@ use crate::compile::MemoryPlan;
 use crate::compile::kernels::sdpa_problem;
 use crate::error::{EngineError, Result, graph_err};
 use crate::ir::{AttnMask, Bindings, Dim, Graph, Op, TensorType, ValueId};
+use crate::kv::{KvCache, KvCacheSpec, PagedBatch};
+use crate::quantize::{LinearChoice, LinearFormat, QuantOptions, linear_formats};
 use crate::tensor::{HostData, HostTensor};
 
-/// Options that change how a graph is executed (not what it computes).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Options that change how a graph is executed (not what it computes, up to the precision the
+/// quantization and math-mode options trade away).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ExecOptions {
     /// The attention kernel: `Auto` lets the selector decide.
     pub sdpa_kernel: KernelChoice,
+    /// int8 quantization and bf16 fast-math of `Linear` layers.
+    pub quant: QuantOptions,
 }
 
 struct InputSpec {
@@ -41,6 +46,7 @@ pub struct Plan<B: Backend> {
     options: ExecOptions,
     memory: MemoryPlan,
     sdpa_calls: KernelCounts,
+    linears: Vec<LinearChoice>,
 }
 
 /// How many attention calls each kernel has run since the plan was built (cumulative, for the
@@ -78,14 +84,33 @@ impl<B: Backend> Plan<B> {
         for (_, v) in &graph.outputs {
             last_use[v.0] = KEEP;
         }
+        let linears = linear_formats(&graph, &options.quant)?;
+        let format_of = |i: usize| {
+            linears
+                .iter()
+                .find(|c| c.weight.0 == i)
+                .map(|c| c.format)
+                .filter(|f| *f != LinearFormat::F32)
+        };
         let mut constants = HashMap::new();
         for (i, node) in graph.nodes.iter().enumerate() {
-            let (name, t) = match &node.op {
-                Op::Constant { value, role, name } => (name, backend.upload(value, *role)),
-                Op::Weight { name, weight } => (name, backend.upload_stored(weight)),
+            let t = match &node.op {
+                Op::Constant { value, role, name } => match format_of(i) {
+                    Some(format) => backend.upload_linear(value, &format),
+                    None => backend.upload(value, *role),
+                }
+                .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?,
+                Op::Weight { name, weight } => match format_of(i) {
+                    // A quantized or bf16 linear's weight is stored plain in a compiled plan and
+                    // converted here, at load.
+                    Some(format) => weight
+                        .to_host()
+                        .and_then(|host| backend.upload_linear(&host, &format)),
+                    None => backend.upload_stored(weight),
+                }
+                .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?,
                 _ => continue,
             };
-            let t = t.map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?;
             constants.insert(i, t);
         }
         let mut inputs: Vec<InputSpec> = graph
@@ -117,7 +142,13 @@ impl<B: Backend> Plan<B> {
             inputs,
             options,
             sdpa_calls: KernelCounts::default(),
+            linears,
         })
+    }
+
+    /// Every `Linear` layer's weight format (f32, int8, bf16), in graph order.
+    pub fn linear_choices(&self) -> &[LinearChoice] {
+        &self.linears
     }
 
     pub fn graph(&self) -> &Graph {
@@ -135,10 +166,9 @@ impl<B: Backend> Plan<B> {
         let mut seen = Vec::new();
         let mut plan = Vec::new();
         for (i, node) in self.graph.nodes.iter().enumerate() {
-            if !matches!(node.op, Op::Sdpa { .. }) {
+            let Some(problem) = sdpa_problem(&self.graph, i, seq) else {
                 continue;
-            }
-            let problem = sdpa_problem(&self.graph, i, seq);
+            };
             if seen.contains(&problem) {
                 continue;
             }
@@ -250,7 +280,49 @@ impl<B: Backend> Plan<B> {
 
     /// Runs the graph once. Returns the graph's outputs, by name, in declaration order.
     pub fn run(&self, feeds: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        self.execute(feeds, None)
+    }
+
+    /// Allocates a paged KV cache on this plan's backend, for [`Plan::run_paged`].
+    pub fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache> {
+        KvCache::check_spec(&spec)?;
+        let store = self.backend.kv_cache_alloc(&spec)?;
+        KvCache::new(spec, self.backend.name(), store)
+    }
+
+    /// Runs a graph with `PagedSdpa` nodes for one packed step: `batch` says which of the
+    /// step's tokens belong to which sequence and where each sequence's keys live in `cache`.
+    pub fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        if cache.backend() != self.backend.name() {
+            return Err(graph_err(format!(
+                "the KV cache was allocated by backend `{}`, not `{}`",
+                cache.backend(),
+                self.backend.name()
+            )));
+        }
+        self.execute(feeds, Some((cache, batch)))
+    }
+
+    fn execute(
+        &self,
+        feeds: &[(String, HostTensor)],
+        mut paged: Option<(&mut KvCache, &PagedBatch)>,
+    ) -> Result<Vec<(String, HostTensor)>> {
         let bindings = self.bind(feeds)?;
+        if let Some((cache, batch)) = &paged {
+            batch.validate(cache.spec(), bindings.batch * bindings.seq)?;
+            if bindings.batch != 1 {
+                return Err(graph_err(format!(
+                    "a paged step is one packed batch (batch 1), got batch {}",
+                    bindings.batch
+                )));
+            }
+        }
         let be = &self.backend;
         be.reserve(&self.memory.buffer_elems(&bindings));
         let mut values: Vec<Option<B::Tensor>> = vec![None; self.graph.nodes.len()];
@@ -286,7 +358,11 @@ impl<B: Backend> Plan<B> {
                 Op::Linear => {
                     let (x, w) = (next(), next());
                     let b = (node.inputs.len() == 3).then(&mut next);
-                    Some(be.linear(x, w, b)?)
+                    if paged.is_some() {
+                        Some(be.linear_decode(x, w, b)?)
+                    } else {
+                        Some(be.linear(x, w, b)?)
+                    }
                 }
                 Op::Add => Some(be.add(next(), next())?),
                 Op::LayerNorm { eps } => Some(be.layer_norm(next(), next(), next(), *eps)?),
@@ -300,6 +376,7 @@ impl<B: Backend> Plan<B> {
                         AttnMask::Causal => SdpaMaskArg::Causal,
                         AttnMask::KeyPadding => SdpaMaskArg::KeyPadding(next()),
                         AttnMask::Varlen => SdpaMaskArg::Varlen(next()),
+                        AttnMask::VarlenCausal => SdpaMaskArg::VarlenCausal(next()),
                     };
                     let (out, kernel) = be.sdpa(q, k, v, mask, *scale, self.options.sdpa_kernel)?;
                     self.sdpa_calls.record(kernel);
@@ -325,6 +402,38 @@ impl<B: Backend> Plan<B> {
                     start,
                     width,
                 } => Some(be.slice_split_heads(next(), *heads, *start, *width)?),
+                Op::RmsNorm { eps } => Some(be.rms_norm(next(), next(), *eps)?),
+                Op::Mul => Some(be.mul(next(), next())?),
+                Op::Rope => Some(be.rope(next(), next(), next())?),
+                Op::PagedSdpa { layer, scale } => {
+                    let (cache, batch) = paged.as_mut().ok_or_else(|| {
+                        graph_err(format!(
+                            "{}: a graph with a KV cache runs with run_paged, not run",
+                            node.label
+                        ))
+                    })?;
+                    let spec = *cache.spec();
+                    if *layer >= spec.layers {
+                        return Err(graph_err(format!(
+                            "{}: layer {layer} is outside the KV cache of {} layers",
+                            node.label, spec.layers
+                        )));
+                    }
+                    let (q, k, v) = (next(), next(), next());
+                    let (out, kernel) = be.paged_sdpa(
+                        q,
+                        k,
+                        v,
+                        cache.store.as_mut(),
+                        &spec,
+                        *layer,
+                        batch,
+                        *scale,
+                        self.options.sdpa_kernel,
+                    )?;
+                    self.sdpa_calls.record(kernel);
+                    Some(out)
+                }
             };
             if let Some(out) = out
                 && self.last_use[i] != 0
@@ -360,6 +469,17 @@ pub trait Runnable: Send + Sync {
     fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)>;
     /// See [`Plan::attention_plan`].
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>>;
+    /// See [`Plan::new_kv_cache`].
+    fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache>;
+    /// See [`Plan::run_paged`].
+    fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>>;
+    /// See [`Plan::linear_choices`].
+    fn linear_choices(&self) -> &[LinearChoice];
 }
 
 impl<B: Backend> Runnable for Plan<B> {
@@ -381,6 +501,23 @@ impl<B: Backend> Runnable for Plan<B> {
 
     fn attention_plan(&self, seq: usize) -> Result<Vec<(String, &'static str, String)>> {
         Plan::attention_plan(self, seq)
+    }
+
+    fn new_kv_cache(&self, spec: KvCacheSpec) -> Result<KvCache> {
+        Plan::new_kv_cache(self, spec)
+    }
+
+    fn run_paged(
+        &self,
+        feeds: &[(String, HostTensor)],
+        cache: &mut KvCache,
+        batch: &PagedBatch,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        Plan::run_paged(self, feeds, cache, batch)
+    }
+
+    fn linear_choices(&self) -> &[LinearChoice] {
+        Plan::linear_choices(self)
     }
 }
 

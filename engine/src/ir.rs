@@ -117,6 +117,8 @@ pub enum PoolMode {
     Cls,
     /// Element-wise max over valid tokens.
     Max,
+    /// The last valid token (a decoder's next-token position).
+    Last,
 }
 
 /// Which keys an `Sdpa` node may attend to.
@@ -131,12 +133,18 @@ pub enum AttnMask {
     /// back, and a fourth input `[sequences]` (I64) gives their lengths. Each sequence attends
     /// only to itself.
     Varlen,
+    /// [`AttnMask::Varlen`] with a causal mask inside each sequence (a decoder's prompt run
+    /// without a KV cache).
+    VarlenCausal,
 }
 
 impl AttnMask {
     /// Whether the op takes a fourth (mask or lengths) input.
     pub fn has_input(self) -> bool {
-        matches!(self, AttnMask::KeyPadding | AttnMask::Varlen)
+        matches!(
+            self,
+            AttnMask::KeyPadding | AttnMask::Varlen | AttnMask::VarlenCausal
+        )
     }
 }
 
@@ -242,6 +250,26 @@ pub enum Op {
         #[serde(with = "crate::storage::serde_stored")]
         weight: Arc<StoredTensor>,
     },
+    /// `x [.., h]`, `gamma [h]` → `x / sqrt(mean(x²) + eps) · gamma` (Llama's RMSNorm).
+    RmsNorm {
+        eps: f32,
+    },
+    /// Element-wise product of two values of the same type (SwiGLU's gate).
+    Mul,
+    /// Rotary position embedding, rotate-half convention (Hugging Face Llama): `x [b, heads, s,
+    /// d]`, `cos [b, s, r]`, `sin [b, s, r]` with `2r <= d` → like `x`. The first `2r` channels
+    /// of each head turn by the per-token angles; the rest pass through. The tables carry the
+    /// positions and any RoPE scaling, so the op is the same for every variant.
+    Rope,
+    /// Attention over the paged KV cache of one layer: `q [1, hq, tokens, d]`, `k`, `v [1, hkv,
+    /// tokens, d]` (a packed step of new tokens) → like `q`. The new keys and values are written
+    /// into the cache, then each sequence's tokens attend to its whole context with a
+    /// bottom-right causal mask. The cache and the step's layout (which tokens belong to which
+    /// sequence, block tables) are given to [`crate::exec::Plan::run_paged`], not as tensors.
+    PagedSdpa {
+        layer: usize,
+        scale: Option<f32>,
+    },
 }
 
 impl Op {
@@ -268,6 +296,10 @@ impl Op {
             Op::AddLayerNorm { .. } => "add_layer_norm",
             Op::SliceSplitHeads { .. } => "slice_split_heads",
             Op::Weight { .. } => "weight",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Mul => "mul",
+            Op::Rope => "rope",
+            Op::PagedSdpa { .. } => "paged_sdpa",
         }
     }
 
@@ -356,7 +388,11 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
         }
         Op::Weight { weight, .. } => {
             arity(0)?;
-            let dims = weight.shape.iter().map(|&n| Dim::Fixed(n)).collect::<Vec<_>>();
+            let dims = weight
+                .shape
+                .iter()
+                .map(|&n| Dim::Fixed(n))
+                .collect::<Vec<_>>();
             Ok(TensorType::new(weight.dtype, dims))
         }
         Op::Constant { value, .. } => {
@@ -387,7 +423,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             Ok(TensorType::f32(dims))
         }
         Op::Linear | Op::LinearAct { .. } => infer_linear(op, inputs),
-        Op::Add => {
+        Op::Add | Op::Mul => {
             arity(2)?;
             all_f32(&[0, 1])?;
             expect(inputs[0] == inputs[1], op, || {
@@ -421,7 +457,9 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
             Ok(inputs[0].clone())
         }
         Op::Scale { factor } => {
-            expect(factor.is_finite(), op, || format!("factor {factor} must be finite"))?;
+            expect(factor.is_finite(), op, || {
+                format!("factor {factor} must be finite")
+            })?;
             arity(1)?;
             all_f32(&[0])?;
             Ok(inputs[0].clone())
@@ -499,6 +537,82 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
                 x.dims[1],
                 Dim::Fixed(width / heads),
             ]))
+        }
+        Op::RmsNorm { eps } => {
+            arity(2)?;
+            all_f32(&[0, 1])?;
+            expect(*eps > 0.0 && eps.is_finite(), op, || {
+                format!("eps {eps} must be positive")
+            })?;
+            let h = inputs[0].last();
+            expect(h.and_then(fixed).is_some(), op, || {
+                format!("x {} must end in a fixed size", inputs[0])
+            })?;
+            expect(inputs[1].dims == [h.unwrap()], op, || {
+                format!("gamma {} must be [{}]", inputs[1], h.unwrap())
+            })?;
+            Ok(inputs[0].clone())
+        }
+        Op::Rope => {
+            arity(3)?;
+            all_f32(&[0, 1, 2])?;
+            let (x, cos, sin) = (inputs[0], inputs[1], inputs[2]);
+            let d = match x.dims.as_slice() {
+                [_, Dim::Fixed(_), _, Dim::Fixed(d)] => *d,
+                _ => {
+                    return Err(graph_err(format!(
+                        "rope: x must be [batch, heads, seq, head_dim], got {x}"
+                    )));
+                }
+            };
+            expect(cos == sin, op, || format!("cos {cos} and sin {sin} differ"))?;
+            let r = match cos.dims.as_slice() {
+                [b, s, Dim::Fixed(r)] if *b == x.dims[0] && *s == x.dims[2] => *r,
+                _ => {
+                    return Err(graph_err(format!(
+                        "rope: tables must be [{}, {}, rotary_dim / 2], got {cos}",
+                        x.dims[0], x.dims[2]
+                    )));
+                }
+            };
+            expect(r > 0 && 2 * r <= d, op, || {
+                format!("rotary half-width {r} must be in 1..={}", d / 2)
+            })?;
+            Ok(x.clone())
+        }
+        Op::PagedSdpa { scale, .. } => {
+            arity(3)?;
+            all_f32(&[0, 1, 2])?;
+            if let Some(s) = scale {
+                expect(s.is_finite() && *s > 0.0, op, || {
+                    format!("scale {s} must be positive")
+                })?;
+            }
+            let (q, k, v) = (inputs[0], inputs[1], inputs[2]);
+            for t in [q, k, v] {
+                expect(t.dims.len() == 4, op, || {
+                    format!("q/k/v must be 4-D, got {t}")
+                })?;
+            }
+            expect(k == v, op, || format!("k {k} and v {v} differ"))?;
+            expect(
+                q.dims[0] == k.dims[0] && q.dims[2] == k.dims[2] && q.dims[3] == k.dims[3],
+                op,
+                || format!("q {q} and k {k} disagree on batch, tokens or head_dim"),
+            )?;
+            expect(fixed(q.dims[3]).is_some(), op, || {
+                format!("head_dim of {q} must be fixed")
+            })?;
+            match (fixed(q.dims[1]), fixed(k.dims[1])) {
+                (Some(hq), Some(hk)) if hk > 0 && hq % hk == 0 => {}
+                _ => {
+                    return Err(graph_err(format!(
+                        "paged_sdpa: q heads {} must be a fixed multiple of kv heads {}",
+                        q.dims[1], k.dims[1]
+                    )));
+                }
+            }
+            Ok(q.clone())
         }
         Op::Activation(_) | Op::L2Normalize | Op::Softmax => {
             arity(1)?;
@@ -584,7 +698,7 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
                     },
                 )?;
             }
-            if *mask == AttnMask::Varlen {
+            if matches!(mask, AttnMask::Varlen | AttnMask::VarlenCausal) {
                 let m = inputs[3];
                 expect(
                     m.dtype == DType::I64 && m.dims == [Dim::Sequences],
@@ -615,38 +729,39 @@ pub fn infer(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
     }
 }
 
-
 fn infer_linear(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
     expect(inputs.len() == 2 || inputs.len() == 3, op, || {
-    format!(
-        "expects x, w and an optional bias, got {} inputs",
-        inputs.len()
-    )
+        format!(
+            "expects x, w and an optional bias, got {} inputs",
+            inputs.len()
+        )
     })?;
     for (i, t) in inputs.iter().enumerate() {
-    expect(t.dtype == DType::F32, op, || format!("input {i} must be F32, got {t}"))?;
+        expect(t.dtype == DType::F32, op, || {
+            format!("input {i} must be F32, got {t}")
+        })?;
     }
     let (x, w) = (inputs[0], inputs[1]);
     let (out, inn) = match w.fixed_shape().as_deref() {
-    Some(&[o, i]) => (o, i),
-    _ => {
-        return Err(graph_err(format!(
-            "linear: weight must be fixed [out, in], got {w}"
-        )));
-    }
+        Some(&[o, i]) => (o, i),
+        _ => {
+            return Err(graph_err(format!(
+                "linear: weight must be fixed [out, in], got {w}"
+            )));
+        }
     };
     expect(x.last() == Some(Dim::Fixed(inn)), op, || {
-    format!("x {x} does not end in the weight's input size {inn}")
+        format!("x {x} does not end in the weight's input size {inn}")
     })?;
     if let Some(b) = inputs.get(2) {
-    expect(b.dims == [Dim::Fixed(out)], op, || {
-        format!("bias {b} must be [{out}]")
-    })?;
+        expect(b.dims == [Dim::Fixed(out)], op, || {
+            format!("bias {b} must be [{out}]")
+        })?;
     }
     let mut dims = x.dims.clone();
     *dims.last_mut().expect("checked non-empty") = Dim::Fixed(out);
     Ok(TensorType::f32(dims))
-    }
+}
 
 impl Graph {
     /// Re-infers every node's type from its inputs and checks it matches what is recorded,

@@ -13,14 +13,12 @@
 //!    [`backend::Backend`], and the plan runs any batch shape without rebuilding (dimensions stay
 //!    symbolic; kernels that care about sizes choose per call, see `docs/COMPILER.md`).
 //!
-//! The seam for quantized and bf16 weights (the quantization issue plugs in here): a weight's
-//! layout is a [`storage::WeightFormat`] chosen per linear by the `kernels` pass
-//! ([`compile::select_linear`], a pure rule over [`compile::CompileOptions::quantize`] /
-//! `math_mode` and the formats the backend lists in [`compile::CompileTarget`]); `prepack` turns
-//! the f32 weight into a [`storage::StoredTensor`] of that format — any number of named buffers of
-//! any [`storage::ElemType`] (e.g. `i8` values and `f32` scales); the backend's `upload_stored`
-//! and `linear` take the format. The plan cache stores and maps every format's buffers as
-//! aligned raw bytes, and the options are part of its key, so nothing else changes.
+//! Weight formats: a weight's layout is a [`storage::WeightFormat`] chosen per linear by the
+//! `kernels` pass ([`compile::select_linear`], a pure rule over the linear's
+//! [`quantize::LinearFormat`] and the formats the backend lists in [`compile::CompileTarget`]);
+//! `prepack` turns the f32 weight into a [`storage::StoredTensor`] of that format, which the plan
+//! cache stores and maps back as aligned raw bytes. int8 and bf16 linears keep a plain weight in
+//! the plan, and the backend packs it for its kernel at load ([`backend::Backend::upload_linear`]).
 //!
 //! Two backends implement the seam: kiln's own CPU kernels ([`backend::CpuBackend`]: direct
 //! `gemm` calls into owned buffers, the attention crate's kernels) and burn-tensor on a burn
@@ -41,6 +39,8 @@ pub mod error;
 pub mod exec;
 pub mod ir;
 pub mod kernels;
+pub mod kv;
+pub mod quantize;
 pub mod storage;
 pub mod tensor;
 
@@ -49,4 +49,6 @@ pub use device::{DeviceKind, prepare};
 pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
+pub use kv::{KvCache, KvCacheSpec, PagedBatch};
+pub use quantize::{LayerFilter, LinearFormat, MathMode, QuantOptions, Quantize, StaticScales};
 pub use tensor::{HostData, HostTensor};

@@ -411,7 +411,9 @@ mod tests {
         let s = StoredTensor::plain(&t, ConstRole::Other);
         assert_eq!(s.to_host().unwrap(), t);
         let i = HostTensor::i64(vec![3], vec![7, -1, 0]).unwrap();
-        assert_eq!(StoredTensor::plain(&i, ConstRole::Other).to_host().unwrap(), i);
+        assert_eq!(
+            StoredTensor::plain(&i, ConstRole::Other).to_host().unwrap(),
+            i
+        );
     }
 }
-

@@ -7,21 +7,8 @@ use kiln_engine::ir::{
 };
 use kiln_engine::{DeviceKind, ExecOptions, HostTensor, SdpaKernel, SdpaKernelChoice, prepare};
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % 20_000) as f32 / 10_000.0 - 1.0
-        })
-        .collect()
-}
-
-fn f32_tensor(shape: &[usize], seed: u64) -> HostTensor {
-    HostTensor::f32(shape.to_vec(), values(shape.iter().product(), seed)).unwrap()
-}
+mod common;
+use common::{f32_tensor, values};
 
 const B: usize = 2;
 const S: usize = 5;
@@ -247,7 +234,12 @@ fn compiler_ops_agree_across_backends() {
             .unwrap();
         (x, w, b)
     };
-    for act in [Activation::Gelu, Activation::GeluTanh, Activation::Silu, Activation::Tanh] {
+    for act in [
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::Silu,
+        Activation::Tanh,
+    ] {
         agree(
             &format!("linear_act {act:?}"),
             |g| {
@@ -262,8 +254,12 @@ fn compiler_ops_agree_across_backends() {
         |g| {
             let x = x_input(g);
             let y = g.push(Op::Activation(Activation::Tanh), &[x], "t").unwrap();
-            let gamma = g.constant("g", f32_tensor(&[H], 5), ConstRole::Other).unwrap();
-            let beta = g.constant("be", f32_tensor(&[H], 6), ConstRole::Other).unwrap();
+            let gamma = g
+                .constant("g", f32_tensor(&[H], 5), ConstRole::Other)
+                .unwrap();
+            let beta = g
+                .constant("be", f32_tensor(&[H], 6), ConstRole::Other)
+                .unwrap();
             g.push(Op::AddLayerNorm { eps: 1e-12 }, &[x, y, gamma, beta], "aln")
                 .unwrap()
         },
@@ -275,10 +271,27 @@ fn compiler_ops_agree_across_backends() {
             let (x, w, b) = linear(g, 3 * H);
             let qkv = g.push(Op::Linear, &[x, w, b], "qkv").unwrap();
             let k = g
-                .push(Op::SliceSplitHeads { heads: 3, start: H, width: H }, &[qkv], "k")
+                .push(
+                    Op::SliceSplitHeads {
+                        heads: 3,
+                        start: H,
+                        width: H,
+                    },
+                    &[qkv],
+                    "k",
+                )
                 .unwrap();
             let k = g.push(Op::MergeHeads, &[k], "merge").unwrap();
-            let v = g.push(Op::SliceLast { start: 2 * H, len: H }, &[qkv], "v").unwrap();
+            let v = g
+                .push(
+                    Op::SliceLast {
+                        start: 2 * H,
+                        len: H,
+                    },
+                    &[qkv],
+                    "v",
+                )
+                .unwrap();
             g.push(Op::Add, &[k, v], "sum").unwrap()
         },
         &feeds,
@@ -315,10 +328,18 @@ fn compiled_graphs_agree_across_backends_with_every_pass_on_or_off() {
         let mut proj = Vec::new();
         for (i, name) in ["q", "k", "v"].iter().enumerate() {
             let w = g
-                .constant(name, f32_tensor(&[H, H], 20 + i as u64), ConstRole::LinearWeight)
+                .constant(
+                    name,
+                    f32_tensor(&[H, H], 20 + i as u64),
+                    ConstRole::LinearWeight,
+                )
                 .unwrap();
             let b = g
-                .constant(&format!("{name}.b"), f32_tensor(&[H], 30 + i as u64), ConstRole::Other)
+                .constant(
+                    &format!("{name}.b"),
+                    f32_tensor(&[H], 30 + i as u64),
+                    ConstRole::Other,
+                )
                 .unwrap();
             let p = g.push(Op::Linear, &[x, w, b], *name).unwrap();
             proj.push(g.push(Op::SplitHeads { heads: 3 }, &[p], "split").unwrap());
@@ -326,24 +347,47 @@ fn compiled_graphs_agree_across_backends_with_every_pass_on_or_off() {
         let m = g.input("mask", DType::I64, &bs()).unwrap();
         proj.push(m);
         let a = g
-            .push(Op::Sdpa { mask: AttnMask::KeyPadding, scale: None }, &proj, "sdpa")
+            .push(
+                Op::Sdpa {
+                    mask: AttnMask::KeyPadding,
+                    scale: None,
+                },
+                &proj,
+                "sdpa",
+            )
             .unwrap();
         let a = g.push(Op::MergeHeads, &[a], "merge").unwrap();
-        let w = g.constant("up", f32_tensor(&[2 * H, H], 40), ConstRole::LinearWeight).unwrap();
+        let w = g
+            .constant("up", f32_tensor(&[2 * H, H], 40), ConstRole::LinearWeight)
+            .unwrap();
         let u = g.push(Op::Linear, &[a, w], "up").unwrap();
-        let u = g.push(Op::Activation(Activation::Gelu), &[u], "gelu").unwrap();
-        let w = g.constant("down", f32_tensor(&[H, 2 * H], 41), ConstRole::LinearWeight).unwrap();
+        let u = g
+            .push(Op::Activation(Activation::Gelu), &[u], "gelu")
+            .unwrap();
+        let w = g
+            .constant("down", f32_tensor(&[H, 2 * H], 41), ConstRole::LinearWeight)
+            .unwrap();
         let d = g.push(Op::Linear, &[u, w], "down").unwrap();
         let r = g.push(Op::Add, &[d, x], "res").unwrap();
-        let gamma = g.constant("g", f32_tensor(&[H], 42), ConstRole::Other).unwrap();
-        let beta = g.constant("be", f32_tensor(&[H], 43), ConstRole::Other).unwrap();
-        let out = g.push(Op::LayerNorm { eps: 1e-12 }, &[r, gamma, beta], "ln").unwrap();
+        let gamma = g
+            .constant("g", f32_tensor(&[H], 42), ConstRole::Other)
+            .unwrap();
+        let beta = g
+            .constant("be", f32_tensor(&[H], 43), ConstRole::Other)
+            .unwrap();
+        let out = g
+            .push(Op::LayerNorm { eps: 1e-12 }, &[r, gamma, beta], "ln")
+            .unwrap();
         g.finish(vec![("out".into(), out)]).unwrap()
     };
     let feeds = feeds_x();
     let mut results = Vec::new();
     for device in DeviceKind::ALL {
-        for options in [CompileOptions::default(), CompileOptions::none(), CompileOptions::no_fuse()] {
+        for options in [
+            CompileOptions::default(),
+            CompileOptions::none(),
+            CompileOptions::no_fuse(),
+        ] {
             let c = compile(build(), device, &options, ExecOptions::default()).unwrap();
             let plan = prepare(c.graph, device, ExecOptions::default()).unwrap();
             let out = plan.run(&feeds).unwrap().remove(0).1.into_f32().unwrap();
@@ -352,7 +396,11 @@ fn compiled_graphs_agree_across_backends_with_every_pass_on_or_off() {
     }
     let (l0, r0) = &results[0];
     for (l, r) in &results[1..] {
-        let err = r.iter().zip(r0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let err = r
+            .iter()
+            .zip(r0)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
         assert!(err <= 1e-5, "{l} vs {l0}: {err}");
     }
 }
@@ -383,6 +431,7 @@ fn forcing_the_math_kernel_gives_the_same_answer() {
                 device,
                 ExecOptions {
                     sdpa_kernel: kernel,
+                    ..Default::default()
                 },
             )
             .unwrap();
@@ -623,8 +672,11 @@ fn packed_batches_equal_padded_batches() {
     ];
     for device in DeviceKind::ALL {
         for sdpa_kernel in choices {
-            let opts = ExecOptions { sdpa_kernel };
-            let padded = prepare(build(false), device, opts).unwrap();
+            let opts = ExecOptions {
+                sdpa_kernel,
+                ..Default::default()
+            };
+            let padded = prepare(build(false), device, opts.clone()).unwrap();
             let packed = prepare(build(true), device, opts).unwrap();
             let want = padded.run(&padded_feeds).unwrap();
             let got = packed.run(&packed_feeds).unwrap();
@@ -695,6 +747,7 @@ fn attention_plan_logs_refuses_and_counts() {
     };
     let flash = ExecOptions {
         sdpa_kernel: SdpaKernelChoice::Force(SdpaKernel::Flash),
+        ..Default::default()
     };
     for device in DeviceKind::ALL {
         let auto = prepare(build(64), device, ExecOptions::default()).unwrap();
@@ -705,11 +758,11 @@ fn attention_plan_logs_refuses_and_counts() {
             assert_eq!(plan[0].1, "flash", "{}", plan[0].2);
             assert_eq!(auto.attention_plan(16).unwrap()[0].1, "math");
         }
-        let wide = prepare(build(320), device, flash).unwrap();
+        let wide = prepare(build(320), device, flash.clone()).unwrap();
         let err = wide.attention_plan(16).unwrap_err().to_string();
         assert!(err.contains("head_dim up to 256"), "{device}: {err}");
 
-        let forced = prepare(build(64), device, flash).unwrap();
+        let forced = prepare(build(64), device, flash.clone()).unwrap();
         let x = HostTensor::f32(vec![1, 300, 128], values(300 * 128, 3)).unwrap();
         forced.run(&[("x".into(), x.clone())]).unwrap();
         forced.run(&[("x".into(), x)]).unwrap();
@@ -730,18 +783,34 @@ fn after_one_run_at_a_shape_the_cpu_arena_allocates_no_intermediate_buffer() {
     let mut v = x;
     for layer in 0..3 {
         let w = g
-            .constant(&format!("up{layer}"), f32_tensor(&[4 * h, h], 50 + layer), ConstRole::LinearWeight)
+            .constant(
+                &format!("up{layer}"),
+                f32_tensor(&[4 * h, h], 50 + layer),
+                ConstRole::LinearWeight,
+            )
             .unwrap();
         let u = g.push(Op::Linear, &[v, w], "up").unwrap();
-        let u = g.push(Op::Activation(Activation::Gelu), &[u], "gelu").unwrap();
+        let u = g
+            .push(Op::Activation(Activation::Gelu), &[u], "gelu")
+            .unwrap();
         let w = g
-            .constant(&format!("down{layer}"), f32_tensor(&[h, 4 * h], 60 + layer), ConstRole::LinearWeight)
+            .constant(
+                &format!("down{layer}"),
+                f32_tensor(&[h, 4 * h], 60 + layer),
+                ConstRole::LinearWeight,
+            )
             .unwrap();
         let d = g.push(Op::Linear, &[u, w], "down").unwrap();
         let s = g.push(Op::Add, &[d, v], "res").unwrap();
-        let gamma = g.constant(&format!("g{layer}"), f32_tensor(&[h], 70), ConstRole::Other).unwrap();
-        let beta = g.constant(&format!("b{layer}"), f32_tensor(&[h], 71), ConstRole::Other).unwrap();
-        v = g.push(Op::LayerNorm { eps: 1e-12 }, &[s, gamma, beta], "ln").unwrap();
+        let gamma = g
+            .constant(&format!("g{layer}"), f32_tensor(&[h], 70), ConstRole::Other)
+            .unwrap();
+        let beta = g
+            .constant(&format!("b{layer}"), f32_tensor(&[h], 71), ConstRole::Other)
+            .unwrap();
+        v = g
+            .push(Op::LayerNorm { eps: 1e-12 }, &[s, gamma, beta], "ln")
+            .unwrap();
     }
     let graph = g.finish(vec![("out".into(), v)]).unwrap();
     for options in [CompileOptions::default(), CompileOptions::none()] {

@@ -13,8 +13,11 @@
 
 pub mod bert;
 pub mod config;
+pub mod decoder;
 mod error;
+pub mod generate;
 pub mod plan;
+pub mod quantize;
 pub mod st;
 pub mod text;
 pub mod weights;
@@ -32,6 +35,10 @@ pub use text::{Encoded, TextInput, TextTokenizer};
 
 pub use bert::BatchLayout;
 use bert::{Head, names};
+pub use decoder::{CausalLm, DecoderInfo, is_causal_lm};
+pub use generate::{
+    Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId, SamplingParams,
+};
 pub use plan::{CacheOutcome, PlanInfo};
 
 /// How to load a model.
@@ -51,6 +58,9 @@ pub struct LoadOptions {
     /// The plan-cache folder; `None` compiles at every load. (The CLI and server resolve it from
     /// `--cache-dir`, `$KILN_CACHE_DIR` or the config file, else the per-user cache folder.)
     pub cache_dir: Option<PathBuf>,
+    /// The calibration file for `int8-static` (written by `kiln quantize`); default
+    /// `<model>/kiln-quant.json`.
+    pub quantize_scales: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -63,6 +73,7 @@ impl Default for LoadOptions {
             layout: BatchLayout::default(),
             compile: CompileOptions::default(),
             cache_dir: None,
+            quantize_scales: None,
         }
     }
 }
@@ -135,7 +146,7 @@ impl std::fmt::Debug for EncoderModel {
     }
 }
 
-fn require(dir: &Path, name: &str) -> Result<PathBuf> {
+pub(crate) fn require(dir: &Path, name: &str) -> Result<PathBuf> {
     let p = dir.join(name);
     if p.is_file() {
         Ok(p)
@@ -150,9 +161,59 @@ fn require(dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
+/// The quantization options a load runs with: the calibrated scales of `int8-static` read from
+/// `--quantize-scales` (default `<model>/kiln-quant.json`), and `int8-static`'s default deny
+/// list (the feed-forward layers stay f32) unless layers were chosen; `--quantize-skip none`
+/// asks for no deny list at all.
+fn resolve_quantization(dir: &Path, opts: &LoadOptions) -> Result<kiln_engine::ExecOptions> {
+    let mut exec = opts.exec.clone();
+    if exec.quant.quantize == kiln_engine::Quantize::Int8Static && exec.quant.scales.is_none() {
+        let path = opts
+            .quantize_scales
+            .clone()
+            .unwrap_or_else(|| dir.join(quantize::SCALES_FILE));
+        exec.quant.scales = Some(std::sync::Arc::new(quantize::read_scales(&path)?));
+    }
+    let skip_none = exec.quant.layers.deny.iter().any(|p| p == "none");
+    exec.quant.layers.deny.retain(|p| p != "none");
+    if exec.quant.quantize == kiln_engine::Quantize::Int8Static
+        && exec.quant.layers.allow.is_empty()
+        && exec.quant.layers.deny.is_empty()
+        && !skip_none
+    {
+        exec.quant.layers.deny = bert::STATIC_INT8_DEFAULT_DENY
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        tracing::info!(
+            deny = ?exec.quant.layers.deny,
+            "int8-static: keeping the feed-forward layers in f32 (the default deny list; \
+             set --quantize-skip or --quantize-layers to choose)"
+        );
+    }
+    Ok(exec)
+}
+
 impl EncoderModel {
     /// Loads a Hugging Face model folder.
     pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        Ok(Self::load_inner(dir, opts, false)?.0)
+    }
+
+    /// Loads the model in f32 with one extra output per `Linear` input (for calibration): the
+    /// model and, per `Linear` label, the output holding its input.
+    pub(crate) fn load_for_calibration(
+        dir: &Path,
+        opts: &LoadOptions,
+    ) -> Result<(Self, Vec<(String, String)>)> {
+        Self::load_inner(dir, opts, true)
+    }
+
+    fn load_inner(
+        dir: &Path,
+        opts: &LoadOptions,
+        calibrating: bool,
+    ) -> Result<(Self, Vec<(String, String)>)> {
         let started = Instant::now();
         if !dir.is_dir() {
             return Err(ModelError::io(
@@ -213,6 +274,24 @@ impl EncoderModel {
         let tokenizing = Instant::now();
         let tokenizer = TextTokenizer::load(&require(dir, "tokenizer.json")?, max_len)?;
         let tokenizer_time = tokenizing.elapsed();
+        let exec = resolve_quantization(dir, opts)?;
+        // The plan is compiled and cached with the resolved quantization options (they are part
+        // of the cache key). The calibration graph (one extra output per linear's input) runs as
+        // built and is never cached.
+        let load = LoadOptions {
+            exec: exec.clone(),
+            compile: if calibrating {
+                CompileOptions::none()
+            } else {
+                opts.compile.clone()
+            },
+            cache_dir: if calibrating {
+                None
+            } else {
+                opts.cache_dir.clone()
+            },
+            ..opts.clone()
+        };
         // What shapes the graph besides the files: the head and the batch layout.
         let inputs = plan::PlanInputs {
             dir,
@@ -222,14 +301,23 @@ impl EncoderModel {
                 ("layout".to_string(), format!("{:?}", opts.layout)),
             ]
             .into(),
-            load: opts,
+            load: &load,
         };
+        let mut calibration = Vec::new();
         let (plan, plan_info) = plan::load_plan(inputs, || {
             // Only on a cache miss: the weights are read, decoded and built into a graph.
             let weights =
                 weights::SafetensorsFile::open(&weights_path, "embeddings.word_embeddings.weight")?;
-            bert::build(&cfg, &weights, head, opts.layout)
-        })?;
+            let graph = bert::build(&cfg, &weights, head, opts.layout)?;
+            if !calibrating {
+                return Ok(graph);
+            }
+            let (graph, outputs) = kiln_engine::quantize::calibration_graph(graph);
+            calibration = outputs;
+            Ok(graph)
+        })
+        .map_err(|e| quantize::explain_load_error(e, &exec))?;
+        quantize::log_formats(plan.linear_choices(), &exec);
         // Ask the engine which attention kernel runs at a short and at the longest length, log
         // it with the reason, and refuse a forced kernel that cannot run this model.
         for seq in [16.min(max_len), max_len] {
@@ -274,13 +362,21 @@ impl EncoderModel {
         if let CacheOutcome::Rebuilt(why) | CacheOutcome::Unavailable(why) = &info.plan.cache {
             tracing::warn!(reason = %why, "plan cache: {}", info.plan.cache.as_str());
         }
-        Ok(Self {
-            info,
-            tokenizer,
-            plan,
-            max_batch: opts.max_batch_sequences.max(1),
-            layout: opts.layout,
-        })
+        Ok((
+            Self {
+                info,
+                tokenizer,
+                plan,
+                max_batch: opts.max_batch_sequences.max(1),
+                layout: opts.layout,
+            },
+            calibration,
+        ))
+    }
+
+    /// Every `Linear` layer's weight format in the loaded plan.
+    pub fn linear_formats(&self) -> &[kiln_engine::quantize::LinearChoice] {
+        self.plan.linear_choices()
     }
 
     pub fn info(&self) -> &ModelInfo {

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use kiln_engine::Runnable;
 use kiln_engine::cache::{KeyMaterial, Lookup, PlanCache};
 use kiln_engine::compile::CompileReport;
 use kiln_engine::ir::Graph;
-use kiln_engine::Runnable;
 
 use crate::LoadOptions;
 use crate::error::Result;
@@ -169,7 +169,8 @@ fn build_and_compile(
     let graph = build()?;
     let build_time = building.elapsed();
     let compiling = Instant::now();
-    let compiled = kiln_engine::device::compile(graph, opts.device, &opts.compile, opts.exec)?;
+    let compiled =
+        kiln_engine::device::compile(graph, opts.device, &opts.compile, opts.exec.clone())?;
     let info = PlanInfo {
         cache: outcome,
         key: None,
@@ -185,7 +186,7 @@ fn build_and_compile(
 }
 
 fn prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
-    Ok(kiln_engine::prepare(graph, opts.device, opts.exec)?)
+    Ok(kiln_engine::prepare(graph, opts.device, opts.exec.clone())?)
 }
 
 fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>) -> KeyMaterial {
@@ -193,8 +194,15 @@ fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>)
     let mut options = inputs.options.clone();
     options.insert("device".into(), opts.device.to_string());
     options.insert("passes".into(), opts.compile.describe());
-    options.insert("quantize".into(), format!("{:?}", opts.compile.quantize));
-    options.insert("math_mode".into(), format!("{:?}", opts.compile.math_mode));
+    // The resolved quantization options: mode, math mode, the layer filter and the calibrated
+    // scales themselves (a new calibration file gives a new key).
+    let quant = &opts.exec.quant;
+    options.insert("quantize".into(), quant.quantize.to_string());
+    options.insert("math_mode".into(), quant.math_mode.to_string());
+    options.insert("quantize_layers".into(), format!("{:?}", quant.layers));
+    if let Some(scales) = &quant.scales {
+        options.insert("quantize_scales".into(), format!("{:?}", scales.layers));
+    }
     options.insert("sdpa_kernel".into(), opts.exec.sdpa_kernel.to_string());
     let model_files = inputs
         .files
@@ -227,4 +235,3 @@ pub(crate) fn plan_files(dir: &Path, pipeline_files: &[PathBuf]) -> Vec<PathBuf>
     files.retain(|p| p.is_file());
     files
 }
-

@@ -72,6 +72,36 @@ impl SafetensorsFile {
         })
     }
 
+    /// Maps `path` with parameter names used as they are (no prefix detection).
+    pub fn open_plain(path: &Path) -> Result<Self> {
+        let mmap = map_file(path)?;
+        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
+            .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        if data_start + meta.data_len() > mmap.len() {
+            return Err(ModelError::file(
+                path,
+                format!(
+                    "truncated: header promises {} data bytes, file has {}",
+                    meta.data_len(),
+                    mmap.len().saturating_sub(data_start)
+                ),
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            data_start,
+            meta,
+            prefix: String::new(),
+        })
+    }
+
+    /// The names of every tensor in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.meta.tensors().keys().cloned().collect()
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

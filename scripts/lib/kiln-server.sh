@@ -1,5 +1,6 @@
 # Sourced by scripts that need a running `kiln serve`: start_kiln MODEL [FLAGS...] starts it on
-# a free loopback port, sets KILN_URL and KILN_PID and waits until /health is 200;
+# free loopback ports, sets KILN_URL, KILN_GRPC (host:port of gRPC) and KILN_PID and waits until
+# /health is 200;
 # stop_kiln sends SIGTERM and fails unless kiln exits 0.
 #
 # The binary is $KILN_BIN, else the debug build that `cargo test --workspace` (scripts/test.sh)
@@ -20,7 +21,7 @@ start_kiln() {
   local bin
   bin=$(kiln_bin)
   KILN_LOG_FILE=$(mktemp)
-  NO_COLOR=1 "$bin" serve --host 127.0.0.1 --port 0 --model "$model" "$@" 2>"$KILN_LOG_FILE" &
+  NO_COLOR=1 "$bin" serve --host 127.0.0.1 --port 0 --grpc-port 0 --model "$model" "$@" 2>"$KILN_LOG_FILE" &
   KILN_PID=$!
   local addr="" i
   for i in $(seq 1 600); do
@@ -31,6 +32,7 @@ start_kiln() {
   done
   [[ -n "$addr" ]] || { cat "$KILN_LOG_FILE" >&2; echo "kiln never reported its address" >&2; return 1; }
   KILN_URL="http://$addr"
+  KILN_GRPC=$(grep -o 'grpc=[0-9.:]*' "$KILN_LOG_FILE" | head -1 | cut -d= -f2 || true)
   for i in $(seq 1 1200); do
     if [[ $(curl -s -o /dev/null -w '%{http_code}' "$KILN_URL/health") == 200 ]]; then
       echo "kiln ready at $KILN_URL (pid $KILN_PID)"

@@ -19,10 +19,11 @@ use tower_http::trace::TraceLayer;
 use crate::auth::ApiKeys;
 use crate::config::ServeConfig;
 use crate::error::AppError;
+use crate::generation::GenerationService;
 use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::request_id;
-use crate::routes::{kserve, native, openai, openapi};
+use crate::routes::{completions, generate, kserve, native, openai, openapi};
 
 /// A model that is loaded, warmed up and has its batcher running.
 pub struct Ready {
@@ -35,6 +36,8 @@ struct Inner {
     metrics: Metrics,
     keys: ApiKeys,
     ready: OnceLock<Ready>,
+    /// Set instead of `ready` when the model is a causal LM.
+    generation: OnceLock<GenerationService>,
 }
 
 #[derive(Clone)]
@@ -58,6 +61,7 @@ impl AppState {
                 metrics: Metrics::new(),
                 keys,
                 ready: OnceLock::new(),
+                generation: OnceLock::new(),
             }),
         })
     }
@@ -74,16 +78,42 @@ impl AppState {
         &self.inner.keys
     }
 
-    /// The model, or 503 while it is still loading.
+    /// The encoder model, or 503 while it is still loading, or 422 when the served model is a
+    /// causal LM (these routes need an encoder).
     pub fn ready(&self) -> Result<&Ready, AppError> {
+        if self.inner.generation.get().is_some() {
+            return Err(AppError::validation(format!(
+                "model `{}` is a causal language model: it generates text (/v1/completions, /v1/chat/completions, /generate, /generate_stream); this route needs an embedding or classification model",
+                self.config().model_id
+            )));
+        }
         self.inner
             .ready
             .get()
             .ok_or_else(|| AppError::unavailable("the model is still loading"))
     }
 
+    /// The causal LM, or 503 while loading, or 422 when the served model is an encoder.
+    pub fn generation(&self) -> Result<&GenerationService, AppError> {
+        if let Some(g) = self.inner.generation.get() {
+            return Ok(g);
+        }
+        if self.inner.ready.get().is_some() {
+            return Err(AppError::validation(format!(
+                "model `{}` is an encoder (embeddings or classification); text generation needs a causal language model such as GPT-2 or Llama",
+                self.config().model_id
+            )));
+        }
+        Err(AppError::unavailable("the model is still loading"))
+    }
+
+    /// The causal LM if that is what is served (no error otherwise).
+    pub fn generation_service(&self) -> Option<&GenerationService> {
+        self.inner.generation.get()
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.get().is_some()
+        self.inner.ready.get().is_some() || self.inner.generation.get().is_some()
     }
 
     /// Loads the model, runs one warm-up request, starts the batcher and marks the server
@@ -95,13 +125,21 @@ impl AppState {
             device: c.device,
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: c.sdpa_kernel,
+                quant: c.quant.clone(),
             },
+            quantize_scales: c.quantize_scales.clone(),
             max_batch_sequences: c.max_batch_sequences,
             max_seq_length: c.max_input_tokens,
             layout: c.batch_layout,
             compile: c.compile.clone(),
             cache_dir: c.cache_dir.clone(),
         };
+        let config_json = c.model_dir.join("config.json");
+        if config_json.is_file()
+            && kiln_models::is_causal_lm(&config_json).map_err(|e| e.to_string())?
+        {
+            return self.load_causal_lm(&opts, started);
+        }
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
         let plan = &model.info().plan;
         let m = self.metrics();
@@ -132,6 +170,61 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Loads a causal LM, generates one token as a warm-up and starts its scheduler.
+    fn load_causal_lm(&self, opts: &LoadOptions, started: Instant) -> Result<(), String> {
+        let c = self.config();
+        let template = match &c.chat_template {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read --chat-template {}: {e}", path.display()))?,
+            ),
+            None => None,
+        };
+        let model = Arc::new(
+            kiln_models::CausalLm::load(&c.model_dir, opts, template).map_err(|e| e.to_string())?,
+        );
+        warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
+        let service =
+            GenerationService::start(model, self.inner.config.clone(), self.metrics().clone())?;
+        self.metrics()
+            .model_load_seconds
+            .set(started.elapsed().as_secs_f64());
+        if self.inner.generation.set(service).is_err() {
+            return Err("the model was already loaded".into());
+        }
+        Ok(())
+    }
+}
+
+/// One token through a small KV cache before `/health` turns 200.
+fn warm_up_causal(model: &Arc<kiln_models::CausalLm>) -> kiln_models::Result<()> {
+    let mut g = kiln_models::Generator::new(
+        model.clone(),
+        kiln_models::GenerationLimits {
+            max_batch_total_tokens: 64,
+            ..Default::default()
+        },
+    )?;
+    let prompt = model.encode("kiln warm-up", true)?;
+    let prompt = if prompt.is_empty() { vec![0] } else { prompt };
+    let n = prompt.len().min(32);
+    g.submit(kiln_models::GenerationRequest {
+        prompt: prompt[..n].to_vec(),
+        max_new_tokens: 1,
+        sampling: kiln_models::SamplingParams::default(),
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+    })?;
+    for e in g.step() {
+        if let kiln_models::Event::Failed { message, .. } = e {
+            return Err(kiln_models::ModelError::Input(message));
+        }
+    }
+    Ok(())
+}
+
 /// One forward pass before `/health` turns 200, so the first client does not pay for lazy
 /// initialisation (page faults in the weights, thread pools).
 fn warm_up(model: &EncoderModel) -> kiln_models::Result<()> {
@@ -146,6 +239,10 @@ pub fn app(state: AppState) -> Router {
     // Requests that run the model: counted, timed and failures classified by reason.
     let inference = Router::new()
         .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(completions::chat_completions))
+        .route("/generate", post(generate::generate))
+        .route("/generate_stream", post(generate::generate_stream))
         .route("/embed", post(native::embed))
         .route("/predict", post(native::predict))
         .route("/rerank", post(native::rerank))

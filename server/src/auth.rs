@@ -1,7 +1,8 @@
 //! Optional API keys, required as `Authorization: Bearer <key>` on every route but the health
 //! probes and `/metrics`. Keys come from `--api-key` (repeatable) and from `--api-keys-file`
 //! (one key per line, `#` comments), which is re-read when it changes, so keys rotate without a
-//! restart.
+//! restart. gRPC calls present the same keys in the `authorization` metadata
+//! ([`check_authorization`] serves both).
 
 use std::path::PathBuf;
 use std::sync::{Mutex, RwLock};
@@ -102,28 +103,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let keys = state.keys();
+/// Checks an `Authorization` value (HTTP header or gRPC metadata) against the keys: `Ok` when
+/// no keys are configured or a valid `Bearer` key is presented, else the message to send.
+pub fn check_authorization(
+    keys: &ApiKeys,
+    authorization: Option<&str>,
+) -> Result<(), &'static str> {
     if !keys.enabled() {
-        return next.run(req).await;
+        return Ok(());
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    let presented = authorization
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(str::trim);
     match presented {
-        Some(key) if keys.accepts(key) => next.run(req).await,
-        other => {
-            let msg = if other.is_some() {
-                "invalid API key"
-            } else {
-                "missing API key: send `Authorization: Bearer <key>`"
-            };
+        Some(key) if keys.accepts(key) => Ok(()),
+        Some(_) => Err("invalid API key"),
+        None => Err("missing API key: send `Authorization: Bearer <key>`"),
+    }
+}
+
+pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match check_authorization(state.keys(), authorization) {
+        Ok(()) => next.run(req).await,
+        Err(msg) => {
             let err = AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
                 .styled_for(req.uri().path());
             let mut response = err.into_response();

@@ -319,8 +319,9 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
         let encoded: Vec<Encoded> = chunk.iter().map(|(_, s)| s.clone()).collect();
         let counts_before = model.sdpa_kernel_counts();
         let call_started = Instant::now();
-        let result =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.run_batch_rows(&encoded)));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.run_batch_rows(&encoded)
+        }));
         metrics
             .inference_duration
             .observe(call_started.elapsed().as_secs_f64());

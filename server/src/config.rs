@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use kiln_engine::compile::CompileOptions;
-use kiln_engine::{DeviceKind, SdpaKernelChoice};
+use kiln_engine::{DeviceKind, LayerFilter, MathMode, QuantOptions, Quantize, SdpaKernelChoice};
 use kiln_models::BatchLayout;
 use serde::Deserialize;
 
@@ -26,8 +26,20 @@ pub struct RawServeConfig {
     pub device: Option<String>,
     pub sdpa_kernel: Option<String>,
     pub batch_layout: Option<String>,
+    /// `none`, `int8-dynamic` or `int8-static`.
+    pub quantize: Option<String>,
+    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
+    pub quantize_scales: Option<PathBuf>,
+    /// Layers to quantize (globs on layer names; default all).
+    pub quantize_layers: Option<Vec<String>>,
+    /// Layers to keep in f32 (globs on layer names).
+    pub quantize_skip: Option<Vec<String>>,
+    /// `precise` or `bf16-fast`.
+    pub math_mode: Option<String>,
     pub host: Option<String>,
     pub port: Option<u16>,
+    pub grpc_port: Option<u16>,
+    pub grpc_max_message_size: Option<usize>,
     pub max_batch_tokens: Option<usize>,
     pub max_batch_requests: Option<usize>,
     pub max_batch_sequences: Option<usize>,
@@ -50,6 +62,13 @@ pub struct RawServeConfig {
     pub no_fuse: Option<bool>,
     /// Compiler passes to turn off, comma-separated (e.g. `"qkv,bias-act"`).
     pub disable_passes: Option<String>,
+    // Generation (causal LMs).
+    pub max_batch_total_tokens: Option<usize>,
+    pub max_batch_prefill_tokens: Option<usize>,
+    pub max_waiting_tokens: Option<usize>,
+    pub waiting_served_ratio: Option<f32>,
+    pub kv_block_size: Option<usize>,
+    pub chat_template: Option<PathBuf>,
 }
 
 impl RawServeConfig {
@@ -68,8 +87,17 @@ impl RawServeConfig {
             device: self.device.or(fallback.device),
             sdpa_kernel: self.sdpa_kernel.or(fallback.sdpa_kernel),
             batch_layout: self.batch_layout.or(fallback.batch_layout),
+            quantize: self.quantize.or(fallback.quantize),
+            quantize_scales: self.quantize_scales.or(fallback.quantize_scales),
+            quantize_layers: self.quantize_layers.or(fallback.quantize_layers),
+            quantize_skip: self.quantize_skip.or(fallback.quantize_skip),
+            math_mode: self.math_mode.or(fallback.math_mode),
             host: self.host.or(fallback.host),
             port: self.port.or(fallback.port),
+            grpc_port: self.grpc_port.or(fallback.grpc_port),
+            grpc_max_message_size: self
+                .grpc_max_message_size
+                .or(fallback.grpc_max_message_size),
             max_batch_tokens: self.max_batch_tokens.or(fallback.max_batch_tokens),
             max_batch_requests: self.max_batch_requests.or(fallback.max_batch_requests),
             max_batch_sequences: self.max_batch_sequences.or(fallback.max_batch_sequences),
@@ -90,6 +118,16 @@ impl RawServeConfig {
             plan_cache: self.plan_cache.or(fallback.plan_cache),
             no_fuse: self.no_fuse.or(fallback.no_fuse),
             disable_passes: self.disable_passes.or(fallback.disable_passes),
+            max_batch_total_tokens: self
+                .max_batch_total_tokens
+                .or(fallback.max_batch_total_tokens),
+            max_batch_prefill_tokens: self
+                .max_batch_prefill_tokens
+                .or(fallback.max_batch_prefill_tokens),
+            max_waiting_tokens: self.max_waiting_tokens.or(fallback.max_waiting_tokens),
+            waiting_served_ratio: self.waiting_served_ratio.or(fallback.waiting_served_ratio),
+            kv_block_size: self.kv_block_size.or(fallback.kv_block_size),
+            chat_template: self.chat_template.or(fallback.chat_template),
         }
     }
 
@@ -112,11 +150,27 @@ impl RawServeConfig {
             config.batch_layout =
                 BatchLayout::from_str(&l).map_err(|e| format!("--batch-layout: {e}"))?;
         }
+        if let Some(q) = self.quantize {
+            config.quant.quantize =
+                Quantize::from_str(&q).map_err(|e| format!("--quantize: {e}"))?;
+        }
+        if let Some(m) = self.math_mode {
+            config.quant.math_mode =
+                MathMode::from_str(&m).map_err(|e| format!("--math-mode: {e}"))?;
+        }
+        config.quant.layers = LayerFilter {
+            allow: self.quantize_layers.unwrap_or_default(),
+            deny: self.quantize_skip.unwrap_or_default(),
+        };
+        config.quantize_scales = self.quantize_scales;
         if let Some(h) = self.host {
             config.host = h;
         }
         if let Some(p) = self.port {
             config.port = p;
+        }
+        if let Some(p) = self.grpc_port {
+            config.grpc_port = p;
         }
         macro_rules! take {
             ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
@@ -127,8 +181,15 @@ impl RawServeConfig {
             max_batch_sequences,
             max_concurrent_requests,
             max_client_batch_size,
-            payload_limit
+            payload_limit,
+            max_batch_total_tokens,
+            max_batch_prefill_tokens,
+            max_waiting_tokens,
+            waiting_served_ratio,
+            kv_block_size,
+            grpc_max_message_size
         );
+        config.chat_template = self.chat_template;
         config.max_input_tokens = self.max_input_tokens;
         if let Some(t) = self.truncate {
             config.auto_truncate = t;
@@ -160,6 +221,9 @@ impl RawServeConfig {
     }
 }
 
+/// The largest gRPC message tritonclient and gRPC implementations accept: 2 GiB - 1.
+pub const MAX_GRPC_MESSAGE_SIZE: usize = i32::MAX as usize;
+
 /// The resolved, validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -170,8 +234,17 @@ pub struct ServeConfig {
     pub sdpa_kernel: SdpaKernelChoice,
     /// Packed (padding-free, varlen attention) or padded engine batches.
     pub batch_layout: BatchLayout,
+    /// int8 quantization, its layer filter, and the math mode.
+    pub quant: QuantOptions,
+    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
+    pub quantize_scales: Option<PathBuf>,
     pub host: String,
+    /// The HTTP port.
     pub port: u16,
+    /// The gRPC port (on the same host address). 0 picks a free port, as for `port`.
+    pub grpc_port: u16,
+    /// Largest gRPC message, received or sent, in bytes (RESOURCE_EXHAUSTED beyond).
+    pub grpc_max_message_size: usize,
     /// Token budget of one batch: requests are added to a batch while their tokens fit, and an
     /// engine call never runs more (padded) tokens than this, except a single over-long input.
     pub max_batch_tokens: usize,
@@ -203,6 +276,19 @@ pub struct ServeConfig {
     pub compile: CompileOptions,
     /// The plan-cache folder; `None`: compile at every start.
     pub cache_dir: Option<PathBuf>,
+    /// Causal LMs: tokens the paged KV cache holds across every running request (prompt plus
+    /// `max_tokens` of each is reserved when it joins the batch).
+    pub max_batch_total_tokens: usize,
+    /// Causal LMs: prompt tokens prefilled in one step (longer prompts run in chunks).
+    pub max_batch_prefill_tokens: usize,
+    /// Causal LMs: steps a waiting request may be held back while a batch runs.
+    pub max_waiting_tokens: usize,
+    /// Causal LMs: waiting requests join early once they are this many times the running ones.
+    pub waiting_served_ratio: f32,
+    /// Causal LMs: tokens per KV cache block.
+    pub kv_block_size: usize,
+    /// Causal LMs: a Jinja chat template file overriding the model folder's.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -215,6 +301,10 @@ impl ServeConfig {
             ("max-concurrent-requests", self.max_concurrent_requests),
             ("max-client-batch-size", self.max_client_batch_size),
             ("payload-limit", self.payload_limit),
+            ("max-batch-total-tokens", self.max_batch_total_tokens),
+            ("max-batch-prefill-tokens", self.max_batch_prefill_tokens),
+            ("kv-block-size", self.kv_block_size),
+            ("grpc-max-message-size", self.grpc_max_message_size),
         ] {
             if v == 0 {
                 return Err(format!("--{name} must be at least 1"));
@@ -233,6 +323,23 @@ impl ServeConfig {
                 ));
             }
         }
+        if !(self.waiting_served_ratio >= 0.0 && self.waiting_served_ratio.is_finite()) {
+            return Err("--waiting-served-ratio must be a number >= 0".into());
+        }
+        if self.kv_block_size > self.max_batch_total_tokens {
+            return Err("--kv-block-size must not exceed --max-batch-total-tokens".into());
+        }
+        if self.grpc_max_message_size > MAX_GRPC_MESSAGE_SIZE {
+            return Err(format!(
+                "--grpc-max-message-size must be at most {MAX_GRPC_MESSAGE_SIZE} (2 GiB - 1, gRPC's limit)"
+            ));
+        }
+        if self.port != 0 && self.port == self.grpc_port {
+            return Err(format!(
+                "--port and --grpc-port are both {}; HTTP and gRPC need their own ports",
+                self.port
+            ));
+        }
         if self.request_timeout.is_zero() {
             return Err("--request-timeout must be more than 0".into());
         }
@@ -241,6 +348,18 @@ impl ServeConfig {
         }
         if self.model_id.trim().is_empty() || self.model_id.contains('/') {
             return Err("--model-id must be non-empty and contain no `/`".into());
+        }
+        if self.quant.quantize == Quantize::None
+            && self.quant.math_mode == MathMode::Precise
+            && !(self.quant.layers.allow.is_empty() && self.quant.layers.deny.is_empty())
+        {
+            return Err(
+                "--quantize-layers / --quantize-skip need --quantize or --math-mode bf16-fast"
+                    .into(),
+            );
+        }
+        if self.quantize_scales.is_some() && self.quant.quantize != Quantize::Int8Static {
+            return Err("--quantize-scales needs --quantize int8-static".into());
         }
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err("--api-key must not be empty".into());
@@ -259,8 +378,12 @@ impl ServeConfig {
             device: DeviceKind::Cpu,
             sdpa_kernel: SdpaKernelChoice::Auto,
             batch_layout: BatchLayout::Packed,
+            quant: QuantOptions::default(),
+            quantize_scales: None,
             host: "0.0.0.0".into(),
             port: 8080,
+            grpc_port: 8081,
+            grpc_max_message_size: 64 * 1024 * 1024,
             max_batch_tokens: 8192,
             max_batch_requests: 64,
             max_batch_sequences: 64,
@@ -275,6 +398,12 @@ impl ServeConfig {
             api_keys_file: None,
             compile: CompileOptions::default(),
             cache_dir: None,
+            max_batch_total_tokens: 16384,
+            max_batch_prefill_tokens: 4096,
+            max_waiting_tokens: 20,
+            waiting_served_ratio: 1.2,
+            kv_block_size: 16,
+            chat_template: None,
         }
     }
 }
@@ -377,6 +506,51 @@ mod tests {
     }
 
     #[test]
+    fn quantization_settings_from_the_file_and_flags() {
+        let file: RawServeConfig = toml::from_str(
+            "model = \"m\"\nquantize = \"int8-dynamic\"\nquantize_skip = [\"*.output.dense\"]\nmath_mode = \"bf16-fast\"\n",
+        )
+        .unwrap();
+        let c = RawServeConfig::default()
+            .or(file.clone())
+            .resolve()
+            .unwrap();
+        assert_eq!(c.quant.quantize, Quantize::Int8Dynamic);
+        assert_eq!(c.quant.math_mode, MathMode::Bf16Fast);
+        assert_eq!(c.quant.layers.deny, vec!["*.output.dense".to_string()]);
+        let flags = RawServeConfig {
+            quantize: Some("int8-static".into()),
+            quantize_scales: Some("s.json".into()),
+            ..Default::default()
+        };
+        let c = flags.or(file.clone()).resolve().unwrap();
+        assert_eq!(c.quant.quantize, Quantize::Int8Static);
+        assert_eq!(c.quantize_scales, Some(PathBuf::from("s.json")));
+        let bad = RawServeConfig {
+            quantize: Some("int4".into()),
+            ..Default::default()
+        };
+        assert!(
+            bad.or(file.clone())
+                .resolve()
+                .unwrap_err()
+                .contains("--quantize")
+        );
+        let skip_alone = RawServeConfig {
+            quantize: Some("none".into()),
+            math_mode: Some("precise".into()),
+            ..Default::default()
+        };
+        assert!(
+            skip_alone
+                .or(file)
+                .resolve()
+                .unwrap_err()
+                .contains("need --quantize")
+        );
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<RawServeConfig>("max_batch_tokenz = 3").is_err());
         let raw = RawServeConfig {
@@ -386,5 +560,18 @@ mod tests {
             ..Default::default()
         };
         assert!(raw.resolve().unwrap_err().contains("--max-batch-tokens"));
+        let same_ports = RawServeConfig {
+            model: Some("m".into()),
+            port: Some(9000),
+            grpc_port: Some(9000),
+            ..Default::default()
+        };
+        assert!(same_ports.resolve().unwrap_err().contains("--grpc-port"));
+        let huge = RawServeConfig {
+            model: Some("m".into()),
+            grpc_max_message_size: Some(MAX_GRPC_MESSAGE_SIZE + 1),
+            ..Default::default()
+        };
+        assert!(huge.resolve().unwrap_err().contains("2 GiB"));
     }
 }

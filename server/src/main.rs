@@ -9,12 +9,12 @@ use clap::{Args, Parser, Subcommand};
 use kiln_engine::compile::CompileOptions;
 use kiln_engine::{DeviceKind, SdpaKernelChoice};
 use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
-use kiln_server::{AppState, RawServeConfig, ServeConfig, app};
+use kiln_server::{AppState, RawServeConfig, ServeConfig, app, grpc};
 
 /// kiln: a transformer inference server.
 ///
 /// Loads a Hugging Face model folder (config.json, model.safetensors, tokenizer.json and the
-/// sentence-transformers files) and serves it over HTTP.
+/// sentence-transformers files) and serves it over HTTP and gRPC.
 ///
 /// Get the default model with `scripts/fetch-model.sh`, then:
 ///   kiln serve --model models/local/all-MiniLM-L6-v2
@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve a model over HTTP: OpenAI, KServe v2 and TEI-style routes, /metrics, /health.
+    /// Serve a model over HTTP (OpenAI, KServe v2 and TEI-style routes, /metrics, /health) and
+    /// gRPC (KServe v2, grpc.health.v1, reflection).
     Serve(Box<ServeArgs>),
     /// Embed texts and print the vectors as JSON.
     Embed(EmbedArgs),
@@ -45,6 +46,15 @@ enum Command {
         #[command(flatten)]
         dir: CacheDirArgs,
     },
+    /// Measure generation with a causal LM: time to first token and decode tokens/s at given
+    /// batch sizes (random prompt ids, greedy, EOS ignored).
+    BenchGenerate(BenchGenerateArgs),
+    /// Exit 0 if a `kiln serve` on this machine answers /health with 200 (the container
+    /// image's HEALTHCHECK), else print why and exit 1.
+    Health(HealthArgs),
+    /// Calibrate static int8 quantization on a set of texts and write the scales file that
+    /// `--quantize int8-static` reads.
+    Quantize(QuantizeArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,7 +101,8 @@ impl PassArgs {
             CompileOptions::default()
         };
         if let Some(list) = &self.disable_pass {
-            o.disable(list).map_err(|e| anyhow!("--disable-pass: {e}"))?;
+            o.disable(list)
+                .map_err(|e| anyhow!("--disable-pass: {e}"))?;
         }
         Ok(o)
     }
@@ -114,6 +125,41 @@ struct CompileArgs {
     /// reasons, memory plan size.
     #[arg(long)]
     explain: bool,
+}
+
+#[derive(Args)]
+struct BenchGenerateArgs {
+    /// Causal LM folder in the Hugging Face layout.
+    #[arg(long)]
+    model: PathBuf,
+    /// Comma-separated batch sizes (requests submitted together).
+    #[arg(long, default_value = "1,8")]
+    batch: String,
+    /// Prompt tokens per request.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    new_tokens: usize,
+    /// Timed repetitions per batch size (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3)]
+    iters: usize,
+    /// Attention kernel: auto, flash, mem_efficient or math.
+    #[arg(long, default_value = "auto")]
+    sdpa_kernel: SdpaKernelChoice,
+}
+
+#[derive(Args)]
+struct HealthArgs {
+    /// Address to ask (the server's --host may be 0.0.0.0, which is not one to connect to).
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// The server's HTTP port.
+    #[arg(long, env = "KILN_PORT", default_value_t = 8080)]
+    port: u16,
+    /// Give up after this long, e.g. `3s`.
+    #[arg(long, default_value = "5s")]
+    timeout: String,
 }
 
 #[derive(Args)]
@@ -144,6 +190,46 @@ struct ModelArgs {
     /// Compile at every load; never read or write the plan cache.
     #[arg(long, env = "KILN_NO_PLAN_CACHE")]
     no_plan_cache: bool,
+    #[command(flatten)]
+    quant: QuantArgs,
+}
+
+/// Quantization and math-mode flags (shared by every command that loads a model).
+#[derive(Args)]
+struct QuantArgs {
+    /// Linear layers in int8: `none`, `int8-dynamic` (per-token activation scales at run time)
+    /// or `int8-static` (per-tensor scales from `kiln quantize`). [default: none]
+    #[arg(long, env = "KILN_QUANTIZE")]
+    quantize: Option<String>,
+    /// The calibration file for int8-static. [default: <model>/kiln-quant.json]
+    #[arg(long, env = "KILN_QUANTIZE_SCALES")]
+    quantize_scales: Option<PathBuf>,
+    /// Only these layers are quantized (comma-separated globs on layer names, e.g.
+    /// `encoder.layer.*`). [default: all]
+    #[arg(long, env = "KILN_QUANTIZE_LAYERS", value_delimiter = ',')]
+    quantize_layers: Vec<String>,
+    /// Layers kept in f32 (comma-separated globs, e.g. `*.output.dense,classifier`).
+    #[arg(long, env = "KILN_QUANTIZE_SKIP", value_delimiter = ',')]
+    quantize_skip: Vec<String>,
+    /// `precise` (f32) or `bf16-fast` (linear weights in bf16, inputs rounded to bf16, f32
+    /// accumulation). [default: precise]
+    #[arg(long, env = "KILN_MATH_MODE")]
+    math_mode: Option<String>,
+}
+
+impl QuantArgs {
+    /// The flags as a stage-one config (validated by `RawServeConfig::resolve`).
+    fn raw(&self) -> RawServeConfig {
+        RawServeConfig {
+            quantize: self.quantize.clone(),
+            quantize_scales: self.quantize_scales.clone(),
+            quantize_layers: (!self.quantize_layers.is_empty())
+                .then(|| self.quantize_layers.clone()),
+            quantize_skip: (!self.quantize_skip.is_empty()).then(|| self.quantize_skip.clone()),
+            math_mode: self.math_mode.clone(),
+            ..RawServeConfig::default()
+        }
+    }
 }
 
 /// `kiln serve` flags. Every one is optional here: unset flags fall back to the `KILN_*`
@@ -166,15 +252,25 @@ struct ServeArgs {
     /// Engine batches: `packed` (padding-free, varlen attention) or `padded`. [default: packed]
     #[arg(long, env = "KILN_BATCH_LAYOUT")]
     batch_layout: Option<String>,
+    #[command(flatten)]
+    quant: QuantArgs,
     /// Name clients see (default: the model folder's name).
     #[arg(long, env = "KILN_MODEL_ID")]
     model_id: Option<String>,
     /// [default: 0.0.0.0]
     #[arg(long, env = "KILN_HOST")]
     host: Option<String>,
-    /// [default: 8080]
+    /// HTTP port. [default: 8080]
     #[arg(long, env = "KILN_PORT")]
     port: Option<u16>,
+    /// gRPC port (KServe v2 `inference.GRPCInferenceService`, grpc.health.v1, reflection), on
+    /// the same host address. [default: 8081]
+    #[arg(long, env = "KILN_GRPC_PORT")]
+    grpc_port: Option<u16>,
+    /// Largest gRPC message received or sent, in bytes (RESOURCE_EXHAUSTED beyond; at most
+    /// 2147483647). [default: 67108864]
+    #[arg(long, env = "KILN_GRPC_MAX_MESSAGE_SIZE")]
+    grpc_max_message_size: Option<usize>,
     /// Token budget of one batch (requests join a batch while their tokens fit). [default: 8192]
     #[arg(long, env = "KILN_MAX_BATCH_TOKENS")]
     max_batch_tokens: Option<usize>,
@@ -222,6 +318,27 @@ struct ServeArgs {
     /// File with one API key per line (`#` comments), re-read when it changes.
     #[arg(long, env = "KILN_API_KEYS_FILE")]
     api_keys_file: Option<PathBuf>,
+    /// Causal LMs: tokens the paged KV cache holds across running requests (each reserves its
+    /// prompt plus max_tokens when it joins the batch). [default: 16384]
+    #[arg(long, env = "KILN_MAX_BATCH_TOTAL_TOKENS")]
+    max_batch_total_tokens: Option<usize>,
+    /// Causal LMs: prompt tokens prefilled per step; longer prompts run in chunks.
+    /// [default: 4096]
+    #[arg(long, env = "KILN_MAX_BATCH_PREFILL_TOKENS")]
+    max_batch_prefill_tokens: Option<usize>,
+    /// Causal LMs: steps a waiting request may be held back while a batch runs. [default: 20]
+    #[arg(long, env = "KILN_MAX_WAITING_TOKENS")]
+    max_waiting_tokens: Option<usize>,
+    /// Causal LMs: waiting requests join at once when they reach this many times the running
+    /// ones. [default: 1.2]
+    #[arg(long, env = "KILN_WAITING_SERVED_RATIO")]
+    waiting_served_ratio: Option<f32>,
+    /// Causal LMs: tokens per KV cache block. [default: 16]
+    #[arg(long, env = "KILN_KV_BLOCK_SIZE")]
+    kv_block_size: Option<usize>,
+    /// Causal LMs: a Jinja chat template file (overrides the model folder's).
+    #[arg(long, env = "KILN_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
     /// Log format: `text` or `json`. [default: text]
     #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -237,6 +354,26 @@ struct ServeArgs {
     /// Compiler passes to turn off, comma-separated (see `kiln compile --help`).
     #[arg(long, env = "KILN_DISABLE_PASS", value_name = "PASSES")]
     disable_pass: Option<String>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// Model folder in the Hugging Face layout.
+    #[arg(long, env = "KILN_MODEL")]
+    model: PathBuf,
+    /// Calibration texts, one per line: a JSON string or an object with a `text` field.
+    #[arg(long)]
+    calibrate: PathBuf,
+    /// Observer: `minmax` (the default: BERT's outlier channels need their full range) or
+    /// `percentile` (99.99%) / `percentile:P`.
+    #[arg(long, default_value = "minmax")]
+    observer: String,
+    /// Where to write the scales. [default: <model>/kiln-quant.json]
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Most sequences per calibration batch.
+    #[arg(long, default_value_t = 32)]
+    max_batch_sequences: usize,
 }
 
 #[derive(Args)]
@@ -267,10 +404,16 @@ struct BenchArgs {
 
 impl ModelArgs {
     fn load_options(&self) -> Result<LoadOptions> {
+        let raw = RawServeConfig {
+            model: Some(self.model.clone()),
+            ..self.quant.raw()
+        };
+        let resolved = raw.resolve().map_err(|e| anyhow!(e))?;
         Ok(LoadOptions {
             device: self.device,
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: self.sdpa_kernel,
+                quant: resolved.quant,
             },
             max_batch_sequences: self.max_batch_sequences,
             max_seq_length: self.max_seq_length,
@@ -279,8 +422,12 @@ impl ModelArgs {
             cache_dir: if self.no_plan_cache {
                 None
             } else {
-                self.cache.cache_dir.clone().or_else(kiln_engine::cache::default_dir)
+                self.cache
+                    .cache_dir
+                    .clone()
+                    .or_else(kiln_engine::cache::default_dir)
             },
+            quantize_scales: resolved.quantize_scales,
         })
     }
 
@@ -291,11 +438,12 @@ impl ModelArgs {
 
 impl ServeArgs {
     /// Stage one (flags and env over the config file) into stage two (the validated config).
-    fn resolve(self) -> Result<(ServeConfig, SocketAddr)> {
+    fn resolve(self) -> Result<(ServeConfig, SocketAddr, SocketAddr)> {
         let file = match &self.config {
             Some(path) => RawServeConfig::from_toml_file(path).map_err(|e| anyhow!(e))?,
             None => RawServeConfig::default(),
         };
+        let quant = self.quant.raw();
         let flags = RawServeConfig {
             model: self.model,
             model_id: self.model_id,
@@ -304,6 +452,8 @@ impl ServeArgs {
             batch_layout: self.batch_layout,
             host: self.host,
             port: self.port,
+            grpc_port: self.grpc_port,
+            grpc_max_message_size: self.grpc_max_message_size,
             max_batch_tokens: self.max_batch_tokens,
             max_batch_requests: self.max_batch_requests,
             max_batch_sequences: self.max_batch_sequences,
@@ -324,13 +474,23 @@ impl ServeArgs {
             plan_cache: self.no_plan_cache.then_some(false),
             no_fuse: self.no_fuse.then_some(true),
             disable_passes: self.disable_pass,
+            max_batch_total_tokens: self.max_batch_total_tokens,
+            max_batch_prefill_tokens: self.max_batch_prefill_tokens,
+            max_waiting_tokens: self.max_waiting_tokens,
+            waiting_served_ratio: self.waiting_served_ratio,
+            kv_block_size: self.kv_block_size,
+            chat_template: self.chat_template,
+            ..quant
         };
         let config = flags.or(file).resolve().map_err(|e| anyhow!(e))?;
-        let addr: SocketAddr = format!("{}:{}", config.host, config.port)
-            .parse()
-            .or_else(|_| format!("[{}]:{}", config.host, config.port).parse())
-            .with_context(|| format!("invalid --host {}", config.host))?;
-        Ok((config, addr))
+        let addr = |port: u16| -> Result<SocketAddr> {
+            format!("{}:{port}", config.host)
+                .parse()
+                .or_else(|_| format!("[{}]:{port}", config.host).parse())
+                .with_context(|| format!("invalid --host {}", config.host))
+        };
+        let (http, grpc) = (addr(config.port)?, addr(config.grpc_port)?);
+        Ok((config, http, grpc))
     }
 }
 
@@ -356,6 +516,9 @@ fn main() -> Result<()> {
         Command::Compile(args) => compile(args),
         Command::BenchLoad(args) => bench_load(args),
         Command::Cache { action, dir } => cache(action, &dir),
+        Command::BenchGenerate(args) => bench_generate(args),
+        Command::Health(args) => health(args),
+        Command::Quantize(args) => quantize(args),
     }
 }
 
@@ -365,7 +528,10 @@ fn compile(args: CompileArgs) -> Result<()> {
     let plan = &info.plan;
     let cache = match (&plan.cache, &plan.key) {
         (kiln_models::CacheOutcome::Hit, Some(key)) => {
-            format!("already in the plan cache ({key}), read in {:.1} ms", ms(plan.cache_load_time))
+            format!(
+                "already in the plan cache ({key}), read in {:.1} ms",
+                ms(plan.cache_load_time)
+            )
         }
         (kiln_models::CacheOutcome::Disabled, _) => "not stored (plan cache off)".into(),
         (outcome, key) => format!(
@@ -408,7 +574,8 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
         type_ids: vec![0; 16],
         untruncated_len: 16,
     }];
-    let mut rows: Vec<(&str, Vec<[f64; 10]>)> = vec![("no cache", vec![]), ("cold", vec![]), ("warm", vec![])];
+    let mut rows: Vec<(&str, Vec<[f64; 10]>)> =
+        vec![("no cache", vec![]), ("cold", vec![]), ("warm", vec![])];
     for run in 0..args.runs.max(1) {
         for (mode, samples) in rows.iter_mut() {
             opts.cache_dir = match *mode {
@@ -432,7 +599,10 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
                 _ => "hit",
             };
             if p.cache.as_str() != expected {
-                return Err(anyhow!("run {run}, {mode}: plan cache said {}", p.cache.as_str()));
+                return Err(anyhow!(
+                    "run {run}, {mode}: plan cache said {}",
+                    p.cache.as_str()
+                ));
             }
             samples.push([
                 ms(loaded),
@@ -466,7 +636,9 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (mode, samples) in &rows {
-        let cells: Vec<String> = (0..10).map(|k| format!("{:.1}", median(samples, k))).collect();
+        let cells: Vec<String> = (0..10)
+            .map(|k| format!("{:.1}", median(samples, k)))
+            .collect();
         println!("| {mode} | {} |", cells.join(" | "));
     }
     Ok(())
@@ -497,10 +669,7 @@ fn cache(action: CacheAction, dir: &CacheDirArgs) -> Result<()> {
                             s.material.kiln_version
                         );
                     }
-                    Err(why) => println!(
-                        "{}  {mib:>8.1} MiB  unreadable: {why}",
-                        e.path.display()
-                    ),
+                    Err(why) => println!("{}  {mib:>8.1} MiB  unreadable: {why}", e.path.display()),
                 }
             }
         }
@@ -525,7 +694,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if !matches!(args.log_format.as_str(), "text" | "json") {
         return Err(anyhow!("--log-format must be `text` or `json`"));
     }
-    let (config, addr) = args.resolve()?;
+    let (config, addr, grpc_addr) = args.resolve()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -535,19 +704,44 @@ fn serve(args: ServeArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
-        tracing::info!(address = %listener.local_addr()?, "listening; /health answers 503 until the model is ready");
+        let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on {grpc_addr} (gRPC)"))?;
+        tracing::info!(address = %listener.local_addr()?, grpc = %grpc_listener.local_addr()?, "listening (HTTP at address, gRPC at grpc); /health answers 503 until the model is ready");
+        let (routes, grpc_health) = grpc::routes(state.clone()).await.map_err(|e| anyhow!(e))?;
+
+        // One signal stops both servers: each stops accepting and drains its in-flight requests.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        };
+        let health = grpc_health.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            health.set(false).await;
+            let _ = stop_tx.send(true);
+        });
+        let http = axum::serve(listener, app(state.clone())).with_graceful_shutdown(stopped());
+        let http = tokio::spawn(async move { http.await });
+        let grpc = tokio::spawn(grpc::serve(grpc_listener, routes, stopped()));
+
         let loader = state.clone();
-        let load = tokio::task::spawn_blocking(move || loader.load());
-        let server = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown_signal());
-        let server = tokio::spawn(async move { server.await });
-        match load.await? {
-            Ok(()) => tracing::info!("model ready"),
+        match tokio::task::spawn_blocking(move || loader.load()).await? {
+            Ok(()) => {
+                grpc_health.set(true).await;
+                tracing::info!("model ready");
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot load the model");
                 return Err(anyhow!("cannot load the model: {e}"));
             }
         }
-        server.await??;
+        let (http, grpc) = tokio::join!(http, grpc);
+        http?.context("HTTP server")?;
+        grpc?.context("gRPC server")?;
         tracing::info!("shut down cleanly");
         Ok(())
     })
@@ -573,6 +767,51 @@ async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutdown requested; draining in-flight requests");
+}
+
+fn health(args: HealthArgs) -> Result<()> {
+    let timeout = kiln_server::config::parse_duration(&args.timeout)
+        .map_err(|e| anyhow!("--timeout: {e}"))?;
+    kiln_server::healthcheck::check(&args.host, args.port, timeout).map_err(|e| anyhow!(e))?;
+    println!("healthy");
+    Ok(())
+}
+
+fn quantize(args: QuantizeArgs) -> Result<()> {
+    let observer: kiln_quant::observer::ObserverKind = args
+        .observer
+        .parse()
+        .map_err(|e: String| anyhow!("--observer: {e}"))?;
+    let texts = kiln_models::quantize::read_texts(&args.calibrate).map_err(|e| anyhow!("{e}"))?;
+    let opts = LoadOptions {
+        max_batch_sequences: args.max_batch_sequences.max(1),
+        ..LoadOptions::default()
+    };
+    let started = Instant::now();
+    let scales = kiln_models::quantize::calibrate(&args.model, &opts, &texts, observer)
+        .map_err(|e| anyhow!("{e}"))?;
+    let out = args
+        .out
+        .unwrap_or_else(|| args.model.join(kiln_models::quantize::SCALES_FILE));
+    kiln_models::quantize::write_scales(&out, &scales).map_err(|e| anyhow!("{e}"))?;
+    println!(
+        "calibrated {} layers on {} texts ({} tokens) with the {observer} observer in {:.1} s; wrote {}",
+        scales.layers.len(),
+        texts.len(),
+        scales.source.get("tokens").map_or("?", String::as_str),
+        started.elapsed().as_secs_f64(),
+        out.display()
+    );
+    println!(
+        "serve it with: kiln serve --model {} --quantize int8-static{}",
+        args.model.display(),
+        if out == args.model.join(kiln_models::quantize::SCALES_FILE) {
+            String::new()
+        } else {
+            format!(" --quantize-scales {}", out.display())
+        }
+    );
+    Ok(())
 }
 
 fn embed(args: EmbedArgs) -> Result<()> {
@@ -633,12 +872,18 @@ fn bench(args: BenchArgs) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?
         .remove(0);
     let cpu = kiln_engine::CpuCaps::detect();
+    let opts = args.model.load_options()?;
     println!(
-        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}, {} (plan: {})",
+        "model {} on {} ({cpu}), {:?} batches, sdpa_kernel {}, quantize {}, math_mode {} \
+         (int8 kernel {}, bf16 kernel {}), {} (plan: {})",
         model.info().id,
         model.info().device,
         args.model.batch_layout,
         args.model.sdpa_kernel,
+        opts.exec.quant.quantize,
+        opts.exec.quant.math_mode,
+        kiln_quant::Int8Kernel::detect(),
+        kiln_quant::bf16::Bf16Kernel::detect(),
         model.info().plan.report.options.describe(),
         model.info().plan.cache.as_str(),
     );
@@ -676,6 +921,117 @@ fn bench(args: BenchArgs) -> Result<()> {
             times[0],
             tokens as f64 / (median / 1e3),
             times.len()
+        );
+    }
+    Ok(())
+}
+
+/// One timed generation run: (time to first token of the batch, decode tokens/s, total s).
+fn generate_once(
+    model: &std::sync::Arc<kiln_models::CausalLm>,
+    batch: usize,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    seed: u64,
+) -> Result<(f64, f64, f64)> {
+    use kiln_models::{Event, GenerationLimits, GenerationRequest, Generator, SamplingParams};
+    let limits = GenerationLimits {
+        max_batch_total_tokens: batch * (prompt_tokens + new_tokens + 16),
+        max_batch_prefill_tokens: batch * prompt_tokens,
+        max_running: batch,
+        ..GenerationLimits::default()
+    };
+    let mut g = Generator::new(model.clone(), limits).map_err(|e| anyhow!("{e}"))?;
+    let vocab = model.info().vocab_size as u64;
+    let mut s = seed | 1;
+    for _ in 0..batch {
+        let prompt = (0..prompt_tokens)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % vocab) as u32
+            })
+            .collect();
+        g.submit(GenerationRequest {
+            prompt,
+            max_new_tokens: new_tokens,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: true,
+        })
+        .map_err(|e| anyhow!("{e}"))?;
+    }
+    let started = Instant::now();
+    let mut first: Option<f64> = None;
+    let mut tokens = 0usize;
+    while !g.is_idle() {
+        for e in g.step() {
+            match e {
+                Event::Token { .. } => tokens += 1,
+                Event::Failed { message, .. } => return Err(anyhow!(message)),
+            }
+        }
+        if first.is_none() && tokens >= batch {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    let ttft = first.unwrap_or(total);
+    let decode = (tokens - batch) as f64 / (total - ttft).max(1e-9);
+    Ok((ttft, decode, total))
+}
+
+fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
+    let opts = LoadOptions {
+        exec: kiln_engine::ExecOptions {
+            sdpa_kernel: args.sdpa_kernel,
+            ..Default::default()
+        },
+        ..LoadOptions::default()
+    };
+    let model = std::sync::Arc::new(
+        kiln_models::CausalLm::load(&args.model, &opts, None).map_err(|e| anyhow!("{e}"))?,
+    );
+    let cpu = kiln_engine::CpuCaps::detect();
+    println!(
+        "model {} ({}, {} layers, hidden {}, vocab {}) on {} ({cpu}), prompt {} tokens, {} new, greedy",
+        model.info().id,
+        model.info().architecture,
+        model.info().num_layers,
+        model.info().hidden_size,
+        model.info().vocab_size,
+        model.info().device,
+        args.prompt_tokens,
+        args.new_tokens
+    );
+    println!("| batch | time to first token ms | decode tokens/s | total s | runs |");
+    println!("|---|---|---|---|---|");
+    for b in args.batch.split(',') {
+        let b: usize = b.trim().parse()?;
+        generate_once(&model, b, args.prompt_tokens, args.new_tokens.min(4), 1)?; // warm-up
+        let mut runs = Vec::new();
+        for i in 0..args.iters.max(1) {
+            runs.push(generate_once(
+                &model,
+                b,
+                args.prompt_tokens,
+                args.new_tokens,
+                7 + i as u64,
+            )?);
+        }
+        let median = |f: fn(&(f64, f64, f64)) -> f64| {
+            let mut v: Vec<f64> = runs.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "| {b} | {:.1} | {:.1} | {:.2} | {} |",
+            median(|r| r.0) * 1e3,
+            median(|r| r.1),
+            median(|r| r.2),
+            runs.len()
         );
     }
     Ok(())

@@ -618,7 +618,10 @@ fn compile_ahead_of_time_then_serve_from_the_plan_cache() {
     assert!(unfused.contains("[qkv] off"), "{unfused}");
     let ls = kiln(&["cache", "ls"]);
     assert!(ls.contains("(2 entries)"), "{ls}");
-    assert!(ls.contains("bert-tiny-cls") && ls.contains("passes off: sdpa, qkv, bias-act, add-norm"), "{ls}");
+    assert!(
+        ls.contains("bert-tiny-cls") && ls.contains("passes off: sdpa, qkv, bias-act, add-norm"),
+        "{ls}"
+    );
 
     // A server finds the plan `kiln compile` stored: a hit, no compile time.
     let cache_arg = cache.to_str().unwrap();

@@ -191,7 +191,10 @@ pub fn engine_configurations() -> Vec<(String, kiln_models::LoadOptions)> {
         let opts = LoadOptions {
             device,
             layout,
-            exec: ExecOptions { sdpa_kernel },
+            exec: ExecOptions {
+                sdpa_kernel,
+                ..ExecOptions::default()
+            },
             ..LoadOptions::default()
         };
         all.push((label, opts));

@@ -1,5 +1,5 @@
-//! The real `kiln serve` process for end-to-end tests: started on a free port, waited on until
-//! `/health` is 200, called over HTTP, stopped with SIGTERM.
+//! The real `kiln serve` process for end-to-end tests: started on free ports (HTTP and gRPC),
+//! waited on until `/health` is 200, called over HTTP (or gRPC), stopped with SIGTERM.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -19,6 +19,8 @@ pub struct Server {
     pub child: Child,
     pub base: String,
     pub addr: String,
+    /// `http://127.0.0.1:PORT` of the gRPC port (for a tonic `Channel`).
+    pub grpc_url: String,
 }
 
 /// A response: status, headers that tests look at, and the body.
@@ -52,7 +54,16 @@ impl Server {
     /// The plan cache is [`test_cache_dir`] unless `extra` names one.
     pub fn start(bin: &Path, model: &Path, extra: &[&str]) -> Server {
         let mut child = Command::new(bin)
-            .args(["serve", "--host", "127.0.0.1", "--port", "0", "--model"])
+            .args([
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--grpc-port",
+                "0",
+            ])
+            .arg("--model")
             .arg(model)
             .args(extra)
             .env("NO_COLOR", "1")
@@ -62,25 +73,33 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start kiln");
-        // The bound address comes from the log line `listening ... address=127.0.0.1:PORT`.
+        // The bound addresses come from the log line
+        // `listening ... address=127.0.0.1:PORT grpc=127.0.0.1:PORT`.
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[kiln] {line}");
-                if let Some(rest) = line.split("address=").nth(1) {
-                    let addr: String = rest.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(addr);
+                let field = |name: &str| {
+                    line.split(name).nth(1).map(|rest| {
+                        rest.chars()
+                            .take_while(|c| !c.is_whitespace())
+                            .collect::<String>()
+                    })
+                };
+                if let (Some(addr), Some(grpc)) = (field(" address="), field(" grpc=")) {
+                    let _ = tx.send((addr, grpc));
                 }
             }
         });
-        let addr = rx
+        let (addr, grpc_addr) = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("kiln did not report its address");
         let server = Server {
             child,
             base: format!("http://{addr}"),
             addr,
+            grpc_url: format!("http://{grpc_addr}"),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {

@@ -6,9 +6,7 @@ use std::process::Command;
 
 use kiln_engine::DeviceKind;
 use kiln_engine::compile::{CompileOptions, PassId};
-use kiln_models::{
-    BatchLayout, CacheOutcome, EmbedOptions, EncoderModel, LoadOptions, TextInput,
-};
+use kiln_models::{BatchLayout, CacheOutcome, EmbedOptions, EncoderModel, LoadOptions, TextInput};
 use kiln_tests::{fixtures, max_abs_diff, minilm_dir, read_jsonl};
 
 const TRUNCATE: EmbedOptions = EmbedOptions {
@@ -57,7 +55,9 @@ fn assert_close(label: &str, a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)],
 }
 
 fn bits(v: &[(String, Vec<f32>)]) -> Vec<u32> {
-    v.iter().flat_map(|(_, x)| x.iter().map(|f| f.to_bits())).collect()
+    v.iter()
+        .flat_map(|(_, x)| x.iter().map(|f| f.to_bits()))
+        .collect()
 }
 
 #[test]
@@ -101,11 +101,21 @@ fn all_passes_on_and_off_and_each_pass_alone_off_agree_on_the_tiny_models() {
                 outputs(&EncoderModel::load(&dir, &opts).unwrap(), &texts)
             };
             let off = load(CompileOptions::none());
-            assert_close(&format!("{name} {device} all"), &load(CompileOptions::default()), &off, 1e-6);
+            assert_close(
+                &format!("{name} {device} all"),
+                &load(CompileOptions::default()),
+                &off,
+                1e-6,
+            );
             for pass in PassId::ALL {
                 let mut only_off = CompileOptions::default();
                 only_off.disabled.insert(pass);
-                assert_close(&format!("{name} {device} without {pass}"), &load(only_off), &off, 1e-6);
+                assert_close(
+                    &format!("{name} {device} without {pass}"),
+                    &load(only_off),
+                    &off,
+                    1e-6,
+                );
             }
         }
     }
@@ -119,7 +129,10 @@ fn a_cache_round_trip_gives_bit_identical_outputs_without_reading_the_weights() 
         cache_dir: Some(cache.clone()),
         ..LoadOptions::default()
     };
-    let uncached = outputs(&EncoderModel::load(&minilm_dir(), &LoadOptions::default()).unwrap(), &texts);
+    let uncached = outputs(
+        &EncoderModel::load(&minilm_dir(), &LoadOptions::default()).unwrap(),
+        &texts,
+    );
     let cold = EncoderModel::load(&minilm_dir(), &opts).unwrap();
     assert_eq!(cold.info().plan.cache, CacheOutcome::Miss);
     let warm = EncoderModel::load(&minilm_dir(), &opts).unwrap();
@@ -127,10 +140,18 @@ fn a_cache_round_trip_gives_bit_identical_outputs_without_reading_the_weights() 
     assert_eq!(plan.cache, CacheOutcome::Hit);
     assert_eq!(plan.key, cold.info().plan.key);
     assert!(plan.compile_time.is_zero());
-    assert_eq!(plan.report, cold.info().plan.report, "the report comes back with the plan");
+    assert_eq!(
+        plan.report,
+        cold.info().plan.report,
+        "the report comes back with the plan"
+    );
     let (a, b) = (outputs(&cold, &texts), outputs(&warm, &texts));
     assert_eq!(bits(&a), bits(&b), "cold and warm plans differ");
-    assert_eq!(bits(&uncached), bits(&b), "cached and uncached plans differ");
+    assert_eq!(
+        bits(&uncached),
+        bits(&b),
+        "cached and uncached plans differ"
+    );
     let _ = std::fs::remove_dir_all(&cache);
 }
 
@@ -174,7 +195,10 @@ fn truncated_corrupted_and_wrong_version_entries_are_rebuilt() {
         std::fs::write(&entry, bytes).unwrap();
         let model = EncoderModel::load(&dir, &opts).unwrap_or_else(|e| panic!("{what}: {e}"));
         let CacheOutcome::Rebuilt(why) = &model.info().plan.cache else {
-            panic!("{what}: expected a rebuild, got {:?}", model.info().plan.cache)
+            panic!(
+                "{what}: expected a rebuild, got {:?}",
+                model.info().plan.cache
+            )
         };
         eprintln!("{what}: rebuilt ({why})");
         assert_eq!(bits(&outputs(&model, &texts)), bits(&want), "{what}");
@@ -204,8 +228,14 @@ fn child_process_loads_minilm_with_a_cache() {
         ..LoadOptions::default()
     };
     let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
-    let v = model.embed(&["two processes".to_string()], TRUNCATE).unwrap();
-    println!("CHILD outcome={} first={}", model.info().plan.cache.as_str(), v.vectors[0][0]);
+    let v = model
+        .embed(&["two processes".to_string()], TRUNCATE)
+        .unwrap();
+    println!(
+        "CHILD outcome={} first={}",
+        model.info().plan.cache.as_str(),
+        v.vectors[0][0]
+    );
 }
 
 #[test]
@@ -215,7 +245,11 @@ fn two_processes_compiling_at_once_both_end_with_a_valid_entry() {
     let children: Vec<_> = (0..2)
         .map(|_| {
             Command::new(&exe)
-                .args(["--exact", "child_process_loads_minilm_with_a_cache", "--nocapture"])
+                .args([
+                    "--exact",
+                    "child_process_loads_minilm_with_a_cache",
+                    "--nocapture",
+                ])
                 .env(CHILD_ENV, &cache)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
@@ -233,11 +267,18 @@ fn two_processes_compiling_at_once_both_end_with_a_valid_entry() {
             "child failed: {stdout}\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let line = stdout.lines().find(|l| l.starts_with("CHILD")).unwrap().to_string();
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("CHILD"))
+            .unwrap()
+            .to_string();
         eprintln!("{line}");
         firsts.push(line.split("first=").nth(1).unwrap().to_string());
     }
-    assert_eq!(firsts[0], firsts[1], "both processes computed the same embedding");
+    assert_eq!(
+        firsts[0], firsts[1],
+        "both processes computed the same embedding"
+    );
     // One valid entry remains, no temporary files; a third load hits it.
     only_entry(&cache);
     let leftovers = std::fs::read_dir(cache.join("plans"))
@@ -252,7 +293,9 @@ fn two_processes_compiling_at_once_both_end_with_a_valid_entry() {
     };
     let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
     assert_eq!(model.info().plan.cache, CacheOutcome::Hit);
-    let v = model.embed(&["two processes".to_string()], TRUNCATE).unwrap();
+    let v = model
+        .embed(&["two processes".to_string()], TRUNCATE)
+        .unwrap();
     assert_eq!(v.vectors[0][0].to_string(), firsts[0]);
     let _ = std::fs::remove_dir_all(&cache);
 }
@@ -305,6 +348,7 @@ fn a_changed_model_file_or_option_gives_a_new_key() {
         LoadOptions {
             exec: kiln_engine::ExecOptions {
                 sdpa_kernel: "math".parse().unwrap(),
+                ..Default::default()
             },
             ..base.clone()
         },

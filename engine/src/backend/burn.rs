@@ -12,11 +12,12 @@ use burn_tensor::ops::AttentionModuleOptions;
 use burn_tensor::{Bool, Device, Int, Tensor, TensorData};
 use kiln_attention::KernelChoice;
 
-use super::{Backend, CpuBackend, SdpaMaskArg, cumulative};
+use super::{Backend, CpuBackend, KvStore, SdpaMaskArg, cumulative};
 use crate::caps::CpuCaps;
 use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, DType, PoolMode};
+use crate::kv::{KvCacheSpec, PagedBatch};
 use crate::storage::{ElemType, StoredTensor, WeightFormat};
 use crate::tensor::{HostData, HostTensor};
 
@@ -122,6 +123,7 @@ impl BurnBackend {
                 let seg = x.clone().slice([w[0]..w[1], 0..h]);
                 match mode {
                     PoolMode::Cls => seg.slice([0..1, 0..h]),
+                    PoolMode::Last => seg.slice([w[1] - w[0] - 1..w[1] - w[0], 0..h]),
                     PoolMode::Mean => seg.mean_dim(0),
                     PoolMode::Max => seg.max_dim(0),
                 }
@@ -351,6 +353,7 @@ impl Backend for BurnBackend {
                 SdpaMaskArg::None => SdpaMaskArg::None,
                 SdpaMaskArg::Causal => SdpaMaskArg::Causal,
                 SdpaMaskArg::Varlen(m) => SdpaMaskArg::Varlen(host(m)?),
+                SdpaMaskArg::VarlenCausal(m) => SdpaMaskArg::VarlenCausal(host(m)?),
             };
             let (out, ran) = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
             return Ok((self.upload(&cpu.download(out)?, ConstRole::Other)?, ran));
@@ -376,9 +379,11 @@ impl Backend for BurnBackend {
             softcap: None,
             is_causal: false,
         };
+        let causal_varlen = matches!(mask, SdpaMaskArg::VarlenCausal(_));
         let bool_mask: Option<Tensor<4, Bool>> = match mask {
-            SdpaMaskArg::Varlen(lengths) => {
+            SdpaMaskArg::Varlen(lengths) | SdpaMaskArg::VarlenCausal(lengths) => {
                 // One attention call per sequence slice of the packed tokens.
+                options.is_causal = causal_varlen;
                 let cu = self.lengths(lengths)?;
                 if b != 1 || cu.last() != Some(&sq) {
                     return Err(self.err("sdpa: sequence lengths do not tile the packed batch"));
@@ -416,11 +421,33 @@ impl Backend for BurnBackend {
         if matches!(&mask, BurnTensor::Int { shape, .. } if shape.len() == 1) {
             return self.pool_packed(x, mask, mode);
         }
+        if mode == PoolMode::Last {
+            // The last valid token of each row: lengths from the mask, one slice per row.
+            let HostData::I64(m) = self.download(mask)?.data else {
+                return Err(self.err("pool mask must be I64"));
+            };
+            let (x, _) = self.float(x, "pool input")?;
+            let [_, b, s, h] = x.dims();
+            let x: Tensor<3> = x.reshape([b, s, h]);
+            let rows: Vec<Tensor<2>> = (0..b)
+                .map(|r| {
+                    let last = (0..s).rfind(|&i| m[r * s + i] != 0).unwrap_or(0);
+                    x.clone()
+                        .slice([r..r + 1, last..last + 1, 0..h])
+                        .reshape([1, h])
+                })
+                .collect();
+            return Ok(BurnTensor::Float {
+                t: Tensor::cat(rows, 0).unsqueeze_dims::<4>(&[0, 0]),
+                rank: 2,
+            });
+        }
         let (x, _) = self.float(x, "pool input")?;
         let (m, _) = self.int(mask, "pool mask")?;
         let [_, b, s, h] = x.dims();
         let x: Tensor<3> = x.reshape([b, s, h]);
         let t: Tensor<2> = match mode {
+            PoolMode::Last => unreachable!("handled above"),
             PoolMode::Cls => x.slice([0..b, 0..1, 0..h]).reshape([b, h]),
             PoolMode::Mean => {
                 let mf: Tensor<3> = m.float().reshape([b, s, 1]);
@@ -497,4 +524,162 @@ impl Backend for BurnBackend {
             rank,
         })
     }
+
+    fn rms_norm(&self, x: BurnTensor, g: BurnTensor, eps: f32) -> Result<BurnTensor> {
+        let (x, rank) = self.float(x, "rms_norm input")?;
+        let g = self.vec1(g, "gamma")?;
+        let h = g.dims()[0];
+        let ms = x.clone().square().mean_dim(3);
+        let t = x
+            .div(ms.add_scalar(eps).sqrt())
+            .mul(g.reshape([1, 1, 1, h]));
+        Ok(BurnTensor::Float { t, rank })
+    }
+
+    fn mul(&self, a: BurnTensor, b: BurnTensor) -> Result<BurnTensor> {
+        let (a, rank) = self.float(a, "mul lhs")?;
+        let (b, _) = self.float(b, "mul rhs")?;
+        Ok(BurnTensor::Float { t: a.mul(b), rank })
+    }
+
+    fn rope(&self, x: BurnTensor, cos: BurnTensor, sin: BurnTensor) -> Result<BurnTensor> {
+        let (x, _) = self.float(x, "rope input")?;
+        let (cos, _) = self.float(cos, "rope cos")?;
+        let (sin, _) = self.float(sin, "rope sin")?;
+        let [b, h, s, d] = x.dims();
+        let [_, _, _, r] = cos.dims();
+        // Tables are [1, b, s, r]: one row per token, shared by every head.
+        let cos = cos.reshape([b, 1, s, r]);
+        let sin = sin.reshape([b, 1, s, r]);
+        let part = |lo: usize, hi: usize| x.clone().slice([0..b, 0..h, 0..s, lo..hi]);
+        let (x1, x2) = (part(0, r), part(r, 2 * r));
+        let mut parts = vec![
+            x1.clone().mul(cos.clone()).sub(x2.clone().mul(sin.clone())),
+            x2.mul(cos).add(x1.mul(sin)),
+        ];
+        if 2 * r < d {
+            parts.push(part(2 * r, d));
+        }
+        Ok(BurnTensor::Float {
+            t: Tensor::cat(parts, 3),
+            rank: 4,
+        })
+    }
+
+    fn kv_cache_alloc(&self, spec: &KvCacheSpec) -> Result<Box<KvStore>> {
+        let rows = spec.num_blocks * spec.block_size;
+        let width = spec.kv_heads * spec.head_dim;
+        let layers = (0..spec.layers)
+            .map(|_| {
+                let z = || Tensor::<2>::zeros([rows, width], &self.device);
+                (z(), z())
+            })
+            .collect();
+        Ok(Box::new(BurnKvStore { layers }))
+    }
+
+    fn paged_sdpa(
+        &self,
+        q: BurnTensor,
+        k: BurnTensor,
+        v: BurnTensor,
+        cache: &mut KvStore,
+        spec: &KvCacheSpec,
+        layer: usize,
+        batch: &PagedBatch,
+        scale: Option<f32>,
+        _kernel: KernelChoice,
+    ) -> Result<(BurnTensor, &'static str)> {
+        let store = cache
+            .downcast_mut::<BurnKvStore>()
+            .ok_or_else(|| self.err("the KV cache was not allocated by this burn backend"))?;
+        let (q, _) = self.float(q, "q")?;
+        let (k, _) = self.float(k, "k")?;
+        let (v, _) = self.float(v, "v")?;
+        let [_, hq, tokens, d] = q.dims();
+        let [_, hkv, _, _] = k.dims();
+        if hkv != spec.kv_heads || d != spec.head_dim {
+            return Err(self.err("paged_sdpa: k does not match the cache's heads or head_dim"));
+        }
+        let width = hkv * d;
+        // Cache rows are slots (block · block_size + offset), each [kv_heads · head_dim].
+        let rows = |t: Tensor<4>| -> Tensor<2> { t.swap_dims(1, 2).reshape([tokens, width]) };
+        let (k_rows, v_rows) = (rows(k), rows(v));
+        let (kc, vc) = &mut store.layers[layer];
+        let slots = batch.slots(spec.block_size);
+        // Write runs of consecutive slots with one slice assignment each.
+        let mut t = 0;
+        while t < tokens {
+            let mut end = t + 1;
+            while end < tokens && slots[end] == slots[end - 1] + 1 {
+                end += 1;
+            }
+            let (s0, n) = (slots[t], end - t);
+            *kc = kc.clone().slice_assign(
+                [s0..s0 + n, 0..width],
+                k_rows.clone().slice([t..end, 0..width]),
+            );
+            *vc = vc.clone().slice_assign(
+                [s0..s0 + n, 0..width],
+                v_rows.clone().slice([t..end, 0..width]),
+            );
+            t = end;
+        }
+        let options = AttentionModuleOptions {
+            scale: scale.map(f64::from),
+            softcap: None,
+            is_causal: false,
+        };
+        let cu = batch.cu_seqlens_q();
+        let mut outs = Vec::with_capacity(batch.sequences());
+        for s in 0..batch.sequences() {
+            let (q_len, ctx) = (batch.q_lens[s], batch.context_lens[s]);
+            let idx: Vec<i64> = (0..ctx)
+                .map(|p| {
+                    let b = batch.block_tables[s][p / spec.block_size] as i64;
+                    b * spec.block_size as i64 + (p % spec.block_size) as i64
+                })
+                .collect();
+            let idx = Tensor::<1, Int>::from_data(TensorData::new(idx, [ctx]), &self.device);
+            let context = |c: &Tensor<2>| -> Tensor<4> {
+                let t = c
+                    .clone()
+                    .select(0, idx.clone())
+                    .reshape([1, ctx, hkv, d])
+                    .swap_dims(1, 2);
+                if hq == hkv {
+                    t
+                } else {
+                    t.unsqueeze_dim::<5>(2)
+                        .expand([1, hkv, hq / hkv, ctx, d])
+                        .reshape([1, hq, ctx, d])
+                }
+            };
+            let (ks, vs) = (context(kc), context(vc));
+            let qs = q.clone().slice([0..1, 0..hq, cu[s]..cu[s + 1], 0..d]);
+            // burn: `true` = masked. Bottom-right: query i sees keys 0..=i + ctx - q_len.
+            let masked: Vec<bool> = (0..q_len)
+                .flat_map(|i| (0..ctx).map(move |j| j > i + ctx - q_len))
+                .collect();
+            let mask = Tensor::<4, Bool>::from_data(
+                TensorData::new(masked, [1, 1, q_len, ctx]),
+                &self.device,
+            )
+            .expand([1, hq, q_len, ctx]);
+            outs.push(module::attention(qs, ks, vs, Some(mask), None, options));
+        }
+        Ok((
+            BurnTensor::Float {
+                t: Tensor::cat(outs, 2),
+                rank: 4,
+            },
+            "burn",
+        ))
+    }
+}
+
+/// burn's KV cache: per layer, keys and values as `[slots, kv_heads · head_dim]` tensors on the
+/// device (slot = block · block_size + offset).
+struct BurnKvStore {
+    layers: Vec<(Tensor<2>, Tensor<2>)>,
 }

@@ -7,17 +7,23 @@
 use std::sync::Arc;
 
 use kiln_attention::{
-    KernelChoice, Mask, SdpaParams, SdpaShape, VarlenParams, scaled_dot_product_attention,
+    KernelChoice, Mask, PagedParams, SdpaParams, SdpaShape, VarlenParams,
+    scaled_dot_product_attention, scaled_dot_product_attention_paged,
     scaled_dot_product_attention_varlen,
 };
 
+use kiln_quant::bf16::{Bf16Kernel, Bf16Weights};
+use kiln_quant::{ActQuant, Int8Kernel, Int8Weights};
+
 use super::arena::Arena;
-use super::{Backend, SdpaMaskArg, cumulative};
+use super::{Backend, KvStore, SdpaMaskArg, cumulative};
 use crate::caps::CpuCaps;
 use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, DType, PoolMode};
-use crate::kernels::{gemm, panel_gemm, rowwise};
+use crate::kernels::{gemm, gemv, panel_gemm, rowwise};
+use crate::kv::{KvCacheSpec, PagedBatch};
+use crate::quantize::LinearFormat;
 use crate::storage::{Blob, ElemType, StoredTensor, WeightFormat};
 use crate::tensor::{HostData, HostTensor};
 
@@ -39,6 +45,11 @@ enum CpuData {
     /// A linear weight in a packed f32 format (`F32Panels16` for kiln's GEMM, `F32InOut` for
     /// the `gemm` crate's). `shape` stays the logical `[out, in]`.
     PackedLinear(Blob, WeightFormat),
+    /// A linear weight quantized to s8 per output channel and packed for the detected int8
+    /// kernel, with how its input activations are quantized.
+    Int8Linear(Arc<(Int8Weights, ActQuant)>),
+    /// A linear weight in bf16, packed for the detected bf16 kernel.
+    Bf16Linear(Arc<Bf16Weights>),
 }
 
 /// kiln's own CPU kernels.
@@ -102,24 +113,82 @@ impl CpuBackend {
         CpuData::PackedLinear(Blob::from_f32(packed), format)
     }
 
+    /// `act(x @ w.T + b)` for any weight format; with `small_m` (a decoder's paged step), a few
+    /// rows on an `[in, out]` weight take the weight-streaming GEMV.
     fn linear_impl(
         &self,
         x: CpuTensor,
         w: CpuTensor,
         b: Option<CpuTensor>,
         act: Option<Activation>,
+        small_m: bool,
     ) -> Result<CpuTensor> {
-        let (packed, format) = self.packed(&w)?;
         let (out_f, in_f) = (w.shape[0], w.shape[1]);
         let xs = self.f32_ref(&x, "linear input")?;
         let m = xs.len() / in_f.max(1);
+        let bias = b
+            .as_ref()
+            .map(|b| self.f32_ref(b, "linear bias"))
+            .transpose()?;
         let mut y = self.arena.take(m * out_f);
-        let bias = b.as_ref().map(|b| self.f32_ref(b, "linear bias")).transpose()?;
-        match format {
-            WeightFormat::F32Panels16 => {
-                panel_gemm::linear(&mut y, xs, packed, m, in_f, out_f, bias, act, self.threads);
+        match &w.data {
+            // The quantized kernels quantize the input rows, multiply and add the bias in one
+            // pass, writing every output.
+            CpuData::Int8Linear(packed) => {
+                let (weights, act_quant) = &**packed;
+                kiln_quant::int8::linear(xs, m, weights, bias, *act_quant, &mut y, self.threads)
+                    .map_err(|e| self.err(e.to_string()))?;
+                if let Some(act) = act {
+                    rowwise::activation(&mut y, act);
+                }
             }
-            _ => gemm::linear(&mut y, xs, packed, m, in_f, out_f, bias, act, self.threads),
+            CpuData::Bf16Linear(weights) => {
+                kiln_quant::bf16::linear(xs, m, weights, bias, &mut y, self.threads)
+                    .map_err(|e| self.err(e.to_string()))?;
+                if let Some(act) = act {
+                    rowwise::activation(&mut y, act);
+                }
+            }
+            CpuData::PackedLinear(..) => {
+                let (packed, format) = self.packed(&w)?;
+                match format {
+                    WeightFormat::F32Panels16 => panel_gemm::linear(
+                        &mut y,
+                        xs,
+                        packed,
+                        m,
+                        in_f,
+                        out_f,
+                        bias,
+                        act,
+                        self.threads,
+                    ),
+                    _ if small_m && m <= gemv::SMALL_M => {
+                        // A decode step's few rows: read the weights once, across threads.
+                        match bias {
+                            Some(bias) => y
+                                .chunks_mut(out_f.max(1))
+                                .for_each(|row| row.copy_from_slice(bias)),
+                            None => y.fill(0.0),
+                        }
+                        gemv::matmul_small_m(
+                            &mut y,
+                            xs,
+                            packed,
+                            m,
+                            in_f,
+                            out_f,
+                            true,
+                            self.threads,
+                        );
+                        if let Some(act) = act {
+                            rowwise::activation(&mut y, act);
+                        }
+                    }
+                    _ => gemm::linear(&mut y, xs, packed, m, in_f, out_f, bias, act, self.threads),
+                }
+            }
+            _ => return Err(self.err("linear weight was not uploaded as ConstRole::LinearWeight")),
         }
         let mut shape = x.shape.clone();
         *shape
@@ -222,7 +291,11 @@ impl Backend for CpuBackend {
 
     fn compile_target(&self) -> CompileTarget {
         let mut formats = vec![Self::linear_format()];
-        for f in [WeightFormat::F32Panels16, WeightFormat::F32InOut, WeightFormat::Plain] {
+        for f in [
+            WeightFormat::F32Panels16,
+            WeightFormat::F32InOut,
+            WeightFormat::Plain,
+        ] {
             if !formats.contains(&f) {
                 formats.push(f);
             }
@@ -292,7 +365,12 @@ impl Backend for CpuBackend {
                 CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32InOut)
             }
             (WeightFormat::F32Panels16, ConstRole::LinearWeight, DType::F32)
-                if buf.shape == [t.shape[0].div_ceil(panel_gemm::NR), t.shape[1], panel_gemm::NR] =>
+                if buf.shape
+                    == [
+                        t.shape[0].div_ceil(panel_gemm::NR),
+                        t.shape[1],
+                        panel_gemm::NR,
+                    ] =>
             {
                 CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32Panels16)
             }
@@ -320,8 +398,32 @@ impl Backend for CpuBackend {
                 t.shape,
                 b.as_i64().ok_or_else(|| self.misaligned())?.to_vec(),
             ),
-            CpuData::PackedLinear(..) => Err(self.err("a packed weight cannot be downloaded")),
+            CpuData::PackedLinear(..) | CpuData::Int8Linear(_) | CpuData::Bf16Linear(_) => {
+                Err(self.err("a packed weight cannot be downloaded"))
+            }
         }
+    }
+
+    fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<CpuTensor> {
+        let (HostData::F32(v), [out, inn]) = (&t.data, &t.shape[..]) else {
+            return Err(self.err(format!("linear weight must be 2-D F32, got {:?}", t.shape)));
+        };
+        let (out, inn) = (*out, *inn);
+        let quant = |e: kiln_quant::QuantError| self.err(e.to_string());
+        let data = match format {
+            LinearFormat::F32 => return self.upload(t, ConstRole::LinearWeight),
+            LinearFormat::Int8(act) => CpuData::Int8Linear(Arc::new((
+                Int8Weights::pack(v, out, inn, Int8Kernel::detect()).map_err(quant)?,
+                *act,
+            ))),
+            LinearFormat::Bf16 => CpuData::Bf16Linear(Arc::new(
+                Bf16Weights::pack(v, out, inn, Bf16Kernel::detect()).map_err(quant)?,
+            )),
+        };
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data,
+        })
     }
 
     fn embedding(&self, table: CpuTensor, ids: CpuTensor) -> Result<CpuTensor> {
@@ -342,7 +444,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
-        self.linear_impl(x, w, b, None)
+        self.linear_impl(x, w, b, None, false)
     }
 
     fn linear_act(
@@ -352,7 +454,11 @@ impl Backend for CpuBackend {
         b: Option<CpuTensor>,
         act: Activation,
     ) -> Result<CpuTensor> {
-        self.linear_impl(x, w, b, Some(act))
+        self.linear_impl(x, w, b, Some(act), false)
+    }
+
+    fn linear_decode(&self, x: CpuTensor, w: CpuTensor, b: Option<CpuTensor>) -> Result<CpuTensor> {
+        self.linear_impl(x, w, b, None, true)
     }
 
     fn add(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
@@ -419,7 +525,7 @@ impl Backend for CpuBackend {
         let [b, s, w] = x.shape[..] else {
             return Err(self.err(format!("split_heads: x must be 3-D, got {:?}", x.shape)));
         };
-        if heads == 0 || width % heads != 0 || start + width > w {
+        if heads == 0 || !width.is_multiple_of(heads) || start + width > w {
             return Err(self.err(format!(
                 "split_heads: columns {start}..{} of {w} in {heads} heads",
                 start + width
@@ -482,7 +588,10 @@ impl Backend for CpuBackend {
             return Err(self.err(format!("matmul: inner sizes {k} and {bk} differ")));
         }
         let batches: usize = a.shape[..r - 2].iter().product();
-        let (xs, ys) = (self.f32_ref(&a, "matmul lhs")?, self.f32_ref(&b, "matmul rhs")?);
+        let (xs, ys) = (
+            self.f32_ref(&a, "matmul lhs")?,
+            self.f32_ref(&b, "matmul rhs")?,
+        );
         let mut out = self.arena.take(batches * m * n);
         // b's strides: [k, n] row-major, or [n, k] read transposed.
         let (rs, cs) = if transpose_b { (1, k) } else { (n, 1) };
@@ -571,7 +680,9 @@ impl Backend for CpuBackend {
                     .collect();
                 padded(Mask::KeyPadding(&keep), &mut out)?
             }
-            SdpaMaskArg::Varlen(lengths) => {
+            SdpaMaskArg::Varlen(lengths) | SdpaMaskArg::VarlenCausal(lengths) => {
+                let causal = matches!(mask, SdpaMaskArg::VarlenCausal(_))
+                    .then_some(kiln_attention::CausalAlign::TopLeft);
                 if batch != 1 {
                     return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
                 }
@@ -583,7 +694,7 @@ impl Backend for CpuBackend {
                     head_dim,
                     cu_seqlens_q: &cu,
                     cu_seqlens_k: &cu,
-                    causal: None,
+                    causal,
                     scale,
                 };
                 scaled_dot_product_attention_varlen(qs, ks, vs, &mut out, &params, kernel)?
@@ -628,6 +739,11 @@ impl Backend for CpuBackend {
                         o.copy_from_slice(row(first));
                     }
                 }
+                PoolMode::Last => {
+                    if let Some(&last) = rows.last() {
+                        o.copy_from_slice(row(last));
+                    }
+                }
                 PoolMode::Mean => {
                     for &r in rows {
                         o.iter_mut().zip(row(r)).for_each(|(a, v)| *a += v);
@@ -663,4 +779,120 @@ impl Backend for CpuBackend {
         rowwise::softmax(&mut xv, width);
         Ok(f32_tensor(shape, xv))
     }
+
+    fn rms_norm(&self, x: CpuTensor, g: CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let gs = self.f32_ref(&g, "gamma")?;
+        let (shape, mut xv) = self.f32_of(x, "rms_norm input")?;
+        rowwise::rms_norm(&mut xv, gs.len(), gs, eps);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn mul(&self, a: CpuTensor, b: CpuTensor) -> Result<CpuTensor> {
+        let bs = self.f32_ref(&b, "mul rhs")?;
+        let (shape, mut av) = self.f32_of(a, "mul lhs")?;
+        if av.len() != bs.len() {
+            return Err(self.err(format!("mul: {} vs {} elements", av.len(), bs.len())));
+        }
+        av.iter_mut().zip(bs).for_each(|(x, y)| *x *= y);
+        Ok(f32_tensor(shape, av))
+    }
+
+    fn rope(&self, x: CpuTensor, cos: CpuTensor, sin: CpuTensor) -> Result<CpuTensor> {
+        let [b, h, s, d] = x.shape[..] else {
+            return Err(self.err(format!("rope: x must be 4-D, got {:?}", x.shape)));
+        };
+        let r = *cos.shape.last().unwrap_or(&0);
+        let (cs, ss) = (
+            self.f32_ref(&cos, "rope cos")?,
+            self.f32_ref(&sin, "rope sin")?,
+        );
+        if cs.len() != b * s * r || ss.len() != cs.len() || 2 * r > d || r == 0 {
+            return Err(self.err(format!(
+                "rope: tables {:?} do not fit x {:?}",
+                cos.shape, x.shape
+            )));
+        }
+        let (shape, mut xv) = self.f32_of(x, "rope input")?;
+        // Head row i is (batch i / (h·s), token i % s): its table row is batch·s + token.
+        rowwise::rope(&mut xv, d, cs, ss, r, |i| (i / (h * s)) * s + i % s);
+        Ok(f32_tensor(shape, xv))
+    }
+
+    fn kv_cache_alloc(&self, spec: &KvCacheSpec) -> Result<Box<KvStore>> {
+        let per_layer = spec.num_blocks * spec.kv_heads * spec.block_size * spec.head_dim;
+        // Zeroed allocations: the pages are committed only when a block is first written.
+        let layers = (0..spec.layers)
+            .map(|_| (vec![0.0f32; per_layer], vec![0.0f32; per_layer]))
+            .collect();
+        Ok(Box::new(CpuKvStore { layers }))
+    }
+
+    fn paged_sdpa(
+        &self,
+        q: CpuTensor,
+        k: CpuTensor,
+        v: CpuTensor,
+        cache: &mut KvStore,
+        spec: &KvCacheSpec,
+        layer: usize,
+        batch: &PagedBatch,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<(CpuTensor, &'static str)> {
+        let store = cache
+            .downcast_mut::<CpuKvStore>()
+            .ok_or_else(|| self.err("the KV cache was not allocated by the cpu backend"))?;
+        let (qs, ks, vs) = (
+            self.f32_ref(&q, "q")?,
+            self.f32_ref(&k, "k")?,
+            self.f32_ref(&v, "v")?,
+        );
+        let (&[1, q_heads, tokens, head_dim], &[1, kv_heads, _, _]) = (&q.shape[..], &k.shape[..])
+        else {
+            return Err(self.err(format!(
+                "paged_sdpa: q {:?} and k {:?} must be [1, heads, tokens, d]",
+                q.shape, k.shape
+            )));
+        };
+        if kv_heads != spec.kv_heads || head_dim != spec.head_dim {
+            return Err(self.err(format!(
+                "paged_sdpa: k has {kv_heads} heads of {head_dim}, the cache {} of {}",
+                spec.kv_heads, spec.head_dim
+            )));
+        }
+        let (kc, vc) = &mut store.layers[layer];
+        let (bs, d) = (spec.block_size, head_dim);
+        // Write the new keys and values: token t of head h goes to its slot's row in block
+        // `slot / bs`, head h.
+        for (t, slot) in batch.slots(bs).into_iter().enumerate() {
+            let (block, off) = (slot / bs, slot % bs);
+            for h in 0..kv_heads {
+                let dst = ((block * kv_heads + h) * bs + off) * d;
+                let src = (h * tokens + t) * d;
+                kc[dst..dst + d].copy_from_slice(&ks[src..src + d]);
+                vc[dst..dst + d].copy_from_slice(&vs[src..src + d]);
+            }
+        }
+        let cu = batch.cu_seqlens_q();
+        let params = PagedParams {
+            q_heads,
+            kv_heads,
+            head_dim,
+            block_size: bs,
+            num_blocks: spec.num_blocks,
+            cu_seqlens_q: &cu,
+            context_lens: &batch.context_lens,
+            block_tables: &batch.block_tables,
+            scale,
+        };
+        let mut out = vec![0.0f32; qs.len()];
+        let ran = scaled_dot_product_attention_paged(qs, kc, vc, &mut out, &params, kernel)?;
+        Ok((f32_tensor(q.shape.clone(), out), ran.name()))
+    }
+}
+
+/// The cpu backend's KV cache: per layer, keys and values as `[num_blocks, kv_heads,
+/// block_size, head_dim]`, the layout the paged attention kernel reads.
+struct CpuKvStore {
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
 }

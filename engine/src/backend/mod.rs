@@ -19,8 +19,22 @@ use kiln_attention::{KernelChoice, ProblemSummary};
 use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
 use crate::ir::{Activation, ConstRole, PoolMode};
+use crate::kv::{KvCacheSpec, PagedBatch};
+use crate::quantize::LinearFormat;
 use crate::storage::{StoredTensor, WeightFormat};
 use crate::tensor::HostTensor;
+
+/// Backend storage of a paged KV cache (each backend downcasts to its own type).
+pub type KvStore = dyn std::any::Any + Send;
+
+/// The error a backend returns for an op it does not implement (the decoder ops have default
+/// methods, so a new backend compiles before it runs decoders).
+pub(crate) fn unsupported_op(backend: String, op: &str) -> EngineError {
+    EngineError::Backend {
+        backend,
+        reason: format!("op `{op}` is not implemented by this backend"),
+    }
+}
 
 /// Transposes a row-major `[rows, cols]` matrix: how a Hugging Face `[out, in]` linear weight
 /// becomes the `[in, out]` layout both backends' GEMMs stream best.
@@ -53,6 +67,8 @@ pub enum SdpaMaskArg<T> {
     Causal,
     /// `[sequences]` I64 lengths of a packed batch (`q`/`k`/`v` are `[1, heads, tokens, d]`).
     Varlen(T),
+    /// Like `Varlen`, causal within each sequence.
+    VarlenCausal(T),
 }
 
 /// Ops a device provides. Every method takes its tensor arguments by value so a backend may
@@ -83,7 +99,10 @@ pub trait Backend: Send + Sync + 'static {
     /// `Plain` tensors through [`Backend::upload`]; packed formats need the backend's support.
     fn upload_stored(&self, t: &StoredTensor) -> Result<Self::Tensor> {
         if t.format != WeightFormat::Plain {
-            return Err(unsupported(self, &format!("{} weights", t.format)));
+            return Err(unsupported_op(
+                self.name(),
+                &format!("{} weights", t.format),
+            ));
         }
         self.upload(&t.to_host()?, t.role)
     }
@@ -91,6 +110,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Moves a host tensor onto the device; `role` lets the backend choose a weight layout.
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<Self::Tensor>;
     fn download(&self, t: Self::Tensor) -> Result<HostTensor>;
+
+    /// Uploads a `Linear`'s `[out, in]` weight in `format` (int8 or bf16 pack their weight for
+    /// the CPU's kernel). Backends without such kernels refuse every format but f32.
+    fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<Self::Tensor> {
+        match format {
+            LinearFormat::F32 => self.upload(t, ConstRole::LinearWeight),
+            other => Err(EngineError::Backend {
+                backend: self.name(),
+                reason: format!(
+                    "{other} linear layers are not implemented on this device (use --device cpu)"
+                ),
+            }),
+        }
+    }
 
     fn embedding(&self, table: Self::Tensor, ids: Self::Tensor) -> Result<Self::Tensor>;
     /// `x @ w.T + b` for a weight uploaded with [`ConstRole::LinearWeight`].
@@ -100,6 +133,16 @@ pub trait Backend: Send + Sync + 'static {
         w: Self::Tensor,
         b: Option<Self::Tensor>,
     ) -> Result<Self::Tensor>;
+    /// [`Backend::linear`] in a decoder's paged step, where few rows (one per decoding
+    /// sequence) meet each weight: a backend may take a weight-streaming path.
+    fn linear_decode(
+        &self,
+        x: Self::Tensor,
+        w: Self::Tensor,
+        b: Option<Self::Tensor>,
+    ) -> Result<Self::Tensor> {
+        self.linear(x, w, b)
+    }
     fn add(&self, a: Self::Tensor, b: Self::Tensor) -> Result<Self::Tensor>;
     fn layer_norm(
         &self,
@@ -143,20 +186,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Batched `a · b` (or `a · bᵀ`) over equal leading dimensions.
     fn matmul(&self, a: Self::Tensor, b: Self::Tensor, transpose_b: bool) -> Result<Self::Tensor> {
         let _ = (a, b, transpose_b);
-        Err(unsupported(self, "matmul"))
+        Err(unsupported_op(self.name(), "matmul"))
     }
     fn scale(&self, x: Self::Tensor, factor: f32) -> Result<Self::Tensor> {
         let _ = (x, factor);
-        Err(unsupported(self, "scale"))
+        Err(unsupported_op(self.name(), "scale"))
     }
     /// Sets scores above the top-left diagonal to -∞.
     fn causal_mask(&self, x: Self::Tensor) -> Result<Self::Tensor> {
         let _ = x;
-        Err(unsupported(self, "causal_mask"))
+        Err(unsupported_op(self.name(), "causal_mask"))
     }
     fn slice_last(&self, x: Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor> {
         let _ = (x, start, len);
-        Err(unsupported(self, "slice_last"))
+        Err(unsupported_op(self.name(), "slice_last"))
     }
 
     /// `act(x·wᵀ + b)`.
@@ -199,11 +242,50 @@ pub trait Backend: Send + Sync + 'static {
     fn reserve(&self, buffer_elems: &[usize]) {
         let _ = buffer_elems;
     }
-}
 
-fn unsupported<B: Backend + ?Sized>(backend: &B, what: &str) -> EngineError {
-    EngineError::Backend {
-        backend: backend.name(),
-        reason: format!("{what} is not implemented on this backend"),
+    // Decoder ops. Defaults refuse, so a backend without them still compiles and runs encoders.
+
+    /// `x / sqrt(mean(x²) + eps) · gamma` over the last dimension.
+    fn rms_norm(&self, x: Self::Tensor, gamma: Self::Tensor, eps: f32) -> Result<Self::Tensor> {
+        let _ = (x, gamma, eps);
+        Err(unsupported_op(self.name(), "rms_norm"))
+    }
+
+    /// Element-wise product of two tensors of one shape.
+    fn mul(&self, a: Self::Tensor, b: Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (a, b);
+        Err(unsupported_op(self.name(), "mul"))
+    }
+
+    /// Rotary embedding (rotate-half) of `x [b, h, s, d]` by `cos`/`sin [b, s, r]`.
+    fn rope(&self, x: Self::Tensor, cos: Self::Tensor, sin: Self::Tensor) -> Result<Self::Tensor> {
+        let _ = (x, cos, sin);
+        Err(unsupported_op(self.name(), "rope"))
+    }
+
+    /// Allocates a paged KV cache for every layer, in this backend's layout.
+    fn kv_cache_alloc(&self, spec: &KvCacheSpec) -> Result<Box<KvStore>> {
+        let _ = spec;
+        Err(unsupported_op(self.name(), "paged_sdpa"))
+    }
+
+    /// Writes the step's new keys and values of `layer` into the cache, then runs attention of
+    /// `q` over each sequence's context (bottom-right causal). Returns the output and the
+    /// kernel that ran. `batch` has been validated against `spec` and the token count.
+    #[allow(clippy::too_many_arguments)]
+    fn paged_sdpa(
+        &self,
+        q: Self::Tensor,
+        k: Self::Tensor,
+        v: Self::Tensor,
+        cache: &mut KvStore,
+        spec: &KvCacheSpec,
+        layer: usize,
+        batch: &PagedBatch,
+        scale: Option<f32>,
+        kernel: KernelChoice,
+    ) -> Result<(Self::Tensor, &'static str)> {
+        let _ = (q, k, v, cache, spec, layer, batch, scale, kernel);
+        Err(unsupported_op(self.name(), "paged_sdpa"))
     }
 }

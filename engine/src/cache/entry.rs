@@ -102,7 +102,11 @@ fn weight_buffers(graph: &Graph) -> Vec<&Buffer> {
 /// Writes an entry for `graph` (whose constants must all be stored weights) at `path`,
 /// atomically.
 pub fn write(path: &Path, summary: EntrySummary, graph: &Graph) -> Result<u64, CacheError> {
-    if let Some(n) = graph.nodes.iter().find(|n| matches!(n.op, Op::Constant { .. })) {
+    if let Some(n) = graph
+        .nodes
+        .iter()
+        .find(|n| matches!(n.op, Op::Constant { .. }))
+    {
         return Err(CacheError::Corrupt(format!(
             "constant `{}` was not stored before caching",
             n.label
@@ -208,8 +212,8 @@ fn read_header(bytes: &[u8]) -> Result<(Header, usize, usize), CacheError> {
     if xxh3_64(json) != header_sum {
         return Err(corrupt("header checksum mismatch".into()));
     }
-    let header: Header = serde_json::from_slice(json)
-        .map_err(|e| corrupt(format!("unreadable header: {e}")))?;
+    let header: Header =
+        serde_json::from_slice(json).map_err(|e| corrupt(format!("unreadable header: {e}")))?;
     Ok((header, data_start, data_len))
 }
 
@@ -229,7 +233,9 @@ pub fn read(path: &Path) -> Result<CachedPlan, CacheError> {
     // file); then every buffer's bounds.
     let data = &map[data_start..];
     if header.data_xxh3.len() != data_len.div_ceil(CHUNK) {
-        return Err(CacheError::Corrupt("data checksum count does not fit".into()));
+        return Err(CacheError::Corrupt(
+            "data checksum count does not fit".into(),
+        ));
     }
     data.par_chunks(CHUNK)
         .zip(header.data_xxh3.par_iter())

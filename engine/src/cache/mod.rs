@@ -62,7 +62,11 @@ impl CacheError {
 /// per-user cache folder (`~/.cache/kiln` on Linux, `~/Library/Caches/kiln` on macOS,
 /// `%LOCALAPPDATA%\kiln` on Windows). `None` when none of these is known.
 pub fn default_dir() -> Option<PathBuf> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     if let Some(d) = env("KILN_CACHE_DIR") {
         return Some(d);
     }
@@ -87,10 +91,9 @@ pub(crate) fn write_atomic(
     fill: impl FnOnce(&mut BufWriter<fs::File>) -> io::Result<()>,
 ) -> Result<(), CacheError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(
-        || "entry".into(),
-        |n| n.to_string_lossy().into_owned(),
-    );
+    let name = path
+        .file_name()
+        .map_or_else(|| "entry".into(), |n| n.to_string_lossy().into_owned());
     // Unique per process (pid) and per write within it (counter).
     static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -116,6 +119,8 @@ pub(crate) fn write_atomic(
 
 /// What looking a key up found.
 #[derive(Debug)]
+// Returned once per model load and matched at once: boxing the plan would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Lookup {
     Hit(CachedPlan),
     Miss,
@@ -185,7 +190,11 @@ impl PlanCache {
         });
         match checked {
             Ok(plan) => {
-                tracing::debug!(key, ms = started.elapsed().as_secs_f64() * 1e3, "plan cache hit");
+                tracing::debug!(
+                    key,
+                    ms = started.elapsed().as_secs_f64() * 1e3,
+                    "plan cache hit"
+                );
                 Lookup::Hit(plan)
             }
             Err(e) => {
@@ -271,9 +280,7 @@ impl PlanCache {
                 summary,
             });
         }
-        out.sort_by_key(|e| {
-            std::cmp::Reverse(e.summary.as_ref().map_or(0, |s| s.created_unix))
-        });
+        out.sort_by_key(|e| std::cmp::Reverse(e.summary.as_ref().map_or(0, |s| s.created_unix)));
         Ok(out)
     }
 
@@ -330,7 +337,9 @@ mod tests {
         let mut s = seed | 1;
         let v = (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
             })
             .collect();
@@ -341,18 +350,30 @@ mod tests {
     fn model() -> Graph {
         let mut g = GraphBuilder::new();
         let ids = g.input("ids", DType::I64, &[Dim::Batch, Dim::Seq]).unwrap();
-        let table = g.constant("emb", tensor(&[11, 8], 1), ConstRole::Other).unwrap();
+        let table = g
+            .constant("emb", tensor(&[11, 8], 1), ConstRole::Other)
+            .unwrap();
         let x = g.push(Op::Embedding, &[table, ids], "emb").unwrap();
-        let w1 = g.constant("w1", tensor(&[16, 8], 2), ConstRole::LinearWeight).unwrap();
-        let b1 = g.constant("b1", tensor(&[16], 3), ConstRole::Other).unwrap();
+        let w1 = g
+            .constant("w1", tensor(&[16, 8], 2), ConstRole::LinearWeight)
+            .unwrap();
+        let b1 = g
+            .constant("b1", tensor(&[16], 3), ConstRole::Other)
+            .unwrap();
         let h = g.push(Op::Linear, &[x, w1, b1], "up").unwrap();
-        let h = g.push(Op::Activation(Activation::Gelu), &[h], "act").unwrap();
-        let w2 = g.constant("w2", tensor(&[8, 16], 4), ConstRole::LinearWeight).unwrap();
+        let h = g
+            .push(Op::Activation(Activation::Gelu), &[h], "act")
+            .unwrap();
+        let w2 = g
+            .constant("w2", tensor(&[8, 16], 4), ConstRole::LinearWeight)
+            .unwrap();
         let y = g.push(Op::Linear, &[h, w2], "down").unwrap();
         let y = g.push(Op::Add, &[y, x], "res").unwrap();
         let gamma = g.constant("g", tensor(&[8], 5), ConstRole::Other).unwrap();
         let beta = g.constant("b", tensor(&[8], 6), ConstRole::Other).unwrap();
-        let y = g.push(Op::LayerNorm { eps: 1e-5 }, &[y, gamma, beta], "ln").unwrap();
+        let y = g
+            .push(Op::LayerNorm { eps: 1e-5 }, &[y, gamma, beta], "ln")
+            .unwrap();
         g.finish(vec![("y".into(), y)]).unwrap()
     }
 
@@ -384,14 +405,24 @@ mod tests {
     }
 
     fn compiled(options: &CompileOptions) -> (Graph, CompileReport) {
-        let c = compile(model(), &CpuBackend::new(1), options, ExecOptions::default()).unwrap();
+        let c = compile(
+            model(),
+            &CpuBackend::new(1),
+            options,
+            ExecOptions::default(),
+        )
+        .unwrap();
         (c.graph, c.report)
     }
 
     #[test]
     fn a_round_trip_maps_weights_in_place_and_gives_bit_identical_outputs() {
         for options in [CompileOptions::default(), CompileOptions::none()] {
-            let cache = temp_cache(if options.disabled.is_empty() { "rt" } else { "rt-off" });
+            let cache = temp_cache(if options.disabled.is_empty() {
+                "rt"
+            } else {
+                "rt-off"
+            });
             let (graph, report) = compiled(&options);
             let m = material("a");
             assert!(matches!(cache.load(&m), Lookup::Miss));
@@ -472,9 +503,15 @@ mod tests {
         let mut new = material("s");
         new.kiln_build = "newer".into();
         cache.store(&new, "m", &graph, &report).unwrap();
-        assert!(matches!(cache.load(&old), Lookup::Miss), "the old build's plan is gone");
+        assert!(
+            matches!(cache.load(&old), Lookup::Miss),
+            "the old build's plan is gone"
+        );
         assert!(matches!(cache.load(&new), Lookup::Hit(_)));
-        assert!(matches!(cache.load(&other_model), Lookup::Hit(_)), "other models stay");
+        assert!(
+            matches!(cache.load(&other_model), Lookup::Hit(_)),
+            "other models stay"
+        );
         let _ = fs::remove_dir_all(cache.dir());
     }
 

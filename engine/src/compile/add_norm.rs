@@ -67,12 +67,18 @@ mod tests {
 
     fn graph(add_is_output: bool) -> crate::ir::Graph {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(5)]).unwrap();
-        let r = g.input("r", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(5)]).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(5)])
+            .unwrap();
+        let r = g
+            .input("r", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(5)])
+            .unwrap();
         let gamma = g.constant("g", tensor(&[5], 1), ConstRole::Other).unwrap();
         let beta = g.constant("b", tensor(&[5], 2), ConstRole::Other).unwrap();
         let s = g.push(Op::Add, &[x, r], "residual").unwrap();
-        let n = g.push(Op::LayerNorm { eps: 1e-12 }, &[s, gamma, beta], "ln").unwrap();
+        let n = g
+            .push(Op::LayerNorm { eps: 1e-12 }, &[s, gamma, beta], "ln")
+            .unwrap();
         let mut outputs = vec![("out".to_string(), n)];
         if add_is_output {
             outputs.push(("sum".to_string(), s));

@@ -49,7 +49,9 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
         }
     }
     let notes = if fused > 0 {
-        vec![format!("fused {fused} linear + activation pairs into linear_act")]
+        vec![format!(
+            "fused {fused} linear + activation pairs into linear_act"
+        )]
     } else {
         Vec::new()
     };
@@ -64,10 +66,19 @@ mod tests {
 
     #[test]
     fn a_linear_read_only_by_its_activation_fuses() {
-        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu, Activation::Silu] {
+        for act in [
+            Activation::Gelu,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Silu,
+        ] {
             let mut g = GraphBuilder::new();
-            let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(6)]).unwrap();
-            let w = g.constant("w", tensor(&[10, 6], 1), ConstRole::LinearWeight).unwrap();
+            let x = g
+                .input("x", DType::F32, &[Dim::Batch, Dim::Seq, Dim::Fixed(6)])
+                .unwrap();
+            let w = g
+                .constant("w", tensor(&[10, 6], 1), ConstRole::LinearWeight)
+                .unwrap();
             let b = g.constant("b", tensor(&[10], 2), ConstRole::Other).unwrap();
             let y = g.push(Op::Linear, &[x, w, b], "up").unwrap();
             let a = g.push(Op::Activation(act), &[y], "act").unwrap();
@@ -75,19 +86,32 @@ mod tests {
             let (out, notes) = ctx_run(run, graph.clone());
             assert_eq!(count(&out, "linear_act"), 1);
             assert_eq!(count(&out, "activation") + count(&out, "linear"), 0);
-            assert_eq!(notes, vec!["fused 1 linear + activation pairs into linear_act"]);
+            assert_eq!(
+                notes,
+                vec!["fused 1 linear + activation pairs into linear_act"]
+            );
             let feeds = vec![("x".to_string(), tensor(&[2, 3, 6], 3))];
-            assert_eq!(eval(&graph, &feeds), eval(&out, &feeds), "{act:?}: bit-identical");
+            assert_eq!(
+                eval(&graph, &feeds),
+                eval(&out, &feeds),
+                "{act:?}: bit-identical"
+            );
         }
     }
 
     #[test]
     fn a_linear_with_other_readers_or_an_output_stays() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(6)]).unwrap();
-        let w = g.constant("w", tensor(&[6, 6], 1), ConstRole::LinearWeight).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(6)])
+            .unwrap();
+        let w = g
+            .constant("w", tensor(&[6, 6], 1), ConstRole::LinearWeight)
+            .unwrap();
         let y = g.push(Op::Linear, &[x, w], "lin").unwrap();
-        let a = g.push(Op::Activation(Activation::Relu), &[y], "act").unwrap();
+        let a = g
+            .push(Op::Activation(Activation::Relu), &[y], "act")
+            .unwrap();
         let s = g.push(Op::Add, &[a, y], "sum").unwrap();
         let graph = g.finish(vec![("out".into(), s)]).unwrap();
         let (out, notes) = ctx_run(run, graph);

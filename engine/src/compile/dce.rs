@@ -28,10 +28,18 @@ mod tests {
     #[test]
     fn unused_branches_go_and_inputs_stay() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(3)]).unwrap();
-        let _unused_input = g.input("y", DType::F32, &[Dim::Batch, Dim::Fixed(3)]).unwrap();
-        let a = g.push(Op::Activation(Activation::Relu), &[x], "relu").unwrap();
-        let dead = g.push(Op::Activation(Activation::Tanh), &[x], "dead").unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(3)])
+            .unwrap();
+        let _unused_input = g
+            .input("y", DType::F32, &[Dim::Batch, Dim::Fixed(3)])
+            .unwrap();
+        let a = g
+            .push(Op::Activation(Activation::Relu), &[x], "relu")
+            .unwrap();
+        let dead = g
+            .push(Op::Activation(Activation::Tanh), &[x], "dead")
+            .unwrap();
         let _dead2 = g.push(Op::Add, &[dead, a], "dead2").unwrap();
         let graph = g.finish(vec![("out".into(), a)]).unwrap();
         let (out, notes) = ctx_run(run, graph.clone());

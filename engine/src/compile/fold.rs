@@ -16,7 +16,10 @@ use crate::ir::{ConstRole, Graph, GraphBuilder, Op};
 const MAX_FOLDED_ELEMS: usize = 1 << 24;
 
 fn foldable(op: &Op) -> bool {
-    !matches!(op, Op::Input { .. } | Op::Constant { .. } | Op::Weight { .. })
+    !matches!(
+        op,
+        Op::Input { .. } | Op::Constant { .. } | Op::Weight { .. }
+    )
 }
 
 /// Evaluates node `i` of `g`, whose inputs are all constants.
@@ -57,8 +60,8 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
     let mut folded = Vec::new();
     // Values are evaluated on a copy of the graph where folded nodes became constants.
     let mut work = g.clone();
-    for i in 0..g.nodes.len() {
-        if !fold[i] {
+    for (i, &folded_here) in fold.iter().enumerate() {
+        if !folded_here {
             r.copy(i)?;
             continue;
         }
@@ -86,7 +89,11 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
     let notes = if folded.is_empty() {
         Vec::new()
     } else {
-        vec![format!("folded {} ops: {}", folded.len(), folded.join(", "))]
+        vec![format!(
+            "folded {} ops: {}",
+            folded.len(),
+            folded.join(", ")
+        )]
     };
     Ok((r.finish()?, notes))
 }
@@ -100,9 +107,13 @@ mod tests {
     #[test]
     fn constant_subgraphs_become_one_constant() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)]).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)])
+            .unwrap();
         // A weight computed from constants: folded into a linear weight.
-        let w0 = g.constant("w0", tensor(&[3, 4], 3), ConstRole::Other).unwrap();
+        let w0 = g
+            .constant("w0", tensor(&[3, 4], 3), ConstRole::Other)
+            .unwrap();
         let w = g.push(Op::Scale { factor: 0.5 }, &[w0], "w").unwrap();
         let wide = g.push(Op::Linear, &[x, w], "lin").unwrap();
         let out_bias = g.constant("c", tensor(&[3], 4), ConstRole::Other).unwrap();
@@ -132,7 +143,9 @@ mod tests {
     #[test]
     fn ops_reading_inputs_are_left_alone() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)]).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)])
+            .unwrap();
         let s = g.push(Op::Scale { factor: 3.0 }, &[x], "s").unwrap();
         let graph = g.finish(vec![("out".into(), s)]).unwrap();
         let (out, notes) = ctx_run(run, graph);

@@ -4,57 +4,69 @@
 //! made per call, per sequence length, at run time). The graph is not changed; `prepack` reads
 //! the chosen formats.
 //!
-//! The seam for quantized and bf16 kernels: they add weight formats (see
-//! [`WeightFormat`]), a rule here keyed on [`CompileOptions::quantize`] and
-//! [`CompileOptions::math_mode`] and on the formats the backend lists, and a packing function in
-//! `prepack`. Everything else — the plan, the cache, the executor — carries any format.
+//! Quantized and bf16 linears (chosen per layer by the quantization options, as
+//! [`crate::quantize::linear_formats`] decides) keep a plain weight in the plan; the backend packs
+//! it for its int8 or bf16 kernel at load. Storing those packed forms in the plan cache too needs
+//! a weight format per kernel here and a packing function in `prepack`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use kiln_attention::{MaskKind, ProblemSummary, SdpaShape};
 
-use super::{CompileOptions, CompileTarget, Context, KernelNote, MathMode, Quantize};
+use super::{CompileTarget, Context, KernelNote};
 use crate::error::Result;
 use crate::ir::{AttnMask, ConstRole, Dim, Graph, Op};
 use crate::kernels::gemm::PARALLEL_MIN_MACS;
+use crate::quantize::{LinearFormat, linear_formats};
 use crate::storage::WeightFormat;
 
-/// The format of a `[out, in]` f32 linear weight on `target` under `options`, and why.
+/// The format of a `[out, in]` f32 linear weight on `target` when the linear runs as
+/// `linear` (f32, or int8/bf16 by the quantization options), and why.
 pub fn select_linear(
     out: usize,
     inn: usize,
     target: &CompileTarget,
-    options: &CompileOptions,
+    linear: LinearFormat,
 ) -> (WeightFormat, String) {
     let _ = (out, inn);
-    match (options.quantize, options.math_mode) {
-        // The backend lists its f32 formats fastest first (for its CPU features).
-        (Quantize::None, MathMode::Precise) => match target.linear_formats.first() {
-            Some(WeightFormat::F32Panels16) => (
-                WeightFormat::F32Panels16,
-                "kiln's 6×16 AVX2/FMA GEMM on weights packed once, here, into 16-column panels \
-                 (nothing packed per call); bias and activation as the tile epilogue"
-                    .into(),
+    if linear != LinearFormat::F32 {
+        return (
+            WeightFormat::Plain,
+            format!(
+                "{linear}: stored plain in the plan and packed for the {linear} kernel at load"
             ),
-            Some(WeightFormat::F32InOut) => (
-                WeightFormat::F32InOut,
-                "the gemm crate's f32 GEMM on a weight transposed to [in, out] once, here, \
-                 instead of at every load"
-                    .into(),
-            ),
-            _ => (
-                WeightFormat::Plain,
-                "the backend lists no packed f32 format; it converts the weight at upload".into(),
-            ),
-        },
+        );
+    }
+    // The backend lists its f32 formats fastest first (for its CPU features).
+    match target.linear_formats.first() {
+        Some(WeightFormat::F32Panels16) => (
+            WeightFormat::F32Panels16,
+            "kiln's 6×16 AVX2/FMA GEMM on weights packed once, here, into 16-column panels \
+             (nothing packed per call); bias and activation as the tile epilogue"
+                .into(),
+        ),
+        Some(WeightFormat::F32InOut) => (
+            WeightFormat::F32InOut,
+            "the gemm crate's f32 GEMM on a weight transposed to [in, out] once, here, \
+             instead of at every load"
+                .into(),
+        ),
+        _ => (
+            WeightFormat::Plain,
+            "the backend lists no packed f32 format; it converts the weight at upload".into(),
+        ),
     }
 }
 
 /// The attention problem an `Sdpa` node poses at sequences of `seq` tokens.
-pub(crate) fn sdpa_problem(g: &Graph, node: usize, seq: usize) -> ProblemSummary {
+pub(crate) fn sdpa_problem(g: &Graph, node: usize, seq: usize) -> Option<ProblemSummary> {
     let n = &g.nodes[node];
-    let Op::Sdpa { mask, .. } = n.op else {
-        unreachable!("called on sdpa nodes only")
+    // A paged node is planned as a whole prompt of `seq` tokens (bottom-right causal, varlen);
+    // its decode steps are the same problem with one query row.
+    let mask = match n.op {
+        Op::Sdpa { mask, .. } => Some(mask),
+        Op::PagedSdpa { .. } => None,
+        _ => return None,
     };
     let ty = |i: usize| &g.nodes[n.inputs[i].0].ty;
     let dim = |d: Dim| match d {
@@ -63,7 +75,7 @@ pub(crate) fn sdpa_problem(g: &Graph, node: usize, seq: usize) -> ProblemSummary
         Dim::Seq => seq,
     };
     let (q, k) = (ty(0), ty(1));
-    ProblemSummary {
+    Some(ProblemSummary {
         shape: SdpaShape {
             batch: 1,
             q_heads: dim(q.dims[1]),
@@ -73,16 +85,21 @@ pub(crate) fn sdpa_problem(g: &Graph, node: usize, seq: usize) -> ProblemSummary
             head_dim: dim(q.dims[3]),
         },
         mask: match mask {
-            AttnMask::None | AttnMask::Varlen => MaskKind::None,
-            AttnMask::KeyPadding => MaskKind::KeyPadding,
-            AttnMask::Causal => MaskKind::CausalTopLeft,
+            Some(AttnMask::None | AttnMask::Varlen) => MaskKind::None,
+            Some(AttnMask::VarlenCausal | AttnMask::Causal) => MaskKind::CausalTopLeft,
+            Some(AttnMask::KeyPadding) => MaskKind::KeyPadding,
+            None => MaskKind::CausalBottomRight,
         },
-        varlen: mask == AttnMask::Varlen,
-    }
+        varlen: matches!(mask, Some(AttnMask::Varlen | AttnMask::VarlenCausal) | None),
+    })
 }
 
 pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)> {
     let mut notes = Vec::new();
+    let quantized: HashMap<usize, LinearFormat> = linear_formats(&g, cx.quant)?
+        .into_iter()
+        .map(|c| (c.weight.0, c.format))
+        .collect();
     let mut seen_linear = HashSet::new();
     let mut seen_sdpa = Vec::new();
     for (i, node) in g.nodes.iter().enumerate() {
@@ -98,15 +115,18 @@ pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)
                     continue;
                 };
                 let (out, inn) = (value.shape[0], value.shape[1]);
-                let (format, reason) = select_linear(out, inn, cx.target, cx.options);
+                let linear = quantized.get(&w).copied().unwrap_or(LinearFormat::F32);
+                let (format, reason) = select_linear(out, inn, cx.target, linear);
                 cx.formats.insert(w, format);
                 // One note per distinct weight shape: the rule only depends on it.
-                if seen_linear.insert((out, inn)) {
+                if seen_linear.insert((out, inn, linear.name())) {
                     let min_rows = PARALLEL_MIN_MACS.div_ceil(out * inn).max(1);
-                    let kernel = match format {
-                        WeightFormat::F32Panels16 => "kiln panel GEMM",
-                        WeightFormat::F32InOut => "gemm crate",
-                        WeightFormat::Plain => "backend default",
+                    let kernel = match (linear, format) {
+                        (LinearFormat::Int8(_), _) => "int8 GEMM",
+                        (LinearFormat::Bf16, _) => "bf16 GEMM",
+                        (_, WeightFormat::F32Panels16) => "kiln panel GEMM",
+                        (_, WeightFormat::F32InOut) => "gemm crate",
+                        (_, WeightFormat::Plain) => "backend default",
                     };
                     cx.kernels.push(KernelNote {
                         node: format!("linear [{inn}→{out}] (e.g. {})", node.label),
@@ -117,9 +137,11 @@ pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)
                     });
                 }
             }
-            Op::Sdpa { .. } => {
+            Op::Sdpa { .. } | Op::PagedSdpa { .. } => {
                 for seq in [128, 2048] {
-                    let problem = sdpa_problem(&g, i, seq);
+                    let Some(problem) = sdpa_problem(&g, i, seq) else {
+                        continue;
+                    };
                     if seen_sdpa.contains(&problem) {
                         continue;
                     }
@@ -148,18 +170,33 @@ mod tests {
 
     #[test]
     fn f32_linears_get_the_backends_preferred_packed_format() {
-        let opts = CompileOptions::default();
+        let f32 = LinearFormat::F32;
         let avx2 = CompileTarget {
             linear_formats: vec![WeightFormat::F32Panels16, WeightFormat::F32InOut],
         };
-        assert_eq!(select_linear(8, 4, &avx2, &opts).0, WeightFormat::F32Panels16);
+        assert_eq!(select_linear(8, 4, &avx2, f32).0, WeightFormat::F32Panels16);
         let other = CompileTarget {
             linear_formats: vec![WeightFormat::F32InOut, WeightFormat::Plain],
         };
-        assert_eq!(select_linear(8, 4, &other, &opts).0, WeightFormat::F32InOut);
+        assert_eq!(select_linear(8, 4, &other, f32).0, WeightFormat::F32InOut);
         let bare = CompileTarget::default();
-        let (format, reason) = select_linear(8, 4, &bare, &opts);
+        let (format, reason) = select_linear(8, 4, &bare, f32);
         assert_eq!(format, WeightFormat::Plain);
         assert!(reason.contains("converts the weight at upload"));
+    }
+
+    #[test]
+    fn quantized_linears_keep_a_plain_weight_for_the_backend_to_pack() {
+        let avx2 = CompileTarget {
+            linear_formats: vec![WeightFormat::F32Panels16, WeightFormat::F32InOut],
+        };
+        for linear in [
+            LinearFormat::Int8(kiln_quant::ActQuant::Dynamic),
+            LinearFormat::Bf16,
+        ] {
+            let (format, reason) = select_linear(8, 4, &avx2, linear);
+            assert_eq!(format, WeightFormat::Plain, "{linear}");
+            assert!(reason.contains("at load"), "{reason}");
+        }
     }
 }

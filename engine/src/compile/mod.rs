@@ -45,6 +45,7 @@ use crate::backend::Backend;
 use crate::error::{Result, graph_err};
 use crate::exec::ExecOptions;
 use crate::ir::{Bindings, Dim, Graph};
+use crate::quantize::{MathMode, QuantOptions, Quantize};
 use crate::storage::WeightFormat;
 
 pub use kernels::select_linear;
@@ -142,40 +143,11 @@ impl FromStr for PassId {
     }
 }
 
-/// Quantization applied when compiling. Only `none` exists until the quantization kernels land;
-/// it is part of the options (and so of the plan-cache key) already.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Quantize {
-    #[default]
-    None,
-}
-
-/// Floating-point math mode. Only `precise` (f32 throughout) exists until bf16 kernels land.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum MathMode {
-    #[default]
-    Precise,
-}
-
 /// How to compile.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CompileOptions {
     /// Passes turned off (by name).
     pub disabled: BTreeSet<PassId>,
-    pub quantize: Quantize,
-    pub math_mode: MathMode,
-}
-
-impl Default for CompileOptions {
-    fn default() -> Self {
-        Self {
-            disabled: BTreeSet::new(),
-            quantize: Quantize::None,
-            math_mode: MathMode::Precise,
-        }
-    }
 }
 
 impl CompileOptions {
@@ -183,7 +155,6 @@ impl CompileOptions {
     pub fn none() -> Self {
         Self {
             disabled: PassId::ALL.into_iter().collect(),
-            ..Self::default()
         }
     }
 
@@ -191,7 +162,6 @@ impl CompileOptions {
     pub fn no_fuse() -> Self {
         Self {
             disabled: PassId::ALL.into_iter().filter(|p| p.is_fusion()).collect(),
-            ..Self::default()
         }
     }
 
@@ -262,6 +232,9 @@ pub struct MemorySummary {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CompileReport {
     pub options: CompileOptions,
+    /// The quantization and math mode the plan was compiled for, e.g. `quantize none, math
+    /// precise`.
+    pub precision: String,
     pub passes: Vec<PassReport>,
     pub kernels: Vec<KernelNote>,
     pub memory: MemorySummary,
@@ -282,7 +255,9 @@ pub(crate) type SdpaPlanFn<'a> = &'a dyn Fn(&ProblemSummary) -> Result<(&'static
 /// Shared state of one compilation.
 pub(crate) struct Context<'a> {
     pub target: &'a CompileTarget,
-    pub options: &'a CompileOptions,
+    /// Which linears run int8 or bf16 (their weights stay plain in the plan and are quantized
+    /// at load, by the backend's `upload_linear`).
+    pub quant: &'a QuantOptions,
     pub sdpa_plan: SdpaPlanFn<'a>,
     /// The format kernel selection chose for each linear weight, by the weight's node index
     /// (`prepack` runs right after `kernels`, on the same graph).
@@ -298,10 +273,11 @@ fn cpu_sdpa_plan(p: &ProblemSummary) -> Result<(&'static str, String)> {
 
 #[cfg(test)]
 impl<'a> Context<'a> {
-    pub fn for_tests(target: &'a CompileTarget, options: &'a CompileOptions) -> Self {
+    pub fn for_tests(target: &'a CompileTarget) -> Self {
+        static F32: std::sync::OnceLock<QuantOptions> = std::sync::OnceLock::new();
         Self {
             target,
-            options,
+            quant: F32.get_or_init(QuantOptions::default),
             sdpa_plan: &cpu_sdpa_plan,
             formats: HashMap::new(),
             kernels: Vec::new(),
@@ -343,9 +319,21 @@ pub fn compile<B: Backend>(
     graph.check()?;
     let target = backend.compile_target();
     let sdpa_plan = |p: &ProblemSummary| backend.sdpa_plan(p, exec.sdpa_kernel);
+    // int8 and bf16 linears are chosen per layer by name (allow/deny globs, calibrated scales by
+    // layer), and their kernels apply bias in their own epilogue: the passes that merge linears
+    // or fuse an activation into one would change both, so they stay off for such plans.
+    let quantized =
+        exec.quant.quantize != Quantize::None || exec.quant.math_mode != MathMode::Precise;
+    let mut effective = options.clone();
+    if quantized {
+        effective
+            .disabled
+            .extend([PassId::QkvMerge, PassId::BiasAct]);
+    }
+    let options = &effective;
     let mut cx = Context {
         target: &target,
-        options,
+        quant: &exec.quant,
         sdpa_plan: &sdpa_plan,
         formats: HashMap::new(),
         kernels: Vec::new(),
@@ -381,6 +369,10 @@ pub fn compile<B: Backend>(
     Ok(Compiled {
         report: CompileReport {
             options: options.clone(),
+            precision: format!(
+                "quantize {}, math {}",
+                exec.quant.quantize, exec.quant.math_mode
+            ),
             passes,
             kernels: cx.kernels,
             memory,
@@ -409,7 +401,10 @@ fn reference_shapes(g: &Graph) -> [(String, Bindings); 2] {
             }
         }
     };
-    [("1×16".into(), bind(1, 16)), ("32×128".into(), bind(32, 128))]
+    [
+        ("1×16".into(), bind(1, 16)),
+        ("32×128".into(), bind(32, 128)),
+    ]
 }
 
 fn memory_summary(g: &Graph) -> MemorySummary {
@@ -433,11 +428,10 @@ impl CompileReport {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "compiled with {} in {:.1} ms (quantize {:?}, math {:?})",
+            "compiled with {} in {:.1} ms ({})",
             self.options.describe(),
             self.micros as f64 / 1e3,
-            self.options.quantize,
-            self.options.math_mode
+            self.precision
         );
         for p in &self.passes {
             if !p.enabled {
@@ -540,8 +534,7 @@ pub(crate) mod testing {
 
     pub fn ctx_run(pass: super::PassFn, g: Graph) -> (Graph, Vec<String>) {
         let target = crate::backend::Backend::compile_target(&CpuBackend::new(1));
-        let options = super::CompileOptions::default();
-        let mut cx = super::Context::for_tests(&target, &options);
+        let mut cx = super::Context::for_tests(&target);
         let (g, notes) = pass(g, &mut cx).unwrap();
         g.check().unwrap();
         (g, notes)

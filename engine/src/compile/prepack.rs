@@ -87,15 +87,18 @@ mod tests {
     #[test]
     fn constants_become_stored_weights_in_their_formats() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(3)]).unwrap();
-        let w = g.constant("w", tensor(&[2, 3], 1), ConstRole::LinearWeight).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(3)])
+            .unwrap();
+        let w = g
+            .constant("w", tensor(&[2, 3], 1), ConstRole::LinearWeight)
+            .unwrap();
         let b = g.constant("b", tensor(&[2], 2), ConstRole::Other).unwrap();
         let y = g.push(Op::Linear, &[x, w, b], "lin").unwrap();
         let graph = g.finish(vec![("out".into(), y)]).unwrap();
         // Kernel selection first (it chooses the formats), then packing.
         let target = crate::backend::Backend::compile_target(&crate::backend::CpuBackend::new(1));
-        let options = super::super::CompileOptions::default();
-        let mut cx = super::super::Context::for_tests(&target, &options);
+        let mut cx = super::super::Context::for_tests(&target);
         let (kernel_g, _) = super::super::kernels::run(graph.clone(), &mut cx).unwrap();
         let (out, notes) = run(kernel_g, &mut cx).unwrap();
         assert_eq!(count(&out, "constant"), 0);

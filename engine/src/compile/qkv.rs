@@ -204,12 +204,23 @@ mod tests {
         let mut proj = Vec::new();
         for (i, name) in ["q", "k", "v"].iter().enumerate() {
             let w = g
-                .constant(&format!("{name}.w"), tensor(&[8, 8], 10 + i as u64), ConstRole::LinearWeight)
+                .constant(
+                    &format!("{name}.w"),
+                    tensor(&[8, 8], 10 + i as u64),
+                    ConstRole::LinearWeight,
+                )
                 .unwrap();
             let b = g
-                .constant(&format!("{name}.b"), tensor(&[8], 20 + i as u64), ConstRole::Other)
+                .constant(
+                    &format!("{name}.b"),
+                    tensor(&[8], 20 + i as u64),
+                    ConstRole::Other,
+                )
                 .unwrap();
-            proj.push(g.push(Op::Linear, &[x, w, b], format!("attn.{name}")).unwrap());
+            proj.push(
+                g.push(Op::Linear, &[x, w, b], format!("attn.{name}"))
+                    .unwrap(),
+            );
         }
         let heads: Vec<ValueId> = proj
             .iter()
@@ -240,7 +251,11 @@ mod tests {
             assert_eq!(count(&out, "linear"), 1, "{notes:?}");
             assert_eq!(count(&out, "split_heads"), 0);
             assert_eq!(count(&out, "slice_split_heads"), 3);
-            assert_eq!(count(&out, "slice_last"), usize::from(extra), "v's extra reader");
+            assert_eq!(
+                count(&out, "slice_last"),
+                usize::from(extra),
+                "v's extra reader"
+            );
             assert!(notes[0].contains("merged 3 linears into one [8→24] GEMM: attn.{q,k,v}"));
             let feeds = vec![("x".to_string(), tensor(&[2, 3, 8], 7))];
             let diff = max_diff(&eval(&graph, &feeds), &eval(&out, &feeds));
@@ -251,9 +266,15 @@ mod tests {
     #[test]
     fn linears_on_different_inputs_or_without_constant_weights_stay() {
         let mut g = GraphBuilder::new();
-        let x = g.input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)]).unwrap();
-        let y = g.input("y", DType::F32, &[Dim::Batch, Dim::Fixed(4)]).unwrap();
-        let w = g.constant("w", tensor(&[4, 4], 1), ConstRole::LinearWeight).unwrap();
+        let x = g
+            .input("x", DType::F32, &[Dim::Batch, Dim::Fixed(4)])
+            .unwrap();
+        let y = g
+            .input("y", DType::F32, &[Dim::Batch, Dim::Fixed(4)])
+            .unwrap();
+        let w = g
+            .constant("w", tensor(&[4, 4], 1), ConstRole::LinearWeight)
+            .unwrap();
         let a = g.push(Op::Linear, &[x, w], "a").unwrap();
         let b = g.push(Op::Linear, &[y, w], "b").unwrap();
         let s = g.push(Op::Add, &[a, b], "s").unwrap();

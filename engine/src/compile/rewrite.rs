@@ -69,13 +69,20 @@ impl<'g> Rewriter<'g> {
             .iter()
             .map(|v| self.map(*v))
             .collect::<Result<Vec<_>>>()?;
-        let id = self.new.push(node.op.clone(), &inputs, node.label.clone())?;
+        let id = self
+            .new
+            .push(node.op.clone(), &inputs, node.label.clone())?;
         self.map[i] = Some(id);
         Ok(id)
     }
 
     /// Adds a new node (inputs are new ids).
-    pub fn push(&mut self, op: Op, inputs: &[ValueId], label: impl Into<String>) -> Result<ValueId> {
+    pub fn push(
+        &mut self,
+        op: Op,
+        inputs: &[ValueId],
+        label: impl Into<String>,
+    ) -> Result<ValueId> {
         self.new.push(op, inputs, label)
     }
 

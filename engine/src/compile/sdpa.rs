@@ -73,7 +73,7 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
     let uses = Uses::of(&g);
     let mut matches: Vec<Option<Match>> = (0..g.nodes.len()).map(|_| None).collect();
     let mut removed = vec![false; g.nodes.len()];
-    for i in 0..g.nodes.len() {
+    for (i, slot) in matches.iter_mut().enumerate() {
         if let Some(m) = match_at(&g, &uses, i) {
             // The `Sdpa` node must type-check (k and v alike, heads compatible); else leave it.
             let ty = |v: ValueId| &g.nodes[v.0].ty;
@@ -87,7 +87,7 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
             for &n in &m.inner {
                 removed[n] = true;
             }
-            matches[i] = Some(m);
+            *slot = Some(m);
         }
     }
     let mut r = Rewriter::new(&g);
@@ -133,7 +133,9 @@ mod tests {
         let q = g.input("q", DType::F32, &dims).unwrap();
         let k = g.input("k", DType::F32, &dims).unwrap();
         let v = g.input("v", DType::F32, &dims).unwrap();
-        let mut s = g.push(Op::MatMul { transpose_b: true }, &[q, k], "scores").unwrap();
+        let mut s = g
+            .push(Op::MatMul { transpose_b: true }, &[q, k], "scores")
+            .unwrap();
         let scale_op = |g: &mut GraphBuilder, s| match scale {
             Some(f) => g.push(Op::Scale { factor: f }, &[s], "scaled").unwrap(),
             None => s,
@@ -153,7 +155,9 @@ mod tests {
             s = mask_op(&mut g, s);
         }
         let p = g.push(Op::Softmax, &[s], "probs").unwrap();
-        let o = g.push(Op::MatMul { transpose_b: false }, &[p, v], "attn").unwrap();
+        let o = g
+            .push(Op::MatMul { transpose_b: false }, &[p, v], "attn")
+            .unwrap();
         g.finish(vec![("out".into(), o)]).unwrap()
     }
 
@@ -180,7 +184,8 @@ mod tests {
             assert_eq!(notes.len(), 1);
             let diff = max_diff(&eval(&graph, &feeds()), &eval(&out, &feeds()));
             assert!(diff <= 1e-5, "{scale:?} causal {causal}: differs by {diff}");
-            let Op::Sdpa { mask, scale: s } = out.nodes.iter().find(|n| n.op.name() == "sdpa").unwrap().op
+            let Op::Sdpa { mask, scale: s } =
+                out.nodes.iter().find(|n| n.op.name() == "sdpa").unwrap().op
             else {
                 unreachable!()
             };
@@ -196,9 +201,13 @@ mod tests {
         let q = g.input("q", DType::F32, &dims).unwrap();
         let k = g.input("k", DType::F32, &dims).unwrap();
         let v = g.input("v", DType::F32, &dims).unwrap();
-        let s = g.push(Op::MatMul { transpose_b: true }, &[q, k], "scores").unwrap();
+        let s = g
+            .push(Op::MatMul { transpose_b: true }, &[q, k], "scores")
+            .unwrap();
         let p = g.push(Op::Softmax, &[s], "probs").unwrap();
-        let o = g.push(Op::MatMul { transpose_b: false }, &[p, v], "attn").unwrap();
+        let o = g
+            .push(Op::MatMul { transpose_b: false }, &[p, v], "attn")
+            .unwrap();
         // The probabilities are an output too (as when a model returns attention weights).
         let graph = g
             .finish(vec![("out".into(), o), ("probs".into(), p)])

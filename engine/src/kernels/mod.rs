@@ -33,6 +33,7 @@ macro_rules! avx2_dispatch {
 }
 
 pub mod gemm;
+pub mod gemv;
 pub mod panel_gemm;
 pub mod rowwise;
 pub mod vmath;

@@ -135,7 +135,18 @@ fn tile(
         let mut r = 0;
         while r < rows {
             let mr = MR.min(rows - r);
-            micro(out, ld, c - col0, width, &x[r * k..(r + mr) * k], k, panel, b, r, mr);
+            micro(
+                out,
+                ld,
+                c - col0,
+                width,
+                &x[r * k..(r + mr) * k],
+                k,
+                panel,
+                b,
+                r,
+                mr,
+            );
             r += mr;
         }
     }
@@ -283,7 +294,9 @@ mod tests {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -316,7 +329,10 @@ mod tests {
                 let mut y = vec![f32::NAN; m * n];
                 linear(&mut y, &x, &packed, m, k, n, Some(&bias), None, threads);
                 for (a, b) in y.iter().zip(&want) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{m}x{k}x{n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{m}x{k}x{n}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -332,7 +348,17 @@ mod tests {
         let run = |m: usize, threads: usize| {
             let mut y = vec![0.0; m * n];
             let act = Some(Activation::Gelu);
-            linear(&mut y, &x[..m * k], &packed, m, k, n, Some(&bias), act, threads);
+            linear(
+                &mut y,
+                &x[..m * k],
+                &packed,
+                m,
+                k,
+                n,
+                Some(&bias),
+                act,
+                threads,
+            );
             y
         };
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -347,8 +373,30 @@ mod tests {
             let c = p * NR;
             let width = NR.min(n - c);
             let panel = &packed[p * k * NR..(p + 1) * k * NR];
-            micro_portable(&mut portable, n, c, width, &x[..6 * k], k, panel, Some(&bias[c..c + width]), 0, 6);
-            micro_portable(&mut portable, n, c, width, &x[6 * k..7 * k], k, panel, Some(&bias[c..c + width]), 6, 1);
+            micro_portable(
+                &mut portable,
+                n,
+                c,
+                width,
+                &x[..6 * k],
+                k,
+                panel,
+                Some(&bias[c..c + width]),
+                0,
+                6,
+            );
+            micro_portable(
+                &mut portable,
+                n,
+                c,
+                width,
+                &x[6 * k..7 * k],
+                k,
+                panel,
+                Some(&bias[c..c + width]),
+                6,
+                1,
+            );
         }
         rowwise::activation(&mut portable, Activation::Gelu);
         assert_eq!(bits(&portable), bits(&run(7, 1)));

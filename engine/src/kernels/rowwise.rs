@@ -50,6 +50,46 @@ fn layer_norm_row(row: &mut [f32], gamma: &[f32], beta: &[f32], eps: f32) {
     }
 }
 
+/// RMSNorm over rows of `width`, in place: `x / sqrt(mean(x²) + eps) · gamma`, as Hugging
+/// Face's `LlamaRMSNorm` computes it in f32.
+pub fn rms_norm(x: &mut [f32], width: usize, gamma: &[f32], eps: f32) {
+    for_rows(x, width, |row| {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, g) in row.iter_mut().zip(gamma) {
+            *v = g * (*v * inv);
+        }
+    });
+}
+
+/// Rotary embedding in place over `rows` head rows of `d` channels: row `i` turns its first
+/// `2r` channels by the angles whose cosines and sines are `cos[table(i)·r..]` (rotate-half:
+/// channel `j` pairs with `j + r`).
+pub fn rope(
+    x: &mut [f32],
+    d: usize,
+    cos: &[f32],
+    sin: &[f32],
+    r: usize,
+    table: impl Fn(usize) -> usize + Sync,
+) {
+    let body = |(i, row): (usize, &mut [f32])| {
+        let t = table(i) * r;
+        let (c, s) = (&cos[t..t + r], &sin[t..t + r]);
+        let (lo, hi) = row[..2 * r].split_at_mut(r);
+        for j in 0..r {
+            let (a, b) = (lo[j], hi[j]);
+            lo[j] = a * c[j] - b * s[j];
+            hi[j] = b * c[j] + a * s[j];
+        }
+    };
+    if x.len() >= PAR_MIN_ELEMS {
+        x.par_chunks_mut(d).enumerate().for_each(body);
+    } else {
+        x.chunks_mut(d).enumerate().for_each(body);
+    }
+}
+
 avx2_dispatch!(
     fn layer_norm_rows(x: &mut [f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32) {
         x.chunks_mut(width)
@@ -186,8 +226,12 @@ mod tests {
     #[test]
     fn layer_norm_matches_a_f64_reference_and_add_layer_norm_equals_add_then_norm() {
         let width = 37;
-        let x: Vec<f32> = (0..width * 5).map(|i| ((i * 7919) % 101) as f32 / 13.0 - 3.0).collect();
-        let r: Vec<f32> = (0..width * 5).map(|i| ((i * 104_729) % 89) as f32 / 29.0).collect();
+        let x: Vec<f32> = (0..width * 5)
+            .map(|i| ((i * 7919) % 101) as f32 / 13.0 - 3.0)
+            .collect();
+        let r: Vec<f32> = (0..width * 5)
+            .map(|i| ((i * 104_729) % 89) as f32 / 29.0)
+            .collect();
         let gamma: Vec<f32> = (0..width).map(|i| 0.5 + i as f32 / 40.0).collect();
         let beta: Vec<f32> = (0..width).map(|i| i as f32 / 80.0 - 0.2).collect();
         let mut got = x.clone();
@@ -195,10 +239,13 @@ mod tests {
         for (row, out) in x.chunks(width).zip(got.chunks(width)) {
             let n = width as f64;
             let mean = row.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
-            let var = row.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n;
+            let var = row
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / n;
             for (j, o) in out.iter().enumerate() {
-                let want = (f64::from(row[j]) - mean) / (var + 1e-12).sqrt()
-                    * f64::from(gamma[j])
+                let want = (f64::from(row[j]) - mean) / (var + 1e-12).sqrt() * f64::from(gamma[j])
                     + f64::from(beta[j]);
                 assert!((f64::from(*o) - want).abs() < 1e-5, "{o} vs {want}");
             }

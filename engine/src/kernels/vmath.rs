@@ -81,7 +81,6 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + exp(-x))
 }
 
-
 avx2_dispatch!(
     /// Exact GELU over a slice, in place.
     pub fn gelu_slice(x: &mut [f32]) {
@@ -108,7 +107,9 @@ mod tests {
     /// Every 1/64 from -20 to 20, plus some awkward points.
     fn grid() -> Vec<f32> {
         let mut v: Vec<f32> = (-1280..=1280).map(|i| i as f32 / 64.0).collect();
-        v.extend([1e-30, -1e-30, 1e-7, 80.0, -80.0, 87.0, -87.0, 100.0, -100.0, 0.0, -0.0]);
+        v.extend([
+            1e-30, -1e-30, 1e-7, 80.0, -80.0, 87.0, -87.0, 100.0, -100.0, 0.0, -0.0,
+        ]);
         v
     }
 
@@ -118,7 +119,10 @@ mod tests {
             let want = f64::from(x).exp();
             let got = f64::from(exp(x));
             let ulp = f64::from(f32::EPSILON) * want;
-            assert!((got - want).abs() <= 2.0 * ulp, "exp({x}) = {got}, want {want}");
+            assert!(
+                (got - want).abs() <= 2.0 * ulp,
+                "exp({x}) = {got}, want {want}"
+            );
         }
         assert!(exp(-1000.0) < 1e-37 && exp(1000.0) > 1e38);
     }

@@ -1,5 +1,7 @@
 //! Request handlers, one module per API family, and the input checks they share.
 
+pub mod completions;
+pub mod generate;
 pub mod kserve;
 pub mod native;
 pub mod openai;

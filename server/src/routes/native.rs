@@ -160,6 +160,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
+    if let Some(g) = state.generation_service() {
+        return Ok(Json(super::generate::info(&state, g)));
+    }
     let ready = state.ready()?;
     let i = &ready.info;
     let (kind, extra) = match &i.kind {

@@ -23,8 +23,15 @@ use crate::error::AppError;
 /// The one version kiln serves of its one model.
 pub const MODEL_VERSION: &str = "1";
 
+mod execute;
+mod generate;
 mod infer;
 mod tensors;
+
+pub(crate) use execute::{Answer, execute};
+pub(crate) use tensors::{
+    Data, Input, check_count, decode_binary, shape_of, unsupported_type, utf8_text,
+};
 
 pub use infer::infer;
 
@@ -68,6 +75,39 @@ pub struct ModelPath {
     model: String,
     #[serde(default)]
     version: Option<String>,
+}
+
+/// 404 unless the path names the served model (and its one version).
+fn check_name(state: &AppState, name: &str, version: Option<&str>) -> Result<(), AppError> {
+    let id = &state.config().model_id;
+    if name != id {
+        return Err(AppError::not_found(format!(
+            "model `{name}` is not served here (this server serves `{id}`)"
+        )));
+    }
+    if let Some(v) = version
+        && v != MODEL_VERSION
+    {
+        return Err(AppError::not_found(format!(
+            "model `{name}` has no version `{v}` (versions: [\"{MODEL_VERSION}\"])"
+        )));
+    }
+    Ok(())
+}
+
+/// The causal LM, when that is what is served and the path names it.
+pub(crate) fn generation_model<'a>(
+    state: &'a AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<Option<&'a crate::generation::GenerationService>, AppError> {
+    match state.generation_service() {
+        Some(g) => {
+            check_name(state, name, version)?;
+            Ok(Some(g))
+        }
+        None => Ok(None),
+    }
 }
 
 /// The model named in the path, or 404; 503 while it loads.
@@ -146,6 +186,9 @@ pub(crate) fn outputs_of(ready: &Ready) -> (Vec<(&'static str, usize)>, usize) {
 }
 
 fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
+    if generation_model(state, name, version)?.is_some() {
+        return Ok(generate::metadata(name));
+    }
     let ready = model(state, name, version)?;
     let inputs: Vec<Value> = inputs_of(ready)
         .into_iter()
@@ -173,7 +216,9 @@ pub async fn model_metadata(
 }
 
 fn readiness(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
-    model(state, name, version)?;
+    if generation_model(state, name, version)?.is_none() {
+        model(state, name, version)?;
+    }
     Ok(Json(json!({ "name": name, "ready": true })))
 }
 
@@ -186,6 +231,9 @@ pub async fn model_ready(
 
 /// Triton's model configuration extension, describing what kiln actually does.
 fn config(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
+    if let Some(g) = generation_model(state, name, version)? {
+        return Ok(generate::config(state, g));
+    }
     let ready = model(state, name, version)?;
     let c = state.config();
     let triton_type = |dt: &str| {
@@ -240,11 +288,13 @@ pub async fn model_config(
 
 /// Triton's statistics extension, from the same counters as `/metrics`.
 fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
-    let ready = model(state, name, version)?;
+    if generation_model(state, name, version)?.is_none() {
+        model(state, name, version)?;
+    }
     let m = state.metrics();
     let ns = |secs: f64| (secs * 1e9) as u64;
     let stat = |count: u64, secs: f64| json!({ "count": count, "ns": ns(secs) });
-    let successes: u64 = ["openai", "kserve", "native"]
+    let successes: u64 = crate::metrics::API_FAMILIES
         .iter()
         .map(|a| m.successes.with_label_values(&[a]).get())
         .sum();
@@ -255,7 +305,7 @@ fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Val
     let (ok_secs, fail_secs) = m.outcome_seconds();
     Ok(Json(json!({
         "model_stats": [{
-            "name": ready.info.id,
+            "name": state.config().model_id,
             "version": MODEL_VERSION,
             "last_inference": m.last_inference_ms(),
             "inference_count": m.input_tokens.get_sample_count(),

@@ -7,6 +7,28 @@ use serde_json::{Map, Value};
 use super::bad;
 use crate::error::AppError;
 
+/// The JSON part of a KServe v2 REST infer request (encoder and generation routes alike).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct InferRequest {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+    pub inputs: Vec<InputTensor>,
+    #[serde(default)]
+    pub outputs: Option<Vec<RequestedOutput>>,
+}
+
+/// One entry of an infer request's `outputs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RequestedOutput {
+    pub name: String,
+    #[serde(default)]
+    pub parameters: Map<String, Value>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct InputTensor {
@@ -20,12 +42,12 @@ pub(super) struct InputTensor {
 }
 
 /// A decoded input tensor.
-pub(super) enum Data {
+pub(crate) enum Data {
     Bytes(Vec<String>),
     Int64(Vec<i64>),
 }
 
-pub(super) struct Input {
+pub(crate) struct Input {
     pub name: String,
     pub shape: Vec<usize>,
     pub data: Data,
@@ -54,23 +76,27 @@ fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
     }
 }
 
-pub(super) fn decode_input(t: InputTensor, binary: &mut &[u8]) -> Result<Input, AppError> {
-    let name = t.name;
-    let shape: Vec<usize> = t
-        .shape
+/// A tensor's dimensions and element count, refusing negative dimensions and overflow.
+pub(crate) fn shape_of(name: &str, shape: &[i64]) -> Result<(Vec<usize>, usize), AppError> {
+    let dims: Vec<usize> = shape
         .iter()
         .map(|&d| usize::try_from(d))
         .collect::<Result<_, _>>()
         .map_err(|_| {
             bad(format!(
-                "input `{name}`: shape {:?} has a negative dimension",
-                t.shape
+                "input `{name}`: shape {shape:?} has a negative dimension"
             ))
         })?;
-    let count = shape
+    let count = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| bad(format!("input `{name}`: shape {shape:?} is too large")))?;
+        .ok_or_else(|| bad(format!("input `{name}`: shape {dims:?} is too large")))?;
+    Ok((dims, count))
+}
+
+pub(super) fn decode_input(t: InputTensor, binary: &mut &[u8]) -> Result<Input, AppError> {
+    let name = t.name;
+    let (shape, count) = shape_of(&name, &t.shape)?;
     let binary_size = match t.parameters.get("binary_data_size") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -110,7 +136,9 @@ pub(super) fn decode_input(t: InputTensor, binary: &mut &[u8]) -> Result<Input, 
     Ok(Input { name, shape, data })
 }
 
-fn decode_binary(
+/// Binary tensor data (REST's binary extension, gRPC's raw contents): little-endian values;
+/// each BYTES element a 4-byte little-endian length and its bytes.
+pub(crate) fn decode_binary(
     name: &str,
     datatype: &str,
     mut bytes: &[u8],
@@ -134,13 +162,7 @@ fn decode_binary(
                         bytes.len()
                     )));
                 }
-                let text = std::str::from_utf8(&bytes[..len]).map_err(|_| {
-                    bad(format!(
-                        "input `{name}`: element {} is not valid UTF-8 text",
-                        texts.len()
-                    ))
-                })?;
-                texts.push(text.to_string());
+                texts.push(utf8_text(name, texts.len(), &bytes[..len])?);
                 bytes = &bytes[len..];
             }
             if texts.len() != count {
@@ -173,12 +195,7 @@ fn decode_binary(
 fn decode_json(name: &str, datatype: &str, json: &Value, count: usize) -> Result<Data, AppError> {
     let mut flat = Vec::new();
     flatten(json, &mut flat);
-    if flat.len() != count {
-        return Err(bad(format!(
-            "input `{name}`: {} data elements for a shape of {count} elements",
-            flat.len()
-        )));
-    }
+    check_count(name, flat.len(), count)?;
     match datatype {
         "BYTES" => flat
             .iter()
@@ -208,7 +225,27 @@ fn decode_json(name: &str, datatype: &str, json: &Value, count: usize) -> Result
     }
 }
 
-fn unsupported_type(name: &str, datatype: &str) -> AppError {
+/// One BYTES element as text.
+pub(crate) fn utf8_text(name: &str, index: usize, bytes: &[u8]) -> Result<String, AppError> {
+    std::str::from_utf8(bytes).map(str::to_string).map_err(|_| {
+        bad(format!(
+            "input `{name}`: element {index} is not valid UTF-8 text"
+        ))
+    })
+}
+
+/// Typed data (JSON `data`, gRPC `contents`) must hold exactly the shape's element count.
+pub(crate) fn check_count(name: &str, got: usize, count: usize) -> Result<(), AppError> {
+    if got == count {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "input `{name}`: {got} data elements for a shape of {count} elements"
+        )))
+    }
+}
+
+pub(crate) fn unsupported_type(name: &str, datatype: &str) -> AppError {
     bad(format!(
         "input `{name}`: datatype `{datatype}` is not accepted (text inputs are BYTES, token ids INT64)"
     ))

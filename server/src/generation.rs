@@ -1,0 +1,337 @@
+//! Serving a causal LM: the scheduler thread that owns the running batch, and the handle
+//! handlers use to start and stream generations.
+//!
+//! Design note. Like the encoder batcher's backend thread, one thread owns the model's
+//! [`Generator`] (its KV cache and batch); handlers talk to it only by messages. Each request
+//! gets an unbounded channel of [`Piece`]s; the scheduler steps the batch whenever it has work
+//! and sends every new token to its request. A request's [`Generation`] handle cancels it when
+//! dropped (the client disconnected, or a non-streaming handler was cancelled), and the
+//! scheduler also cancels any request whose channel has closed before each step, so a
+//! disconnect returns its KV blocks to the pool at the next token boundary at the latest.
+//! Admission is the same semaphore as the encoder routes (`max_concurrent_requests`, 429 beyond);
+//! inside it, a request that does not fit the KV cache waits for memory, never an OOM.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_models::{
+    CausalLm, Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::config::ServeConfig;
+use crate::error::AppError;
+use crate::metrics::Metrics;
+
+/// What a generation sends back, token by token.
+#[derive(Debug, Clone)]
+pub enum Piece {
+    Token {
+        id: u32,
+        text: String,
+        finish: Option<FinishReason>,
+        prompt_tokens: usize,
+        generated_tokens: usize,
+    },
+    Failed(String),
+}
+
+enum Command {
+    Submit {
+        req: GenerationRequest,
+        pieces: mpsc::UnboundedSender<Piece>,
+        accepted: oneshot::Sender<Result<RequestId, AppError>>,
+    },
+    Cancel(RequestId),
+}
+
+/// A loaded causal LM with its scheduler running.
+#[derive(Clone)]
+pub struct GenerationService {
+    model: Arc<CausalLm>,
+    commands: mpsc::UnboundedSender<Command>,
+    admission: Arc<Semaphore>,
+    config: Arc<ServeConfig>,
+}
+
+/// A running generation: its pieces, and cancellation when dropped before the end.
+pub struct Generation {
+    pub pieces: mpsc::UnboundedReceiver<Piece>,
+    pub prompt_tokens: usize,
+    id: RequestId,
+    commands: mpsc::UnboundedSender<Command>,
+    done: bool,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Generation {
+    /// The next piece; `None` after the last one. Marks the generation done on its final piece
+    /// so that dropping it afterwards cancels nothing.
+    pub async fn next(&mut self) -> Option<Piece> {
+        if self.done {
+            return None;
+        }
+        let p = self.pieces.recv().await;
+        match &p {
+            Some(Piece::Token {
+                finish: Some(_), ..
+            })
+            | Some(Piece::Failed(_))
+            | None => self.done = true,
+            _ => {}
+        }
+        p
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.commands.send(Command::Cancel(self.id));
+        }
+    }
+}
+
+impl GenerationService {
+    /// Starts the scheduler thread. Must run inside the tokio runtime (for nothing but the
+    /// channel types; the thread is a plain OS thread).
+    pub fn start(
+        model: Arc<CausalLm>,
+        config: Arc<ServeConfig>,
+        metrics: Metrics,
+    ) -> Result<Self, String> {
+        let limits = GenerationLimits {
+            block_size: config.kv_block_size,
+            max_batch_total_tokens: config.max_batch_total_tokens,
+            max_batch_prefill_tokens: config.max_batch_prefill_tokens,
+            max_waiting_tokens: config.max_waiting_tokens,
+            waiting_served_ratio: config.waiting_served_ratio,
+            max_running: config.max_batch_requests,
+        };
+        let generator = Generator::new(model.clone(), limits).map_err(|e| e.to_string())?;
+        let (used, total) = generator.blocks_used();
+        metrics.kv_cache_blocks_total.set(total as i64);
+        metrics.kv_cache_blocks_used.set(used as i64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("kiln-generation".into())
+            .spawn(move || scheduler(generator, rx, &metrics))
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            model,
+            commands: tx,
+            admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            config,
+        })
+    }
+
+    pub fn model(&self) -> &Arc<CausalLm> {
+        &self.model
+    }
+
+    /// Tokenizes on the blocking pool.
+    pub async fn encode(
+        &self,
+        text: String,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, AppError> {
+        let model = self.model.clone();
+        tokio::task::spawn_blocking(move || model.encode(&text, add_special_tokens))
+            .await
+            .map_err(|_| AppError::internal())?
+            .map_err(AppError::from)
+    }
+
+    /// `max_tokens` when a request gives none: what is left of the context (capped by
+    /// generation_config.json's `max_new_tokens` when it has one).
+    pub fn default_max_tokens(&self, prompt_tokens: usize) -> usize {
+        let left = self.model.info().max_context.saturating_sub(prompt_tokens);
+        let left = left.min(
+            self.config
+                .max_batch_total_tokens
+                .saturating_sub(prompt_tokens),
+        );
+        match self.model.generation_defaults().max_new_tokens {
+            Some(n) => left.min(n),
+            None => left,
+        }
+        .max(1)
+    }
+
+    /// Admits a request (429 at `max_concurrent_requests`) and hands it to the scheduler;
+    /// a request that can never run is a 422.
+    pub async fn start_generation(&self, req: GenerationRequest) -> Result<Generation, AppError> {
+        let slot = self.admission.clone().try_acquire_owned().map_err(|_| {
+            AppError::overloaded(format!(
+                "the server is at its limit of {} concurrent requests; retry later",
+                self.config.max_concurrent_requests
+            ))
+        })?;
+        let prompt_tokens = req.prompt.len();
+        let (pieces_tx, pieces) = mpsc::unbounded_channel();
+        let (accepted, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Submit {
+                req,
+                pieces: pieces_tx,
+                accepted,
+            })
+            .map_err(|_| AppError::unavailable("the generation scheduler has stopped"))?;
+        let id = answer
+            .await
+            .map_err(|_| AppError::unavailable("the generation scheduler has stopped"))??;
+        Ok(Generation {
+            pieces,
+            prompt_tokens,
+            id,
+            commands: self.commands.clone(),
+            done: false,
+            _slot: slot,
+        })
+    }
+}
+
+/// Per-request bookkeeping on the scheduler thread.
+struct Route {
+    pieces: mpsc::UnboundedSender<Piece>,
+    started: Instant,
+    last_token: Option<Instant>,
+}
+
+fn scheduler(
+    mut generator: Generator,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    metrics: &Metrics,
+) {
+    let mut routes: HashMap<RequestId, Route> = HashMap::new();
+    loop {
+        // Sleep while there is nothing to run; otherwise take whatever has arrived.
+        if generator.is_idle() {
+            match commands.blocking_recv() {
+                Some(c) => handle(c, &mut generator, &mut routes),
+                None => return,
+            }
+        }
+        loop {
+            match commands.try_recv() {
+                Ok(c) => handle(c, &mut generator, &mut routes),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    if generator.is_idle() {
+                        return;
+                    }
+                    break;
+                }
+            }
+        }
+        // Clients that went away free their blocks before the step.
+        let gone: Vec<RequestId> = routes
+            .iter()
+            .filter(|(_, r)| r.pieces.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            generator.cancel(id);
+            routes.remove(&id);
+        }
+        let events = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            generator.step()
+        })) {
+            Ok(events) => events,
+            Err(_) => {
+                tracing::error!("a generation step panicked; its requests failed, serving goes on");
+                for (id, r) in routes.drain() {
+                    generator.cancel(id);
+                    let _ = r.pieces.send(Piece::Failed("internal error".into()));
+                }
+                Vec::new()
+            }
+        };
+        let now = Instant::now();
+        for e in events {
+            match e {
+                Event::Token {
+                    id,
+                    token,
+                    text,
+                    finish,
+                    prompt_tokens,
+                    generated_tokens,
+                } => {
+                    metrics.generated_tokens.inc();
+                    let Some(route) = routes.get_mut(&id) else {
+                        continue;
+                    };
+                    match route.last_token {
+                        None => metrics
+                            .time_to_first_token
+                            .observe(now.duration_since(route.started).as_secs_f64()),
+                        Some(t) => metrics
+                            .inter_token_latency
+                            .observe(now.duration_since(t).as_secs_f64()),
+                    }
+                    route.last_token = Some(now);
+                    let sent = route.pieces.send(Piece::Token {
+                        id: token,
+                        text,
+                        finish,
+                        prompt_tokens,
+                        generated_tokens,
+                    });
+                    if finish.is_some() {
+                        routes.remove(&id);
+                    } else if sent.is_err() {
+                        generator.cancel(id);
+                        routes.remove(&id);
+                    }
+                }
+                Event::Failed { id, message } => {
+                    if let Some(r) = routes.remove(&id) {
+                        let _ = r.pieces.send(Piece::Failed(message));
+                    }
+                }
+            }
+        }
+        let (used, total) = generator.blocks_used();
+        metrics.kv_cache_blocks_used.set(used as i64);
+        metrics.kv_cache_blocks_total.set(total as i64);
+        metrics
+            .kv_cache_usage
+            .set(used as f64 / total.max(1) as f64);
+        metrics.generation_running.set(generator.running() as i64);
+        metrics.generation_waiting.set(generator.waiting() as i64);
+    }
+}
+
+fn handle(c: Command, generator: &mut Generator, routes: &mut HashMap<RequestId, Route>) {
+    match c {
+        Command::Submit {
+            req,
+            pieces,
+            accepted,
+        } => match generator.submit(req) {
+            Ok(id) => {
+                if accepted.send(Ok(id)).is_err() {
+                    generator.cancel(id); // the handler is gone already
+                } else {
+                    routes.insert(
+                        id,
+                        Route {
+                            pieces,
+                            started: Instant::now(),
+                            last_token: None,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                let _ = accepted.send(Err(AppError::from(e)));
+            }
+        },
+        Command::Cancel(id) => {
+            generator.cancel(id);
+            routes.remove(&id);
+        }
+    }
+}

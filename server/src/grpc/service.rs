@@ -1,0 +1,158 @@
+//! `inference.GRPCInferenceService` over the shared server state.
+
+use tonic::{Request, Response, Status};
+
+use super::pb::grpc_inference_service_server::GrpcInferenceService;
+use super::pb::model_metadata_response::TensorMetadata;
+use super::pb::*;
+use super::status_of;
+use super::tensors::{bool_param, decode_inputs, encode_outputs};
+use crate::app::AppState;
+use crate::auth::check_authorization;
+use crate::error::AppError;
+use crate::routes::kserve::{MODEL_VERSION, execute, inputs_of, model, outputs_of};
+
+/// The protocol's methods over the same state as the HTTP API.
+pub struct InferenceService {
+    state: AppState,
+}
+
+impl InferenceService {
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+
+    /// The API-key check HTTP applies to every route but its health probes: the `authorization`
+    /// metadata must carry `Bearer <key>` when keys are configured.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let authorization = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        check_authorization(self.state.keys(), authorization).map_err(Status::unauthenticated)
+    }
+
+    async fn infer(&self, req: ModelInferRequest) -> Result<ModelInferResponse, AppError> {
+        let ready = model(&self.state, &req.model_name, version(&req.model_version))?;
+        let truncate = bool_param(&req.parameters, "truncate", "request")?;
+        // Answer in the form the request came in, unless it says otherwise.
+        let raw_out = bool_param(&req.parameters, "binary_data_output", "request")?
+            .unwrap_or(!req.raw_input_contents.is_empty());
+        let requested: Option<Vec<String>> = if req.outputs.is_empty() {
+            None
+        } else {
+            Some(req.outputs.into_iter().map(|o| o.name).collect())
+        };
+        let inputs = decode_inputs(req.inputs, req.raw_input_contents)?;
+        let max_batch = self.state.config().max_client_batch_size;
+        let answer = execute(ready, max_batch, inputs, requested.as_deref(), truncate).await?;
+        let (outputs, raw_output_contents) = encode_outputs(answer, raw_out);
+        Ok(ModelInferResponse {
+            model_name: ready.info.id.clone(),
+            model_version: MODEL_VERSION.into(),
+            id: req.id,
+            outputs,
+            raw_output_contents,
+            ..Default::default()
+        })
+    }
+}
+
+/// The protocol's empty version means "the server's choice".
+fn version(v: &str) -> Option<&str> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    /// Open, like `/v2/health/live`.
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    /// Open, like `/v2/health/ready`: true once the model is loaded and warmed up.
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.state.is_ready(),
+        }))
+    }
+
+    /// False (not an error) for a model or version this server does not serve, as Triton
+    /// answers, so `is_model_ready` returns False rather than raising.
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let ready = model(&self.state, &r.name, version(&r.version)).is_ok();
+        Ok(Response::new(ModelReadyResponse { ready }))
+    }
+
+    async fn server_metadata(
+        &self,
+        request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(ServerMetadataResponse {
+            name: "kiln".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: Vec::new(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let ready = model(&self.state, &r.name, version(&r.version)).map_err(|e| status_of(&e))?;
+        let inputs = inputs_of(ready)
+            .into_iter()
+            .map(|t| TensorMetadata {
+                name: t.name.into(),
+                datatype: t.datatype.into(),
+                shape: t.shape,
+            })
+            .collect();
+        let outputs = outputs_of(ready)
+            .0
+            .into_iter()
+            .map(|(name, width)| TensorMetadata {
+                name: name.into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, width as i64],
+            })
+            .collect();
+        Ok(Response::new(ModelMetadataResponse {
+            name: ready.info.id.clone(),
+            versions: vec![MODEL_VERSION.into()],
+            platform: "kiln".into(),
+            inputs,
+            outputs,
+        }))
+    }
+
+    /// Counted in the request metrics (`api="grpc"`) like an HTTP inference request: a call
+    /// whose client goes away before the answer counts as cancelled.
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        self.authorize(&request)?;
+        let tracker = self.state.metrics().start_request("grpc");
+        let result = self.infer(request.into_inner()).await;
+        tracker.finish(result.as_ref().err().map(|e| e.kind));
+        result.map(Response::new).map_err(|e| {
+            tracing::debug!(error = %e.message, "gRPC ModelInfer failed");
+            status_of(&e)
+        })
+    }
+}
