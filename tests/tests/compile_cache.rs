@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kiln_engine::DeviceKind;
 use kiln_engine::compile::{CompileOptions, PassId};
+use kiln_engine::{DeviceKind, MathMode, Quantize};
 use kiln_models::{BatchLayout, CacheOutcome, EmbedOptions, EncoderModel, LoadOptions, TextInput};
 use kiln_tests::{fixtures, max_abs_diff, minilm_dir, read_jsonl};
 
@@ -352,6 +352,14 @@ fn a_changed_model_file_or_option_gives_a_new_key() {
             },
             ..base.clone()
         },
+        quantized(&base, Quantize::Int8Dynamic, MathMode::Precise, &[]),
+        quantized(
+            &base,
+            Quantize::Int8Dynamic,
+            MathMode::Precise,
+            &["*.query"],
+        ),
+        quantized(&base, Quantize::None, MathMode::Bf16Fast, &[]),
     ];
     for opts in &variants {
         let (outcome, k, _) = load(opts);
@@ -382,4 +390,56 @@ fn a_changed_model_file_or_option_gives_a_new_key() {
     assert_eq!(outcome, CacheOutcome::Miss);
     assert!(!seen.contains(&k));
     let _ = std::fs::remove_dir_all(&root);
+}
+
+/// `base` with int8 or bf16 linears, `skip` layers kept f32.
+fn quantized(base: &LoadOptions, quantize: Quantize, math: MathMode, skip: &[&str]) -> LoadOptions {
+    let mut opts = base.clone();
+    opts.exec.quant.quantize = quantize;
+    opts.exec.quant.math_mode = math;
+    opts.exec.quant.layers.deny = skip.iter().map(|s| s.to_string()).collect();
+    opts
+}
+
+/// An int8-dynamic plan goes through the cache like an f32 one: a miss compiles it (without the
+/// Q/K/V merge and the bias-activation epilogue, which would change which layers the filters
+/// name), a hit gives bit-identical outputs, and the linears still run int8 after the hit.
+#[test]
+fn a_quantized_plan_round_trips_through_the_cache() {
+    let cache = temp_dir("int8");
+    let opts = quantized(
+        &LoadOptions {
+            cache_dir: Some(cache.clone()),
+            ..LoadOptions::default()
+        },
+        Quantize::Int8Dynamic,
+        MathMode::Precise,
+        &[],
+    );
+    let texts = minilm_texts();
+    let cold = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+    assert_eq!(cold.info().plan.cache, CacheOutcome::Miss);
+    let explain = cold.info().plan.report.explain();
+    for want in [
+        "[qkv] off",
+        "[bias-act] off",
+        "quantize int8-dynamic",
+        "int8 GEMM",
+    ] {
+        assert!(explain.contains(want), "`{want}` missing from:\n{explain}");
+    }
+    let warm = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+    assert_eq!(warm.info().plan.cache, CacheOutcome::Hit);
+    assert_eq!(bits(&outputs(&warm, &texts)), bits(&outputs(&cold, &texts)));
+    let int8 = warm
+        .linear_formats()
+        .iter()
+        .filter(|c| c.format.name() == "int8-dynamic")
+        .count();
+    assert_eq!(
+        int8,
+        warm.linear_formats().len(),
+        "every linear runs int8 after a hit"
+    );
+    let _ = std::fs::remove_dir_all(&cache);
 }
