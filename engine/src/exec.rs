@@ -101,11 +101,9 @@ impl<B: Backend> Plan<B> {
                 }
                 .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?,
                 Op::Weight { name, weight } => match format_of(i) {
-                    // A quantized or bf16 linear's weight is stored plain in a compiled plan and
-                    // converted here, at load.
-                    Some(format) => weight
-                        .to_host()
-                        .and_then(|host| backend.upload_linear(&host, &format)),
+                    // An int8 linear's weight is stored quantized in a compiled plan (packed for
+                    // the kernel here); a bf16 one is stored plain and converted here.
+                    Some(format) => backend.upload_stored_linear(weight, &format),
                     None => backend.upload_stored(weight),
                 }
                 .map_err(|e| graph_err(format!("uploading `{name}`: {e}")))?,

@@ -63,6 +63,10 @@ pub enum WeightFormat {
     /// layout of the CPU backend's own GEMM kernel (`kernels::panel_gemm`), one `data` buffer of
     /// `[out/16 rounded up, in, 16]` f32.
     F32Panels16,
+    /// An int8 linear weight, quantized once (symmetric, one scale per output channel, the
+    /// quantization issue's scheme): a `q` buffer of `[out, in]` i8 and a `scales` buffer of
+    /// `[out]` f32. Kernel-independent; the backend packs it for its int8 kernel at upload.
+    Int8PerChannel,
 }
 
 impl WeightFormat {
@@ -71,6 +75,7 @@ impl WeightFormat {
             WeightFormat::Plain => "plain",
             WeightFormat::F32InOut => "f32 [in,out]",
             WeightFormat::F32Panels16 => "f32 panels×16",
+            WeightFormat::Int8PerChannel => "s8 per channel",
         }
     }
 }

@@ -424,7 +424,7 @@ fn a_quantized_plan_round_trips_through_the_cache() {
         "[qkv] off",
         "[bias-act] off",
         "quantize int8-dynamic",
-        "int8 GEMM",
+        "int8 GEMM, weight s8 per channel",
     ] {
         assert!(explain.contains(want), "`{want}` missing from:\n{explain}");
     }
@@ -441,5 +441,20 @@ fn a_quantized_plan_round_trips_through_the_cache() {
         warm.linear_formats().len(),
         "every linear runs int8 after a hit"
     );
+    // The entry holds the linears as s8 (a quarter of their f32 bytes), not f32.
+    let int8_entry = std::fs::metadata(only_entry(&cache)).unwrap().len();
+    let f32_cache = temp_dir("int8-f32");
+    let f32_opts = LoadOptions {
+        cache_dir: Some(f32_cache.clone()),
+        ..LoadOptions::default()
+    };
+    EncoderModel::load(&minilm_dir(), &f32_opts).unwrap();
+    let f32_entry = std::fs::metadata(only_entry(&f32_cache)).unwrap().len();
+    // MiniLM's linears hold 10.6M weights: 42.5 MB in f32, 10.6 MB in s8.
+    assert!(
+        f32_entry.saturating_sub(int8_entry) > 25_000_000,
+        "int8 entry {int8_entry} bytes against f32 {f32_entry}"
+    );
+    let _ = std::fs::remove_dir_all(&f32_cache);
     let _ = std::fs::remove_dir_all(&cache);
 }

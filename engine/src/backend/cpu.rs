@@ -291,10 +291,12 @@ impl Backend for CpuBackend {
 
     fn compile_target(&self) -> CompileTarget {
         let mut formats = vec![Self::linear_format()];
+        // The last is for int8 linears only (the compiler picks it when a layer runs int8).
         for f in [
             WeightFormat::F32Panels16,
             WeightFormat::F32InOut,
             WeightFormat::Plain,
+            WeightFormat::Int8PerChannel,
         ] {
             if !formats.contains(&f) {
                 formats.push(f);
@@ -402,6 +404,39 @@ impl Backend for CpuBackend {
                 Err(self.err("a packed weight cannot be downloaded"))
             }
         }
+    }
+
+    fn upload_stored_linear(&self, t: &StoredTensor, format: &LinearFormat) -> Result<CpuTensor> {
+        let (WeightFormat::Int8PerChannel, LinearFormat::Int8(act)) = (t.format, format) else {
+            return match t.format {
+                WeightFormat::Plain => self.upload_linear(&t.to_host()?, format),
+                other => Err(self.err(format!("cannot run a {other} weight as {format}"))),
+            };
+        };
+        let [out, inn] = t.shape[..] else {
+            return Err(self.err(format!("an int8 weight must be 2-D, got {:?}", t.shape)));
+        };
+        let (q, scales) = (t.buffer("q")?, t.buffer("scales")?);
+        q.check()?;
+        scales.check()?;
+        if q.elem != ElemType::I8
+            || q.shape != [out, inn]
+            || scales.elem != ElemType::F32
+            || scales.shape != [out]
+        {
+            return Err(self.err(format!(
+                "int8 weight buffers {:?}{:?} and {:?}{:?} do not fit [{out}, {inn}]",
+                q.elem, q.shape, scales.elem, scales.shape
+            )));
+        }
+        let q: Vec<i8> = q.bytes.as_bytes().iter().map(|&b| b as i8).collect();
+        let scales = scales.bytes.as_f32().ok_or_else(|| self.misaligned())?;
+        let weights = Int8Weights::from_quantized(&q, scales, out, inn, Int8Kernel::detect())
+            .map_err(|e| self.err(e.to_string()))?;
+        Ok(CpuTensor {
+            shape: t.shape.clone(),
+            data: CpuData::Int8Linear(Arc::new((weights, *act))),
+        })
     }
 
     fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<CpuTensor> {

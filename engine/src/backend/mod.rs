@@ -111,6 +111,23 @@ pub trait Backend: Send + Sync + 'static {
     fn upload(&self, t: &HostTensor, role: ConstRole) -> Result<Self::Tensor>;
     fn download(&self, t: Self::Tensor) -> Result<HostTensor>;
 
+    /// Uploads a compiled plan's stored `Linear` weight to run as `format`: a `Plain` weight
+    /// goes through [`Backend::upload_linear`]; a backend with int8 kernels also takes
+    /// `Int8PerChannel` weights (quantized by the compiler, kept in the plan cache).
+    fn upload_stored_linear(
+        &self,
+        t: &StoredTensor,
+        format: &LinearFormat,
+    ) -> Result<Self::Tensor> {
+        match t.format {
+            WeightFormat::Plain => self.upload_linear(&t.to_host()?, format),
+            other => Err(unsupported_op(
+                self.name(),
+                &format!("{other} {format} weights"),
+            )),
+        }
+    }
+
     /// Uploads a `Linear`'s `[out, in]` weight in `format` (int8 or bf16 pack their weight for
     /// the CPU's kernel). Backends without such kernels refuse every format but f32.
     fn upload_linear(&self, t: &HostTensor, format: &LinearFormat) -> Result<Self::Tensor> {

@@ -29,6 +29,19 @@ pub fn select_linear(
     linear: LinearFormat,
 ) -> (WeightFormat, String) {
     let _ = (out, inn);
+    if matches!(linear, LinearFormat::Int8(_))
+        && target
+            .linear_formats
+            .contains(&WeightFormat::Int8PerChannel)
+    {
+        return (
+            WeightFormat::Int8PerChannel,
+            format!(
+                "{linear}: s8 weights quantized once, here (per output channel), stored in the \
+                 plan; packed for the int8 kernel at load"
+            ),
+        );
+    }
     if linear != LinearFormat::F32 {
         return (
             WeightFormat::Plain,
@@ -122,7 +135,9 @@ pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)
                 if seen_linear.insert((out, inn, linear.name())) {
                     let min_rows = PARALLEL_MIN_MACS.div_ceil(out * inn).max(1);
                     let kernel = match (linear, format) {
-                        (LinearFormat::Int8(_), _) => "int8 GEMM",
+                        (LinearFormat::Int8(_), _) | (_, WeightFormat::Int8PerChannel) => {
+                            "int8 GEMM"
+                        }
                         (LinearFormat::Bf16, _) => "bf16 GEMM",
                         (_, WeightFormat::F32Panels16) => "kiln panel GEMM",
                         (_, WeightFormat::F32InOut) => "gemm crate",
@@ -186,15 +201,26 @@ mod tests {
     }
 
     #[test]
-    fn quantized_linears_keep_a_plain_weight_for_the_backend_to_pack() {
-        let avx2 = CompileTarget {
+    fn int8_linears_are_stored_quantized_where_the_backend_takes_it_else_plain() {
+        let int8 = LinearFormat::Int8(kiln_quant::ActQuant::Dynamic);
+        let f32_only = CompileTarget {
             linear_formats: vec![WeightFormat::F32Panels16, WeightFormat::F32InOut],
         };
-        for linear in [
-            LinearFormat::Int8(kiln_quant::ActQuant::Dynamic),
-            LinearFormat::Bf16,
-        ] {
-            let (format, reason) = select_linear(8, 4, &avx2, linear);
+        let with_int8 = CompileTarget {
+            linear_formats: vec![WeightFormat::F32Panels16, WeightFormat::Int8PerChannel],
+        };
+        let (format, reason) = select_linear(8, 4, &with_int8, int8);
+        assert_eq!(format, WeightFormat::Int8PerChannel);
+        assert!(reason.contains("quantized once"), "{reason}");
+        // f32 linears on the same backend still get its fastest f32 format.
+        let f32 = LinearFormat::F32;
+        assert_eq!(
+            select_linear(8, 4, &with_int8, f32).0,
+            WeightFormat::F32Panels16
+        );
+        // A backend without int8 weights, and bf16 everywhere: plain, converted at load.
+        for (target, linear) in [(&f32_only, int8), (&with_int8, LinearFormat::Bf16)] {
+            let (format, reason) = select_linear(8, 4, target, linear);
             assert_eq!(format, WeightFormat::Plain, "{linear}");
             assert!(reason.contains("at load"), "{reason}");
         }

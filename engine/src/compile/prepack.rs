@@ -11,13 +11,39 @@ use super::rewrite::Rewriter;
 use crate::error::{Result, graph_err};
 use crate::ir::{ConstRole, Graph, Op};
 use crate::kernels::panel_gemm;
-use crate::storage::{Buffer, StoredTensor, WeightFormat};
+use crate::storage::{Blob, Buffer, ElemType, StoredTensor, WeightFormat};
 use crate::tensor::{HostData, HostTensor};
 
 /// `value` in `format`.
 pub fn pack(value: &HostTensor, role: ConstRole, format: WeightFormat) -> Result<StoredTensor> {
     match format {
         WeightFormat::Plain => Ok(StoredTensor::plain(value, role)),
+        WeightFormat::Int8PerChannel => {
+            let (HostData::F32(v), &[out, inn]) = (&value.data, &value.shape[..]) else {
+                return Err(graph_err(format!(
+                    "an int8 weight must be 2-D f32, got {:?} {:?}",
+                    value.dtype(),
+                    value.shape
+                )));
+            };
+            let (q, scales) = kiln_quant::int8::quantize_weights(v, out, inn);
+            let q_bytes: Vec<u8> = q.iter().map(|&x| x as u8).collect();
+            Ok(StoredTensor {
+                dtype: value.dtype(),
+                shape: value.shape.clone(),
+                role,
+                format,
+                buffers: vec![
+                    Buffer {
+                        name: "q".into(),
+                        elem: ElemType::I8,
+                        shape: vec![out, inn],
+                        bytes: Blob::from_bytes(&q_bytes),
+                    },
+                    Buffer::f32("scales", vec![out], scales),
+                ],
+            })
+        }
         WeightFormat::F32InOut | WeightFormat::F32Panels16 => {
             let (HostData::F32(v), &[out, inn]) = (&value.data, &value.shape[..]) else {
                 return Err(graph_err(format!(
@@ -118,5 +144,26 @@ mod tests {
         assert_eq!(stored.bytes.as_f32().unwrap(), &want[..]);
         let feeds = vec![("x".to_string(), tensor(&[4, 3], 3))];
         assert_eq!(eval(&graph, &feeds), eval(&out, &feeds));
+    }
+
+    #[test]
+    fn an_int8_weight_is_stored_as_s8_per_channel_with_its_scales() {
+        let w = tensor(&[5, 7], 4);
+        let stored = pack(&w, ConstRole::LinearWeight, WeightFormat::Int8PerChannel).unwrap();
+        assert_eq!(stored.shape, [5, 7], "the logical shape stays [out, in]");
+        let (q, scales) = kiln_quant::int8::quantize_weights(&w.clone().into_f32().unwrap(), 5, 7);
+        let qb = stored.buffer("q").unwrap();
+        qb.check().unwrap();
+        assert_eq!(
+            (qb.elem, qb.shape.as_slice()),
+            (ElemType::I8, &[5usize, 7][..])
+        );
+        let got: Vec<i8> = qb.bytes.as_bytes().iter().map(|&b| b as i8).collect();
+        assert_eq!(got, q);
+        let sb = stored.buffer("scales").unwrap();
+        assert_eq!(sb.bytes.as_f32().unwrap(), &scales[..]);
+        // Anything but a 2-D f32 weight is refused.
+        let ids = crate::tensor::HostTensor::i64(vec![2], vec![1, 2]).unwrap();
+        assert!(pack(&ids, ConstRole::LinearWeight, WeightFormat::Int8PerChannel).is_err());
     }
 }
