@@ -46,10 +46,10 @@ impl ElemType {
 /// compiler's kernel selection; a backend uploads only formats it lists in its
 /// [`crate::compile::CompileTarget`].
 ///
-/// The seam for other weight formats: a quantized or bf16 GEMM adds a variant here (e.g.
-/// `Int8PerChannel` with an `i8` weight buffer and an `f32` scales buffer), a packing function in
-/// `compile::prepack`, a rule in `compile::kernels`, and a `linear` path in the backends that
-/// list it. The plan cache stores any format without change.
+/// A new weight format (e.g. a bf16 layout) adds a variant here, a packing function in
+/// `compile::prepack`, a rule in `compile::kernels`, and an upload path in the backends that list
+/// it (as `Int8PerChannel` has: an `i8` buffer and an `f32` scales buffer). The plan cache stores
+/// any format without change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
