@@ -174,6 +174,13 @@ pub struct QuantOptions {
     pub scales: Option<Arc<StaticScales>>,
 }
 
+impl QuantOptions {
+    /// Whether every linear runs in f32: no quantization and precise math (the default).
+    pub fn is_f32(&self) -> bool {
+        self.quantize == Quantize::None && self.math_mode == MathMode::Precise
+    }
+}
+
 /// How one `Linear`'s weight is stored and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum LinearFormat {

@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use kiln_engine::ExecOptions;
 use kiln_engine::quantize::{LayerScale, LinearChoice, StaticScales};
-use kiln_engine::{ExecOptions, Quantize};
 use kiln_quant::observer::{Observer, ObserverKind};
 
 use crate::error::{ModelError, Result, read_json};
@@ -144,7 +144,7 @@ pub fn calibrate(
 
 /// Logs how many `Linear` layers run in each format.
 pub(crate) fn log_formats(choices: &[LinearChoice], exec: &ExecOptions) {
-    if exec.quant.quantize == Quantize::None && exec.quant.math_mode == Default::default() {
+    if exec.quant.is_f32() {
         return;
     }
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -170,7 +170,7 @@ pub(crate) fn log_formats(choices: &[LinearChoice], exec: &ExecOptions) {
 /// Names the setting behind a quantization error at load.
 pub(crate) fn explain_load_error(e: impl Into<ModelError>, exec: &ExecOptions) -> ModelError {
     let e = e.into();
-    if exec.quant.quantize == Quantize::None && exec.quant.math_mode == Default::default() {
+    if exec.quant.is_f32() {
         return e;
     }
     ModelError::Unsupported(format!(

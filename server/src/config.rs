@@ -349,8 +349,7 @@ impl ServeConfig {
         if self.model_id.trim().is_empty() || self.model_id.contains('/') {
             return Err("--model-id must be non-empty and contain no `/`".into());
         }
-        if self.quant.quantize == Quantize::None
-            && self.quant.math_mode == MathMode::Precise
+        if self.quant.is_f32()
             && !(self.quant.layers.allow.is_empty() && self.quant.layers.deny.is_empty())
         {
             return Err(

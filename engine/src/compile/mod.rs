@@ -45,7 +45,7 @@ use crate::backend::Backend;
 use crate::error::{Result, graph_err};
 use crate::exec::ExecOptions;
 use crate::ir::{Bindings, Dim, Graph};
-use crate::quantize::{MathMode, QuantOptions, Quantize};
+use crate::quantize::QuantOptions;
 use crate::storage::WeightFormat;
 
 pub use kernels::select_linear;
@@ -322,8 +322,7 @@ pub fn compile<B: Backend>(
     // int8 and bf16 linears are chosen per layer by name (allow/deny globs, calibrated scales by
     // layer), and their kernels apply bias in their own epilogue: the passes that merge linears
     // or fuse an activation into one would change both, so they stay off for such plans.
-    let quantized =
-        exec.quant.quantize != Quantize::None || exec.quant.math_mode != MathMode::Precise;
+    let quantized = !exec.quant.is_f32();
     let mut effective = options.clone();
     if quantized {
         effective
