@@ -214,42 +214,18 @@ pub struct LinearChoice {
     pub format: LinearFormat,
 }
 
-/// The format of every `Linear` node under `opts`, in graph order. Errors when static
-/// quantization lacks a layer's scales, or one weight would need two formats.
+/// The format of every `Linear` (and `LinearAct`) node under `opts`, in graph order. A node the
+/// compiler merged from several linears (label `prefix{a,b,c}`) takes its members' format, which
+/// must be the same for all. Errors when static quantization lacks a layer's scales, members of
+/// a merged node differ, or one weight would need two formats.
 pub fn linear_formats(graph: &Graph, opts: &QuantOptions) -> Result<Vec<LinearChoice>> {
     let mut out: Vec<LinearChoice> = Vec::new();
     for node in &graph.nodes {
-        if !matches!(node.op, Op::Linear) {
+        if !matches!(node.op, Op::Linear | Op::LinearAct { .. }) {
             continue;
         }
         let label = node.label.clone();
-        let admitted = opts.layers.admits(&label);
-        let quantized = opts.quantize != Quantize::None && admitted;
-        let format = match (quantized, opts.quantize) {
-            (true, Quantize::Int8Dynamic) => LinearFormat::Int8(ActQuant::Dynamic),
-            (true, Quantize::Int8Static) => {
-                let scales = opts.scales.as_ref().ok_or_else(|| {
-                    graph_err(
-                        "int8-static quantization needs calibrated scales (run `kiln quantize`)",
-                    )
-                })?;
-                let layer = scales.layers.get(&label).ok_or_else(|| {
-                    graph_err(format!(
-                        "int8-static: the calibration file has no scale for layer `{label}` \
-                         (calibrated for another model? exclude the layer with the deny list)"
-                    ))
-                })?;
-                if !(layer.scale > 0.0 && layer.scale.is_finite()) {
-                    return Err(graph_err(format!(
-                        "int8-static: layer `{label}` has an invalid scale {}",
-                        layer.scale
-                    )));
-                }
-                LinearFormat::Int8(ActQuant::Static(layer.params()))
-            }
-            _ if opts.math_mode == MathMode::Bf16Fast && admitted => LinearFormat::Bf16,
-            _ => LinearFormat::F32,
-        };
+        let format = merged_format(&label, opts)?;
         let weight = node.inputs[1];
         if let Some(prev) = out
             .iter()
@@ -267,6 +243,51 @@ pub fn linear_formats(graph: &Graph, opts: &QuantOptions) -> Result<Vec<LinearCh
         });
     }
     Ok(out)
+}
+
+/// The format of a linear labelled `label`, merged (`prefix{a,b,c}`) or not.
+pub fn merged_format(label: &str, opts: &QuantOptions) -> Result<LinearFormat> {
+    let members = crate::compile::rewrite::member_labels(label);
+    let first = layer_format(&members[0], opts)?;
+    for m in &members[1..] {
+        let f = layer_format(m, opts)?;
+        if f != first {
+            return Err(graph_err(format!(
+                "merged linear `{label}`: `{}` runs as {first} but `{m}` as {f}",
+                members[0]
+            )));
+        }
+    }
+    Ok(first)
+}
+
+/// The format of one (unmerged) linear layer under `opts`.
+pub fn layer_format(label: &str, opts: &QuantOptions) -> Result<LinearFormat> {
+    let admitted = opts.layers.admits(label);
+    let quantized = opts.quantize != Quantize::None && admitted;
+    Ok(match (quantized, opts.quantize) {
+        (true, Quantize::Int8Dynamic) => LinearFormat::Int8(ActQuant::Dynamic),
+        (true, Quantize::Int8Static) => {
+            let scales = opts.scales.as_ref().ok_or_else(|| {
+                graph_err("int8-static quantization needs calibrated scales (run `kiln quantize`)")
+            })?;
+            let layer = scales.layers.get(label).ok_or_else(|| {
+                graph_err(format!(
+                    "int8-static: the calibration file has no scale for layer `{label}` \
+                     (calibrated for another model? exclude the layer with the deny list)"
+                ))
+            })?;
+            if !(layer.scale > 0.0 && layer.scale.is_finite()) {
+                return Err(graph_err(format!(
+                    "int8-static: layer `{label}` has an invalid scale {}",
+                    layer.scale
+                )));
+            }
+            LinearFormat::Int8(ActQuant::Static(layer.params()))
+        }
+        _ if opts.math_mode == MathMode::Bf16Fast && admitted => LinearFormat::Bf16,
+        _ => LinearFormat::F32,
+    })
 }
 
 /// Adds one output per distinct `Linear` input, named `calibrate:<first layer's label>`, so that a

@@ -29,7 +29,7 @@ pub(crate) mod kernels;
 pub mod memory;
 mod prepack;
 mod qkv;
-mod rewrite;
+pub(crate) mod rewrite;
 mod sdpa;
 
 use std::collections::{BTreeSet, HashMap};
@@ -319,17 +319,6 @@ pub fn compile<B: Backend>(
     graph.check()?;
     let target = backend.compile_target();
     let sdpa_plan = |p: &ProblemSummary| backend.sdpa_plan(p, exec.sdpa_kernel);
-    // int8 and bf16 linears are chosen per layer by name (allow/deny globs, calibrated scales by
-    // layer), and their kernels apply bias in their own epilogue: the passes that merge linears
-    // or fuse an activation into one would change both, so they stay off for such plans.
-    let quantized = !exec.quant.is_f32();
-    let mut effective = options.clone();
-    if quantized {
-        effective
-            .disabled
-            .extend([PassId::QkvMerge, PassId::BiasAct]);
-    }
-    let options = &effective;
     let mut cx = Context {
         target: &target,
         quant: &exec.quant,

@@ -4,7 +4,10 @@
 //! a `SliceLast` copy of the projection's columns.
 //!
 //! Why: one `[m, 3h]` GEMM streams the input once instead of three times, and at small batches
-//! (1×16) one call costs one thread hand-off instead of three.
+//! (1×16) one call costs one thread hand-off instead of three. In an int8 plan it also
+//! quantizes the shared input once instead of three times; members merge only when the
+//! quantization options give them the same format (the merged node's label, `prefix{q,k,v}`,
+//! names them, and [`crate::quantize::linear_formats`] resolves it through them).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use super::Context;
 use super::rewrite::{Rewriter, Uses, group_label};
 use crate::error::Result;
 use crate::ir::{ConstRole, Graph, Op, ValueId};
+use crate::quantize::layer_format;
 use crate::tensor::{HostData, HostTensor};
 
 /// A linear this pass may merge: its weight (and bias, if any) are uncompiled f32 constants.
@@ -65,7 +69,7 @@ struct Columns {
     width: usize,
 }
 
-pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)> {
+pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)> {
     let uses = Uses::of(&g);
     // Group mergeable linears by (input, input width, has bias), in order of appearance.
     let mut groups: Vec<Vec<Member>> = Vec::new();
@@ -81,6 +85,17 @@ pub(crate) fn run(g: Graph, _: &mut Context<'_>) -> Result<(Graph, Vec<String>)>
         }
     }
     groups.retain(|gr| gr.len() >= 2);
+    // In a quantized plan a merged linear runs in its members' format (int8 with one activation
+    // quantization of the shared input, or bf16), so only members that agree are merged.
+    if !cx.quant.is_f32() {
+        groups.retain(|gr| {
+            let formats: Vec<_> = gr
+                .iter()
+                .map(|m| layer_format(&g.nodes[m.node].label, cx.quant).ok())
+                .collect();
+            formats[0].is_some() && formats.iter().all(|f| *f == formats[0])
+        });
+    }
 
     // The merged GEMM goes where its group's first member was; each member becomes a column
     // slice of it, except that head splits of a member read their heads from it directly.

@@ -167,9 +167,39 @@ pub(crate) fn group_label(labels: &[&str]) -> String {
     format!("{}{{{}}}", &first[..cut], tails.join(","))
 }
 
+/// The labels a [`group_label`] was made of (`a.{b,c}` → `a.b`, `a.c`); a plain label is its
+/// own only member. Hugging Face parameter names hold no braces, so a label of the form
+/// `prefix{…}` is always a group.
+pub fn member_labels(label: &str) -> Vec<String> {
+    if let Some(inner) = label.strip_suffix('}')
+        && let Some(open) = inner.rfind('{')
+    {
+        let prefix = &inner[..open];
+        return inner[open + 1..]
+            .split(',')
+            .map(|tail| format!("{prefix}{tail}"))
+            .collect();
+    }
+    vec![label.to_string()]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn member_labels_invert_group_labels() {
+        for labels in [
+            vec!["a.self.query", "a.self.key", "a.self.value"],
+            vec!["q", "k"],
+        ] {
+            assert_eq!(member_labels(&group_label(&labels)), labels);
+        }
+        assert_eq!(
+            member_labels("encoder.layer.0.output.dense"),
+            ["encoder.layer.0.output.dense"]
+        );
+    }
 
     #[test]
     fn group_labels_share_the_dotted_prefix() {
