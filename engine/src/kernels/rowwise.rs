@@ -90,14 +90,14 @@ pub fn rope(
     }
 }
 
-avx2_dispatch!(
+simd_dispatch!(
     fn layer_norm_rows(x: &mut [f32], width: usize, gamma: &[f32], beta: &[f32], eps: f32) {
         x.chunks_mut(width)
             .for_each(|row| layer_norm_row(row, gamma, beta, eps));
     }
 );
 
-avx2_dispatch!(
+simd_dispatch!(
     fn add_layer_norm_rows(
         x: &mut [f32],
         residual: &[f32],
