@@ -1,5 +1,6 @@
-//! Linear layers at all-MiniLM-L6-v2's shapes: f32 (the `gemm` crate, what the CPU backend runs)
-//! against the int8 kernels (dynamic and static activation quantization, fused) and bf16.
+//! Linear layers at all-MiniLM-L6-v2's shapes: f32 (kiln's panel GEMM on pre-packed weights,
+//! what the CPU backend runs) against the int8 kernels (dynamic and static activation
+//! quantization, fused) and bf16.
 //!
 //! `cargo bench -p kiln-engine --bench linear [-- THREADS]`. Prints median time per call and
 //! GFLOP/s (f32, bf16) or GOPS (int8), counting 2·m·k·n operations, quantization and the bias
@@ -7,7 +8,7 @@
 
 use std::time::Duration;
 
-use kiln_engine::kernels::gemm;
+use kiln_engine::kernels::panel_gemm;
 use kiln_quant::bf16::{Bf16Kernel, Bf16Weights};
 use kiln_quant::{ActParams, ActQuant, Int8Kernel, Int8Weights};
 
@@ -43,13 +44,10 @@ fn main() {
             let x = data(m * k, 1);
             let w = data(n * k, 2);
             let bias = data(n, 3);
-            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // [k, n]
+            let packed = panel_gemm::pack(&w, n, k);
             let mut y = vec![0.0f32; m * n];
             let f32_s = time(budget, || {
-                for r in 0..m {
-                    y[r * n..(r + 1) * n].copy_from_slice(&bias);
-                }
-                gemm::matmul(&mut y, &x, &wt, m, k, n, true, threads);
+                panel_gemm::linear(&mut y, &x, &packed, m, k, n, Some(&bias), None, threads);
             });
             let q = Int8Weights::pack(&w, n, k, i8k).unwrap();
             let dyn_s = time(budget, || {

@@ -245,6 +245,11 @@ pub fn linear_formats(graph: &Graph, opts: &QuantOptions) -> Result<Vec<LinearCh
     Ok(out)
 }
 
+/// How many linears a (possibly merged) linear's label stands for.
+pub fn member_count(label: &str) -> usize {
+    crate::compile::rewrite::member_labels(label).len()
+}
+
 /// The format of a linear labelled `label`, merged (`prefix{a,b,c}`) or not.
 pub fn merged_format(label: &str, opts: &QuantOptions) -> Result<LinearFormat> {
     let members = crate::compile::rewrite::member_labels(label);

@@ -401,9 +401,9 @@ fn quantized(base: &LoadOptions, quantize: Quantize, math: MathMode, skip: &[&st
     opts
 }
 
-/// An int8-dynamic plan goes through the cache like an f32 one: a miss compiles it (without the
-/// Q/K/V merge and the bias-activation epilogue, which would change which layers the filters
-/// name), a hit gives bit-identical outputs, and the linears still run int8 after the hit.
+/// An int8-dynamic plan goes through the cache like an f32 one: a miss compiles it (Q/K/V merged
+/// into one int8 linear, GELU and the pooler's tanh as their linears' epilogues), a hit gives bit-identical
+/// outputs, and the linears still run int8 after the hit.
 #[test]
 fn a_quantized_plan_round_trips_through_the_cache() {
     let cache = temp_dir("int8");
@@ -421,8 +421,8 @@ fn a_quantized_plan_round_trips_through_the_cache() {
     assert_eq!(cold.info().plan.cache, CacheOutcome::Miss);
     let explain = cold.info().plan.report.explain();
     for want in [
-        "[qkv] off",
-        "[bias-act] off",
+        "merged 3 linears into one [384→1152] GEMM",
+        "fused 7 linear + activation pairs",
         "quantize int8-dynamic",
         "int8 GEMM, weight s8 per channel",
     ] {
@@ -457,4 +457,76 @@ fn a_quantized_plan_round_trips_through_the_cache() {
     );
     let _ = std::fs::remove_dir_all(&f32_cache);
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// In quantized plans the Q/K/V merge and the bias-activation epilogue run too, and change
+/// nothing in the outputs: a merged linear quantizes its shared input once (per token, or with
+/// the one calibrated scale its members share) and each output column is the same sum as in its
+/// own linear. Members whose formats differ (here the key projection kept f32 by the deny list)
+/// are not merged.
+#[test]
+fn quantized_plans_merge_qkv_only_when_the_formats_agree_and_match_uncompiled_plans() {
+    let texts: Vec<String> = minilm_texts().into_iter().take(8).collect();
+    let base = LoadOptions::default();
+    // Static scales calibrated on a few texts: Q, K and V read one input, so they share a scale.
+    let calibration: Vec<String> = minilm_texts().into_iter().skip(8).take(8).collect();
+    let scales = std::sync::Arc::new(
+        kiln_models::quantize::calibrate(
+            &minilm_dir(),
+            &LoadOptions::default(),
+            &calibration,
+            kiln_quant::observer::ObserverKind::MinMax,
+        )
+        .unwrap(),
+    );
+    let cases = [
+        (Quantize::Int8Static, MathMode::Precise, vec![], true),
+        (Quantize::Int8Dynamic, MathMode::Precise, vec![], true),
+        (
+            Quantize::Int8Dynamic,
+            MathMode::Precise,
+            vec!["*.self.key"],
+            false,
+        ),
+        (Quantize::None, MathMode::Bf16Fast, vec![], true),
+    ];
+    for (quantize, math, skip, merges) in cases {
+        let label = format!("{quantize}/{math}/skip {skip:?}");
+        let mut opts = quantized(&base, quantize, math, &skip);
+        if quantize == Quantize::Int8Static {
+            opts.exec.quant.scales = Some(scales.clone());
+        }
+        let on = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+        let off = EncoderModel::load(
+            &minilm_dir(),
+            &LoadOptions {
+                compile: CompileOptions::none(),
+                ..opts.clone()
+            },
+        )
+        .unwrap();
+        let explain = on.info().plan.report.explain();
+        assert_eq!(
+            explain.contains("merged 3 linears"),
+            merges,
+            "{label}: merge expected {merges}:\n{explain}"
+        );
+        if !merges {
+            assert!(
+                explain.contains("merged 2 linears"),
+                "{label}: Q and V still merge"
+            );
+        }
+        // The same layers run quantized in both plans (a merged linear counts once).
+        let count = |m: &EncoderModel| {
+            m.linear_formats()
+                .iter()
+                .filter(|c| c.format.name() != "f32")
+                .map(|c| kiln_engine::quantize::member_count(&c.label))
+                .sum::<usize>()
+        };
+        assert_eq!(count(&on), count(&off), "{label}: quantized layers");
+        let worst = assert_close(&label, &outputs(&on, &texts), &outputs(&off, &texts), 1e-6);
+        eprintln!("{label}: compiled vs uncompiled differ by at most {worst}");
+    }
 }

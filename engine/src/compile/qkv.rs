@@ -16,7 +16,7 @@ use super::Context;
 use super::rewrite::{Rewriter, Uses, group_label};
 use crate::error::Result;
 use crate::ir::{ConstRole, Graph, Op, ValueId};
-use crate::quantize::layer_format;
+use crate::quantize::{LinearFormat, layer_format};
 use crate::tensor::{HostData, HostTensor};
 
 /// A linear this pass may merge: its weight (and bias, if any) are uncompiled f32 constants.
@@ -86,17 +86,27 @@ pub(crate) fn run(g: Graph, cx: &mut Context<'_>) -> Result<(Graph, Vec<String>)
     }
     groups.retain(|gr| gr.len() >= 2);
     // In a quantized plan a merged linear runs in its members' format (int8 with one activation
-    // quantization of the shared input, or bf16), so only members that agree are merged.
+    // quantization of the shared input, or bf16), so a group splits into members that agree
+    // (Q and V merge when the layer filter keeps K in f32); a member whose format is an error
+    // stays alone, for the `kernels` pass to report.
     if !cx.quant.is_f32() {
-        groups.retain(|gr| {
-            let formats: Vec<_> = gr
-                .iter()
-                .map(|m| layer_format(&g.nodes[m.node].label, cx.quant).ok())
-                .collect();
-            formats[0].is_some() && formats.iter().all(|f| *f == formats[0])
-        });
+        let mut agreeing = Vec::new();
+        for group in groups {
+            let mut parts: Vec<(LinearFormat, Vec<Member>)> = Vec::new();
+            for m in group {
+                let Ok(f) = layer_format(&g.nodes[m.node].label, cx.quant) else {
+                    continue;
+                };
+                match parts.iter_mut().find(|(pf, _)| *pf == f) {
+                    Some((_, part)) => part.push(m),
+                    None => parts.push((f, vec![m])),
+                }
+            }
+            agreeing.extend(parts.into_iter().map(|(_, part)| part));
+        }
+        groups = agreeing;
+        groups.retain(|gr| gr.len() >= 2);
     }
-
     // The merged GEMM goes where its group's first member was; each member becomes a column
     // slice of it, except that head splits of a member read their heads from it directly.
     let mut merge_at: HashMap<usize, usize> = HashMap::new();
