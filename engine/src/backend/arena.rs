@@ -28,11 +28,13 @@ impl Arena {
     pub fn take(&self, len: usize) -> Vec<f32> {
         if len >= MIN_KEEP {
             let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            // The buffer that needs the fewest new elements written (growing a Vec's length
+            // zero-fills the new part), then the smallest that fits.
             let best = free
                 .iter()
                 .enumerate()
                 .filter(|(_, v)| v.capacity() >= len)
-                .min_by_key(|(_, v)| v.capacity())
+                .min_by_key(|(_, v)| (len.saturating_sub(v.len()), v.capacity()))
                 .map(|(i, _)| i);
             if let Some(i) = best {
                 let mut v = free.swap_remove(i);

@@ -136,11 +136,23 @@ impl CpuBackend {
             // pass, writing every output.
             CpuData::Int8Linear(packed) => {
                 let (weights, act_quant) = &**packed;
-                kiln_quant::int8::linear(xs, m, weights, bias, *act_quant, &mut y, self.threads)
-                    .map_err(|e| self.err(e.to_string()))?;
-                if let Some(act) = act {
-                    rowwise::activation(&mut y, act);
-                }
+                // The activation runs on each block of rows as soon as it is done, in cache.
+                let post = |rows: &mut [f32]| {
+                    if let Some(act) = act {
+                        rowwise::activation_serial(rows, act);
+                    }
+                };
+                kiln_quant::int8::linear_then(
+                    xs,
+                    m,
+                    weights,
+                    bias,
+                    *act_quant,
+                    &mut y,
+                    self.threads,
+                    &post,
+                )
+                .map_err(|e| self.err(e.to_string()))?;
             }
             CpuData::Bf16Linear(weights) => {
                 kiln_quant::bf16::linear(xs, m, weights, bias, &mut y, self.threads)
@@ -270,15 +282,28 @@ fn swap_middle_into(
     row_stride: usize,
     offset: usize,
 ) {
-    for i in 0..a {
-        for j in 0..b {
-            let row = (i * b + j) * row_stride + offset;
-            for k in 0..c {
-                let s = row + k * d;
-                let t = ((i * c + k) * b + j) * d;
-                out[t..t + d].copy_from_slice(&src[s..s + d]);
-            }
+    // One output block of `b·d` values per (i, k), written from `b` source rows; blocks are
+    // disjoint, so large copies (a Q/K/V split of a 32×128 batch) run across threads.
+    let block = |ik: usize, o: &mut [f32]| {
+        let (i, k) = (ik / c, ik % c);
+        for (j, t) in o.chunks_mut(d).enumerate() {
+            let s = (i * b + j) * row_stride + offset + k * d;
+            t.copy_from_slice(&src[s..s + d]);
         }
+    };
+    let out = &mut out[..a * b * c * d];
+    if b * d == 0 {
+        return;
+    }
+    if out.len() >= rowwise::PAR_MIN_ELEMS {
+        use rayon::prelude::*;
+        out.par_chunks_mut(b * d)
+            .enumerate()
+            .for_each(|(ik, o)| block(ik, o));
+    } else {
+        out.chunks_mut(b * d)
+            .enumerate()
+            .for_each(|(ik, o)| block(ik, o));
     }
 }
 

@@ -6,7 +6,7 @@ use super::vmath;
 use crate::ir::Activation;
 
 /// Rows shorter than this run serially: splitting tiny work costs more than it saves.
-const PAR_MIN_ELEMS: usize = 1 << 14;
+pub(crate) const PAR_MIN_ELEMS: usize = 1 << 14;
 
 fn for_rows(data: &mut [f32], width: usize, f: impl Fn(&mut [f32]) + Sync + Send) {
     if width == 0 {

@@ -504,13 +504,40 @@ pub fn linear(
     out: &mut [f32],
     threads: usize,
 ) -> Result<(), QuantError> {
+    linear_then(x, m, w, bias, act, out, threads, &|_| {})
+}
+
+/// [`linear`], then `post` on each block of finished output rows (whole rows, at most [`MB`] of
+/// them) on the thread that computed it, while the block is still in cache: an activation as
+/// the GEMM's epilogue instead of one more pass over the whole output in memory.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_then(
+    x: &[f32],
+    m: usize,
+    w: &Int8Weights,
+    bias: Option<&[f32]>,
+    act: ActQuant,
+    out: &mut [f32],
+    threads: usize,
+    post: &(dyn Fn(&mut [f32]) + Sync),
+) -> Result<(), QuantError> {
     if !w.kernel.is_supported() {
         return Err(QuantError(format!(
             "the {} int8 kernel is not supported by this CPU",
             w.kernel
         )));
     }
-    linear_with(TileFn::Kernel(w.kernel), x, m, w, bias, act, out, threads)
+    linear_with(
+        TileFn::Kernel(w.kernel),
+        x,
+        m,
+        w,
+        bias,
+        act,
+        out,
+        threads,
+        post,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -523,6 +550,7 @@ pub(crate) fn linear_with(
     act: ActQuant,
     out: &mut [f32],
     threads: usize,
+    post: &(dyn Fn(&mut [f32]) + Sync),
 ) -> Result<(), QuantError> {
     let (k, n) = (w.k, w.n);
     if x.len() != m * k || out.len() != m * n {
@@ -567,6 +595,7 @@ pub(crate) fn linear_with(
             act,
             out,
         );
+        post(out);
     };
     // Rows per task: an even share, in whole micro-tiles, at most one activation block.
     let per = round_up(m.div_ceil(threads.max(1)), MR).min(MB);

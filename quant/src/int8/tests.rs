@@ -47,7 +47,7 @@ fn check(
         assert_eq!(packed.unpacked(), q, "{name}: pack/unpack");
         for threads in [1, 2] {
             let mut got = vec![f32::NAN; m * n];
-            linear_with(tile, x, m, &packed, bias, act, &mut got, threads).unwrap();
+            linear_with(tile, x, m, &packed, bias, act, &mut got, threads, &|_| {}).unwrap();
             for (i, (g, r)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     g.to_bits() == r.to_bits(),
@@ -242,4 +242,51 @@ fn activation_params_cover_the_range_and_keep_zero_exact() {
     assert_eq!((flat.scale, flat.quantize(0.0)), (1.0, 0));
     let positive = ActParams::from_range(2.0, 4.0);
     assert_eq!(positive.zero_point, 0, "the range is widened to include 0");
+}
+
+/// `linear_then` runs its epilogue once over every output row, after the row is final: the
+/// result equals `linear` followed by the same function over the whole output.
+#[test]
+fn the_epilogue_sees_every_finished_row_once() {
+    let (m, k, n) = (300, 70, 45);
+    let mut rng = Rng::new(11);
+    let x = rng.normal_vec(m * k, 2.0);
+    let w = rng.normal_vec(n * k, 0.1);
+    let bias = rng.normal_vec(n, 1.0);
+    let packed = Int8Weights::pack(&w, n, k, Int8Kernel::detect()).unwrap();
+    for threads in [1, 2, 3] {
+        let mut want = vec![0.0; m * n];
+        linear(
+            &x,
+            m,
+            &packed,
+            Some(&bias),
+            ActQuant::Dynamic,
+            &mut want,
+            threads,
+        )
+        .unwrap();
+        want.iter_mut().for_each(|v| *v = v.max(0.0) + 1.0);
+        let mut got = vec![f32::NAN; m * n];
+        let relu_plus_one = |rows: &mut [f32]| {
+            assert_eq!(rows.len() % n, 0, "whole rows");
+            rows.iter_mut().for_each(|v| *v = v.max(0.0) + 1.0);
+        };
+        linear_then(
+            &x,
+            m,
+            &packed,
+            Some(&bias),
+            ActQuant::Dynamic,
+            &mut got,
+            threads,
+            &relu_plus_one,
+        )
+        .unwrap();
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "{threads} threads"
+        );
+    }
 }
