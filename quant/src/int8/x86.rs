@@ -121,9 +121,14 @@ quads_tile_256!(avxvnni_emulated_body, "avx2", dpbusd_emulated);
 #[target_feature(enable = "avx512f,avx512vnni")]
 fn avx512vnni_body(a: &[u8], lda: usize, b: &[i8], ep: &Epilogue<'_>, out: &mut Tile) {
     let quads = check_tile(a, lda, b, 4, ep);
-    let mut c = [_mm512_setzero_si512(); MR];
+    // CHAINS independent sums per row (quad t goes to chain t % CHAINS), added at the end: with
+    // one chain per row the 4 rows' `vpdpbusd`s wait on their own latency (~5 cycles), with
+    // CHAINS × 4 in flight they issue at the unit's throughput. Integer sums are exact in any
+    // order, so the result is bit-identical.
+    const CHAINS: usize = 3;
+    let mut acc = [[_mm512_setzero_si512(); MR]; CHAINS];
     let (ap, bp) = (a.as_ptr(), b.as_ptr());
-    for t in 0..quads {
+    let quad = |c: &mut [__m512i; MR], t: usize| {
         // SAFETY: as in the 256-bit tiles: t < quads bounds both loads.
         unsafe {
             let bv = _mm512_loadu_si512(bp.add(t * 64).cast());
@@ -131,6 +136,22 @@ fn avx512vnni_body(a: &[u8], lda: usize, b: &[i8], ep: &Epilogue<'_>, out: &mut 
                 let ar = _mm512_set1_epi32(ap.add(r * lda + 4 * t).cast::<i32>().read_unaligned());
                 *cr = _mm512_dpbusd_epi32(*cr, ar, bv);
             }
+        }
+    };
+    let mut t = 0;
+    while t + CHAINS <= quads {
+        for (j, c) in acc.iter_mut().enumerate() {
+            quad(c, t + j);
+        }
+        t += CHAINS;
+    }
+    for (j, tt) in (t..quads).enumerate() {
+        quad(&mut acc[j], tt);
+    }
+    let mut c = acc[0];
+    for other in &acc[1..] {
+        for (cr, o) in c.iter_mut().zip(other) {
+            *cr = _mm512_add_epi32(*cr, *o);
         }
     }
     for (r, cr) in c.iter().enumerate() {
