@@ -54,6 +54,9 @@ pub enum Bf16Kernel {
     Portable,
     /// x86-64 AVX2 + FMA: bf16 widened to f32 in registers.
     Avx2Fma,
+    /// x86-64 AVX512-BF16: `vdpbf16ps`, a bf16 pair dot product into f32 per lane (Cooper Lake,
+    /// Sapphire Rapids and later, Zen 4 and later), on the same packed pairs as `Avx2Fma`.
+    Avx512Bf16,
     /// aarch64 `bfdot` (FEAT_BF16).
     Bfdot,
     /// aarch64 `bfmmla` (FEAT_BF16), the Graviton3 matrix instruction.
@@ -69,9 +72,10 @@ enum Layout {
 }
 
 impl Bf16Kernel {
-    pub const ALL: [Bf16Kernel; 4] = [
+    pub const ALL: [Bf16Kernel; 5] = [
         Bf16Kernel::Portable,
         Bf16Kernel::Avx2Fma,
+        Bf16Kernel::Avx512Bf16,
         Bf16Kernel::Bfdot,
         Bf16Kernel::Bfmmla,
     ];
@@ -80,6 +84,7 @@ impl Bf16Kernel {
         match self {
             Bf16Kernel::Portable => "portable",
             Bf16Kernel::Avx2Fma => "avx2-fma",
+            Bf16Kernel::Avx512Bf16 => "avx512-bf16",
             Bf16Kernel::Bfdot => "bfdot",
             Bf16Kernel::Bfmmla => "bfmmla",
         }
@@ -94,6 +99,11 @@ impl Bf16Kernel {
                 std::arch::is_x86_feature_detected!("avx2")
                     && std::arch::is_x86_feature_detected!("fma")
             }
+            #[cfg(target_arch = "x86_64")]
+            Bf16Kernel::Avx512Bf16 => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+            }
             #[cfg(target_arch = "aarch64")]
             Bf16Kernel::Bfdot | Bf16Kernel::Bfmmla => {
                 std::arch::is_aarch64_feature_detected!("bf16")
@@ -103,9 +113,10 @@ impl Bf16Kernel {
         }
     }
 
-    /// The fastest kernel this CPU runs: `bfmmla`, then AVX2+FMA, else portable.
+    /// The fastest kernel this CPU runs: `bfmmla`, then AVX512-BF16, then AVX2+FMA, else
+    /// portable.
     pub fn detect() -> Self {
-        [Bf16Kernel::Bfmmla, Bf16Kernel::Avx2Fma]
+        [Bf16Kernel::Bfmmla, Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx2Fma]
             .into_iter()
             .find(|k| k.is_supported())
             .unwrap_or(Bf16Kernel::Portable)
@@ -315,7 +326,8 @@ fn block(x: &[f32], rows: usize, w: &Bf16Weights, bias: &[f32], out: &mut [f32])
     let padded_rows = rows.div_ceil(MR) * MR;
     let mut tile: Tile = [[0.0; NR]; MR];
     // The activation block, rounded to bf16, in the layout the kernel reads: row-major f32 for
-    // the portable and AVX2 kernels, interleaved bf16 bits for the aarch64 instructions.
+    // the portable and AVX2 kernels, row-major bf16 bits for AVX512-BF16, interleaved bf16 bits
+    // for the aarch64 instructions.
     let a_f32: Vec<f32>;
     let a_bits: Vec<u16>;
     match w.kernel {
@@ -331,6 +343,19 @@ fn block(x: &[f32], rows: usize, w: &Bf16Weights, bias: &[f32], out: &mut [f32])
             }
             a_f32 = a;
             a_bits = Vec::new();
+        }
+        Bf16Kernel::Avx512Bf16 => {
+            let mut a = vec![0u16; padded_rows * lda];
+            for r in 0..rows {
+                for (o, &v) in a[r * lda..r * lda + k]
+                    .iter_mut()
+                    .zip(&x[r * k..(r + 1) * k])
+                {
+                    *o = to_bf16(v);
+                }
+            }
+            a_bits = a;
+            a_f32 = Vec::new();
         }
         Bf16Kernel::Bfdot | Bf16Kernel::Bfmmla => {
             // bfdot: per k-pair, the MR rows' pairs side by side ([pair][row][2]);
@@ -363,6 +388,14 @@ fn block(x: &[f32], rows: usize, w: &Bf16Weights, bias: &[f32], out: &mut [f32])
                 Bf16Kernel::Avx2Fma => {
                     x86::avx2_tile(&a_f32[r0 * lda..(r0 + MR) * lda], lda, b, bias, &mut tile)
                 }
+                #[cfg(target_arch = "x86_64")]
+                Bf16Kernel::Avx512Bf16 => x86::avx512bf16_tile(
+                    &a_bits[r0 * lda..(r0 + MR) * lda],
+                    lda,
+                    b,
+                    bias,
+                    &mut tile,
+                ),
                 #[cfg(target_arch = "aarch64")]
                 Bf16Kernel::Bfdot => {
                     aarch64::bfdot_tile(&a_bits[r0 * lda..(r0 + MR) * lda], lda, b, bias, &mut tile)
