@@ -9,8 +9,9 @@
 //!   portable scalar, AVX2 (exact, `vpmaddwd` on i16), AVX-VNNI and AVX512-VNNI (`vpdpbusd`),
 //!   chosen at run time; all give bit-identical results, tested against [`int8::reference`].
 //! - [`bf16`]: weights stored as bf16, inputs rounded to bf16, f32 accumulation. Kernels:
-//!   portable, AVX2+FMA, and aarch64 `bfdot` / `bfmmla` (inline assembly; Rust has no BF16
-//!   intrinsics yet) behind `is_aarch64_feature_detected!("bf16")`.
+//!   portable, AVX2+FMA, AVX512-BF16 (`vdpbf16ps`), and aarch64 `bfdot` / `bfmmla` (inline
+//!   assembly; Rust has no aarch64 BF16 intrinsics yet) behind
+//!   `is_aarch64_feature_detected!("bf16")`.
 //! - [`observer`]: activation-range observers for static quantization (min-max, histogram
 //!   percentile).
 //!
