@@ -116,10 +116,14 @@ impl Bf16Kernel {
     /// The fastest kernel this CPU runs: `bfmmla`, then AVX512-BF16, then AVX2+FMA, else
     /// portable.
     pub fn detect() -> Self {
-        [Bf16Kernel::Bfmmla, Bf16Kernel::Avx512Bf16, Bf16Kernel::Avx2Fma]
-            .into_iter()
-            .find(|k| k.is_supported())
-            .unwrap_or(Bf16Kernel::Portable)
+        [
+            Bf16Kernel::Bfmmla,
+            Bf16Kernel::Avx512Bf16,
+            Bf16Kernel::Avx2Fma,
+        ]
+        .into_iter()
+        .find(|k| k.is_supported())
+        .unwrap_or(Bf16Kernel::Portable)
     }
 
     fn layout(self) -> Layout {
