@@ -22,14 +22,7 @@ fn time(budget: Duration, f: impl FnMut()) -> f64 {
 use common::data;
 
 fn main() {
-    let threads: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .ok();
+    let threads = common::threads_from_args();
     let budget = Duration::from_millis(1500);
     let (i8k, bfk) = (Int8Kernel::detect(), Bf16Kernel::detect());
     println!("threads {threads}, int8 kernel {i8k}, bf16 kernel {bfk}");

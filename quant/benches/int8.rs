@@ -13,14 +13,7 @@ mod common;
 use common::{data, time};
 
 fn main() {
-    let threads: usize = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .ok();
+    let threads = common::threads_from_args();
     let budget = Duration::from_millis(1000);
     let kernel = Int8Kernel::detect();
     println!("threads {threads}, int8 kernel {kernel}");

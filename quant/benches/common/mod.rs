@@ -31,3 +31,17 @@ pub fn time(budget: Duration, mut f: impl FnMut()) -> (f64, f64) {
     times.sort_by(f64::total_cmp);
     (times[times.len() / 2], times[0])
 }
+
+/// The thread count from the first numeric command-line argument (default: all CPUs), with
+/// rayon's global pool built to match.
+pub fn threads_from_args() -> usize {
+    let threads: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    threads
+}
