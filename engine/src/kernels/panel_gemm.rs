@@ -35,7 +35,8 @@ pub const NR: usize = 16;
 pub const MR: usize = 6;
 /// Rows per AVX-512 micro-tile (which spans two panels).
 pub const MR_512: usize = 12;
-/// A micro-tile's accumulators, large enough for either kernel.
+/// A micro-tile's sums for the AVX2 and portable kernels (the AVX-512 kernel keeps its tile in
+/// registers and reads the bias and writes the output directly).
 type Acc = [[f32; 2 * NR]; MR_512];
 /// Rows per parallel task when splitting by rows.
 const ROW_BLOCK: usize = 48;
