@@ -26,6 +26,29 @@ pub mod observer;
 
 pub use int8::{ActParams, ActQuant, Int8Kernel, Int8Weights, QuantError};
 
+/// Runs `step(chain, t)` for every `t` in `0..steps`, step `t` on chain `t % C`, in increasing
+/// `t` within each chain. The wide x86 tiles keep `C` independent sets of accumulators this way,
+/// so that `C` times as many multiply-accumulates are in flight as one set's latency allows, and
+/// add the sets at the end.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+pub(crate) fn round_robin<A, const C: usize>(
+    chains: &mut [A; C],
+    steps: usize,
+    mut step: impl FnMut(&mut A, usize),
+) {
+    let mut t = 0;
+    while t + C <= steps {
+        for (j, chain) in chains.iter_mut().enumerate() {
+            step(chain, t + j);
+        }
+        t += C;
+    }
+    for (chain, tt) in chains.iter_mut().zip(t..steps) {
+        step(chain, tt);
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod test_util {
     /// Notes a kernel the CPU lacks. `KILN_REQUIRE_KERNELS` (comma-separated kernel names) turns

@@ -336,29 +336,11 @@ fn block(x: &[f32], rows: usize, w: &Bf16Weights, bias: &[f32], out: &mut [f32])
     let a_bits: Vec<u16>;
     match w.kernel {
         Bf16Kernel::Portable | Bf16Kernel::Avx2Fma => {
-            let mut a = vec![0.0f32; padded_rows * lda];
-            for r in 0..rows {
-                for (o, &v) in a[r * lda..r * lda + k]
-                    .iter_mut()
-                    .zip(&x[r * k..(r + 1) * k])
-                {
-                    *o = round_to_bf16(v);
-                }
-            }
-            a_f32 = a;
+            a_f32 = padded_rows_of(x, rows, k, padded_rows * lda, lda, round_to_bf16);
             a_bits = Vec::new();
         }
         Bf16Kernel::Avx512Bf16 => {
-            let mut a = vec![0u16; padded_rows * lda];
-            for r in 0..rows {
-                for (o, &v) in a[r * lda..r * lda + k]
-                    .iter_mut()
-                    .zip(&x[r * k..(r + 1) * k])
-                {
-                    *o = to_bf16(v);
-                }
-            }
-            a_bits = a;
+            a_bits = padded_rows_of(x, rows, k, padded_rows * lda, lda, to_bf16);
             a_f32 = Vec::new();
         }
         Bf16Kernel::Bfdot | Bf16Kernel::Bfmmla => {
@@ -424,6 +406,28 @@ fn block(x: &[f32], rows: usize, w: &Bf16Weights, bias: &[f32], out: &mut [f32])
         }
     }
     let _ = (&a_f32, &a_bits);
+}
+
+/// `rows` rows of `k` values of `x`, each converted by `convert`, row-major with rows `lda`
+/// apart in a zero-filled buffer of `len` (the padding past `k` and past `rows` stays zero).
+fn padded_rows_of<T: Copy + Default>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    len: usize,
+    lda: usize,
+    convert: impl Fn(f32) -> T,
+) -> Vec<T> {
+    let mut a = vec![T::default(); len];
+    for r in 0..rows {
+        for (o, &v) in a[r * lda..r * lda + k]
+            .iter_mut()
+            .zip(&x[r * k..(r + 1) * k])
+        {
+            *o = convert(v);
+        }
+    }
+    a
 }
 
 /// The portable tile on the k-pair layout: f32 products of bf16 values, f32 sums.

@@ -77,16 +77,7 @@ fn avx512bf16_body(a: &[u16], lda: usize, b: &[u16], bias: &[f32], out: &mut Til
             }
         }
     };
-    let mut t = 0;
-    while t + CHAINS <= pairs {
-        for (j, c) in acc.iter_mut().enumerate() {
-            pair(c, t + j);
-        }
-        t += CHAINS;
-    }
-    for (j, tt) in (t..pairs).enumerate() {
-        pair(&mut acc[j], tt);
-    }
+    crate::round_robin(&mut acc, pairs, pair);
     for (r, o) in out.iter_mut().enumerate() {
         // SAFETY: `bias` and `o` hold 16 f32 (asserted / by type).
         unsafe {

@@ -138,16 +138,7 @@ fn avx512vnni_body(a: &[u8], lda: usize, b: &[i8], ep: &Epilogue<'_>, out: &mut 
             }
         }
     };
-    let mut t = 0;
-    while t + CHAINS <= quads {
-        for (j, c) in acc.iter_mut().enumerate() {
-            quad(c, t + j);
-        }
-        t += CHAINS;
-    }
-    for (j, tt) in (t..quads).enumerate() {
-        quad(&mut acc[j], tt);
-    }
+    crate::round_robin(&mut acc, quads, quad);
     let mut c = acc[0];
     for other in &acc[1..] {
         for (cr, o) in c.iter_mut().zip(other) {
