@@ -23,6 +23,7 @@
 mod error;
 pub mod flash;
 mod gemm;
+mod gpu_select;
 mod half_inputs;
 pub mod math;
 pub mod mem_efficient;
@@ -35,6 +36,9 @@ mod task;
 mod tiled;
 
 pub use error::SdpaError;
+pub use gpu_select::{
+    GPU_FLASH_MAX_HEAD_DIM, GPU_FLASH_MIN_WORKGROUP_BYTES, GpuCaps, gpu_unsupported, select_gpu,
+};
 pub use half_inputs::{
     HalfElement, scaled_dot_product_attention_half, scaled_dot_product_attention_varlen_half,
 };
