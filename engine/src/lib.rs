@@ -22,8 +22,10 @@
 //!
 //! Two backends implement the seam: kiln's own CPU kernels ([`backend::CpuBackend`]: direct
 //! `gemm` calls into owned buffers, the attention crate's kernels) and burn-tensor on a burn
-//! device ([`backend::BurnBackend`]: burn-flex now, wgpu with the same code later). They are
-//! tested against each other op by op, and both against the PyTorch fixtures.
+//! device ([`backend::BurnBackend`]: burn-flex, or a GPU through wgpu with the same code when
+//! built with the `wgpu` feature; [`gpu`] lists adapters and [`device`] resolves `--device auto`).
+//! They are tested against each other op by op on every device the machine has, and all against
+//! the PyTorch fixtures.
 //!
 //! Why our own CPU backend beside burn's: measured here, burn-flex's matmul allocates and
 //! zero-fills its output on every call (15–35% slower than calling `gemm` into a preallocated
@@ -37,6 +39,7 @@ pub mod compile;
 pub mod device;
 pub mod error;
 pub mod exec;
+pub mod gpu;
 pub mod ir;
 pub mod kernels;
 pub mod kv;
@@ -45,7 +48,7 @@ pub mod storage;
 pub mod tensor;
 
 pub use caps::CpuCaps;
-pub use device::{DeviceKind, prepare};
+pub use device::{DeviceChoice, DeviceKind, prepare};
 pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};

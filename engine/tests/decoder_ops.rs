@@ -27,7 +27,7 @@ fn check(
     feeds: &[(String, HostTensor)],
     want: &[f32],
 ) {
-    for device in DeviceKind::ALL {
+    for device in common::devices() {
         let mut g = GraphBuilder::new();
         let out = build(&mut g);
         let plan = prepare(

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use kiln_engine::compile::CompileOptions;
 use kiln_engine::ir::PoolMode;
-use kiln_engine::{DeviceKind, ExecOptions, HostTensor, Runnable};
+use kiln_engine::{DeviceChoice, DeviceKind, ExecOptions, HostTensor, Quantize, Runnable};
 
 pub use config::{Architecture, BertConfig};
 pub use error::{ModelError, Result};
@@ -44,7 +44,8 @@ pub use plan::{CacheOutcome, PlanInfo};
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
-    pub device: DeviceKind,
+    /// `auto` (the default), or a fixed device; resolved once per load ([`DevicePlacement`]).
+    pub device: DeviceChoice,
     pub exec: ExecOptions,
     /// Most sequences run through the engine at once; larger requests are split (sorted by
     /// length first, so each sub-batch pads little).
@@ -66,7 +67,7 @@ pub struct LoadOptions {
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
-            device: DeviceKind::default(),
+            device: DeviceChoice::default(),
             exec: ExecOptions::default(),
             max_batch_sequences: 32,
             max_seq_length: None,
@@ -76,6 +77,51 @@ impl Default for LoadOptions {
             quantize_scales: None,
         }
     }
+}
+
+impl LoadOptions {
+    /// The device the plan is built for. The loaders resolve `auto` first
+    /// ([`resolve_device`]), so `Auto` here only reaches a caller that skipped them: the CPU.
+    pub(crate) fn device_kind(&self) -> DeviceKind {
+        match self.device {
+            DeviceChoice::Fixed(d) => d,
+            DeviceChoice::Auto => DeviceKind::Cpu,
+        }
+    }
+}
+
+/// Where a model runs and why: the resolved `--device`, for logs and `/info`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePlacement {
+    pub device: DeviceKind,
+    /// `configured`, or what `auto` saw (e.g. "auto: CPU, because … is a cpu adapter, not a GPU").
+    pub reason: String,
+    /// The GPU adapter, when `device` is one.
+    pub adapter: Option<kiln_engine::gpu::Adapter>,
+}
+
+/// Resolves `opts.device` (see [`DeviceChoice::resolve`]) and logs the answer; the returned
+/// options name the device. GPU autotune results go to the plan cache's folder, so they are
+/// kept and reused like compiled plans.
+pub(crate) fn resolve_device(opts: &LoadOptions) -> Result<(LoadOptions, DevicePlacement)> {
+    if let Some(dir) = &opts.cache_dir {
+        kiln_engine::gpu::set_tuning_cache_dir(&dir.join("wgpu-tuning"));
+    }
+    let quant = &opts.exec.quant;
+    let gpu_capable =
+        quant.quantize == Quantize::None && quant.math_mode == kiln_engine::MathMode::Precise;
+    let (device, reason) = opts.device.resolve(gpu_capable)?;
+    let placement = DevicePlacement {
+        device,
+        adapter: kiln_engine::device::adapter_of(device).cloned(),
+        reason,
+    };
+    tracing::info!(requested = %opts.device, device = %device, reason = %placement.reason, "device");
+    let resolved = LoadOptions {
+        device: device.into(),
+        ..opts.clone()
+    };
+    Ok((resolved, placement))
 }
 
 /// What the model computes.
@@ -97,6 +143,8 @@ pub struct ModelInfo {
     /// Longest input in tokens (special tokens included); longer inputs are truncated or refused.
     pub max_input_tokens: usize,
     pub device: String,
+    /// The resolved device, why, and the GPU adapter if any.
+    pub placement: DevicePlacement,
     pub load_time: Duration,
     /// Time spent parsing `tokenizer.json` (part of every load, cached plan or not).
     pub tokenizer_time: Duration,
@@ -215,6 +263,8 @@ impl EncoderModel {
         calibrating: bool,
     ) -> Result<(Self, Vec<(String, String)>)> {
         let started = Instant::now();
+        let (opts, placement) = resolve_device(opts)?;
+        let opts = &opts;
         if !dir.is_dir() {
             return Err(ModelError::io(
                 dir,
@@ -343,6 +393,7 @@ impl EncoderModel {
             num_layers: cfg.num_hidden_layers,
             max_input_tokens: max_len,
             device: plan.backend_name(),
+            placement,
             load_time: started.elapsed(),
             tokenizer_time,
             plan: plan_info,

@@ -170,7 +170,7 @@ fn build_and_compile(
     let build_time = building.elapsed();
     let compiling = Instant::now();
     let compiled =
-        kiln_engine::device::compile(graph, opts.device, &opts.compile, opts.exec.clone())?;
+        kiln_engine::device::compile(graph, opts.device_kind(), &opts.compile, opts.exec.clone())?;
     let info = PlanInfo {
         cache: outcome,
         key: None,
@@ -186,13 +186,17 @@ fn build_and_compile(
 }
 
 fn prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
-    Ok(kiln_engine::prepare(graph, opts.device, opts.exec.clone())?)
+    Ok(kiln_engine::prepare(
+        graph,
+        opts.device_kind(),
+        opts.exec.clone(),
+    )?)
 }
 
 fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>) -> KeyMaterial {
     let opts = inputs.load;
     let mut options = inputs.options.clone();
-    options.insert("device".into(), opts.device.to_string());
+    options.insert("device".into(), opts.device_kind().to_string());
     options.insert("passes".into(), opts.compile.describe());
     // The resolved quantization options: mode, math mode, the layer filter and the calibrated
     // scales themselves (a new calibration file gives a new key).
@@ -220,7 +224,9 @@ fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>)
         entry_format: kiln_engine::cache::entry::FORMAT_VERSION,
         model_files,
         options,
-        device: kiln_engine::device::device_facts(opts.device),
+        // The loaders opened the device before planning, so its facts are at hand; a device that
+        // could not report them fails at `prepare` right after this.
+        device: kiln_engine::device::device_facts(opts.device_kind()).unwrap_or_default(),
     }
 }
 

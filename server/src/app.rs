@@ -143,6 +143,7 @@ impl AppState {
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
         let plan = &model.info().plan;
         let m = self.metrics();
+        m.set_device(&model.info().placement);
         m.plan_compile_seconds.set(plan.compile_time.as_secs_f64());
         m.plan_cache_load_seconds
             .set(plan.cache_load_time.as_secs_f64());
@@ -184,6 +185,7 @@ impl AppState {
         let model = Arc::new(
             kiln_models::CausalLm::load(&c.model_dir, opts, template).map_err(|e| e.to_string())?,
         );
+        self.metrics().set_device(&model.info().placement);
         warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let service =
             GenerationService::start(model, self.inner.config.clone(), self.metrics().clone())?;

@@ -12,7 +12,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use kiln_engine::compile::CompileOptions;
-use kiln_engine::{DeviceKind, LayerFilter, MathMode, QuantOptions, Quantize, SdpaKernelChoice};
+use kiln_engine::{DeviceChoice, LayerFilter, MathMode, QuantOptions, Quantize, SdpaKernelChoice};
 use kiln_models::BatchLayout;
 use serde::Deserialize;
 
@@ -141,7 +141,7 @@ impl RawServeConfig {
             config.model_id = id;
         }
         if let Some(d) = self.device {
-            config.device = DeviceKind::from_str(&d).map_err(|e| format!("--device: {e}"))?;
+            config.device = DeviceChoice::from_str(&d).map_err(|e| format!("--device: {e}"))?;
         }
         if let Some(k) = self.sdpa_kernel {
             config.sdpa_kernel = parse_sdpa(&k).map_err(|e| format!("--sdpa-kernel: {e}"))?;
@@ -230,7 +230,7 @@ pub struct ServeConfig {
     pub model_dir: PathBuf,
     /// The name clients see in `/v1/models`, `/v2/models/{name}`, responses and `/info`.
     pub model_id: String,
-    pub device: DeviceKind,
+    pub device: DeviceChoice,
     pub sdpa_kernel: SdpaKernelChoice,
     /// Packed (padding-free, varlen attention) or padded engine batches.
     pub batch_layout: BatchLayout,
@@ -374,7 +374,7 @@ impl ServeConfig {
         Self {
             model_dir,
             model_id,
-            device: DeviceKind::Cpu,
+            device: DeviceChoice::Auto,
             sdpa_kernel: SdpaKernelChoice::Auto,
             batch_layout: BatchLayout::Packed,
             quant: QuantOptions::default(),

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
 use kiln_engine::compile::CompileOptions;
-use kiln_engine::{DeviceKind, SdpaKernelChoice};
+use kiln_engine::{DeviceChoice, SdpaKernelChoice};
 use kiln_models::{BatchLayout, EmbedOptions, Encoded, EncoderModel, LoadOptions, TextInput};
 use kiln_server::{AppState, RawServeConfig, ServeConfig, app, grpc};
 
@@ -55,6 +55,9 @@ enum Command {
     /// Calibrate static int8 quantization on a set of texts and write the scales file that
     /// `--quantize int8-static` reads.
     Quantize(QuantizeArgs),
+    /// List the GPU adapters this kiln can use (`--device wgpu:N`), with their limits, and say
+    /// what `--device auto` would pick and why.
+    Devices,
 }
 
 #[derive(Subcommand)]
@@ -167,9 +170,11 @@ struct ModelArgs {
     /// Model folder in the Hugging Face layout.
     #[arg(long, env = "KILN_MODEL")]
     model: PathBuf,
-    /// Where to run: `cpu` (kiln's kernels) or `burn-flex` (burn's CPU backend).
-    #[arg(long, env = "KILN_DEVICE", default_value = "cpu")]
-    device: DeviceKind,
+    /// Where to run: `auto` (a GPU that passes a self-test, else the CPU), `cpu` (kiln's
+    /// kernels), `wgpu` / `wgpu:N` (a GPU adapter; `kiln devices` lists them) or `burn-flex`
+    /// (burn's CPU backend).
+    #[arg(long, env = "KILN_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
     /// Attention kernel: `auto` (the selector picks per input), `flash`, `mem_efficient` or
     /// `math`. A forced kernel that cannot run the model fails at load, naming the constraint.
     #[arg(long, env = "KILN_SDPA_KERNEL", default_value = "auto")]
@@ -242,7 +247,9 @@ struct ServeArgs {
     /// Model folder in the Hugging Face layout.
     #[arg(long, env = "KILN_MODEL")]
     model: Option<PathBuf>,
-    /// Where to run: `cpu` (kiln's kernels) or `burn-flex` (burn's CPU backend). [default: cpu]
+    /// Where to run: `auto` (a GPU that passes a self-test, else the CPU), `cpu` (kiln's
+    /// kernels), `wgpu` / `wgpu:N` (a GPU adapter; `kiln devices` lists them) or `burn-flex`
+    /// (burn's CPU backend). [default: auto]
     #[arg(long, env = "KILN_DEVICE")]
     device: Option<String>,
     /// Attention kernel: `auto` (the selector picks per input), `flash`, `mem_efficient` or
@@ -519,6 +526,7 @@ fn main() -> Result<()> {
         Command::BenchGenerate(args) => bench_generate(args),
         Command::Health(args) => health(args),
         Command::Quantize(args) => quantize(args),
+        Command::Devices => devices(),
     }
 }
 
@@ -641,6 +649,32 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
             .collect();
         println!("| {mode} | {} |", cells.join(" | "));
     }
+    Ok(())
+}
+
+fn devices() -> Result<()> {
+    println!("cpu: {}", kiln_engine::CpuCaps::detect());
+    if !kiln_engine::gpu::compiled() {
+        println!("wgpu: not compiled in (build with `--features wgpu`)");
+    }
+    for a in kiln_engine::gpu::adapters() {
+        let l = &a.limits;
+        println!(
+            "wgpu:{}: {}\n  shader_f16 {}, max buffer {} MiB, max storage binding {} MiB, \
+             workgroup storage {} KiB, {} invocations per workgroup",
+            a.index,
+            a.describe(),
+            a.shader_f16,
+            l.max_buffer_bytes >> 20,
+            l.max_storage_buffer_binding_bytes >> 20,
+            l.max_workgroup_storage_bytes >> 10,
+            l.max_invocations_per_workgroup
+        );
+    }
+    let (device, reason) = kiln_engine::DeviceChoice::Auto
+        .resolve(true)
+        .map_err(|e| anyhow!("{e}"))?;
+    println!("auto -> {device}: {reason}");
     Ok(())
 }
 

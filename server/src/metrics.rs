@@ -68,6 +68,9 @@ pub struct Inner {
     pub kv_cache_blocks_used: IntGauge,
     pub kv_cache_blocks_total: IntGauge,
     pub kv_cache_usage: Gauge,
+    /// Always 1 once a model is loaded; the labels say where it runs (the GPU adapter's facts
+    /// when it is one).
+    pub device_info: prometheus::IntGaugeVec,
     pub generation_running: IntGauge,
     pub generation_waiting: IntGauge,
     /// Totals for the KServe statistics extension (not exported to Prometheus, which has the
@@ -212,6 +215,16 @@ impl Metrics {
                 "Share of the KV cache's blocks in use (0 to 1).",
             )
             .expect("valid gauge"),
+            device_info: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "kiln_device_info",
+                    "Always 1 once the model is loaded; the labels say where it runs: the device, \
+                     why (auto or configured), and the GPU adapter (name, graphics API, driver, \
+                     f16 support; empty on the CPU).",
+                ),
+                &["device", "choice", "adapter", "api", "driver", "shader_f16"],
+            )
+            .expect("valid gauge"),
             generation_running: IntGauge::new(
                 "kiln_generation_running_requests",
                 "Generation requests in the running batch.",
@@ -268,6 +281,7 @@ impl Metrics {
             Box::new(inner.kv_cache_blocks_used.clone()),
             Box::new(inner.kv_cache_blocks_total.clone()),
             Box::new(inner.kv_cache_usage.clone()),
+            Box::new(inner.device_info.clone()),
             Box::new(inner.generation_running.clone()),
             Box::new(inner.generation_waiting.clone()),
             Box::new(build_info),
@@ -287,6 +301,29 @@ impl Metrics {
         Self {
             inner: Arc::new(inner),
         }
+    }
+
+    /// Records where the model runs (`kiln_device_info`).
+    pub fn set_device(&self, placement: &kiln_models::DevicePlacement) {
+        let a = placement.adapter.as_ref();
+        let choice = if placement.reason.starts_with("auto") {
+            "auto"
+        } else {
+            "configured"
+        };
+        self.inner
+            .device_info
+            .with_label_values(&[
+                placement.device.to_string().as_str(),
+                choice,
+                a.map_or("", |a| a.name.as_str()),
+                a.map_or("", |a| a.api.as_str()),
+                a.map(|a| format!("{} {}", a.driver, a.driver_info))
+                    .unwrap_or_default()
+                    .trim(),
+                a.map_or("", |a| if a.shader_f16 { "true" } else { "false" }),
+            ])
+            .set(1);
     }
 
     pub fn render(&self) -> String {

@@ -180,31 +180,101 @@ pub fn single_label_classifier(out: &Path) -> PathBuf {
     out.to_path_buf()
 }
 
-/// Every way of running a model the fixture tests must hold for: each device, both batch
-/// layouts, and each attention kernel forced (`sdpa_kernel`), as `(label, options)`.
-pub fn engine_configurations() -> Vec<(String, kiln_models::LoadOptions)> {
+/// The wgpu adapters to test on (`wgpu:0`, `wgpu:1`, …). With `KILN_REQUIRE_WGPU=1` (CI, which
+/// installs Mesa's lavapipe) finding none is a failure, not a silently shorter test run.
+pub fn wgpu_devices() -> Vec<kiln_engine::DeviceKind> {
+    let gpus: Vec<_> = kiln_engine::DeviceKind::available()
+        .into_iter()
+        .filter(|d| d.is_gpu())
+        .collect();
+    let required = std::env::var("KILN_REQUIRE_WGPU").is_ok_and(|v| v == "1");
+    assert!(
+        !required || !gpus.is_empty(),
+        "KILN_REQUIRE_WGPU=1 but {}",
+        if kiln_engine::gpu::compiled() {
+            "no wgpu adapter was found (apt-get install mesa-vulkan-drivers libvulkan1)"
+        } else {
+            "this build lacks the `wgpu` feature (scripts/test.sh turns it on)"
+        }
+    );
+    gpus
+}
+
+/// Every device a test body must hold on: kiln's CPU kernels, burn-flex, each wgpu adapter.
+pub fn devices() -> Vec<kiln_engine::DeviceKind> {
+    let mut all = kiln_engine::DeviceKind::ALL.to_vec();
+    all.extend(wgpu_devices());
+    all
+}
+
+/// One test body on every device, as separate tests per device kind (so a failure names it):
+/// `test_device!(name, |device| { ... })` makes `name::cpu`, `name::burn_flex` and `name::wgpu`
+/// (every wgpu adapter in turn; it passes with a note when there is none, unless
+/// `KILN_REQUIRE_WGPU=1`).
+#[macro_export]
+macro_rules! test_device {
+    ($name:ident, |$device:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn run($device: kiln_engine::DeviceKind) $body
+
+            #[test]
+            fn cpu() {
+                run(kiln_engine::DeviceKind::Cpu)
+            }
+
+            #[test]
+            fn burn_flex() {
+                run(kiln_engine::DeviceKind::BurnFlex)
+            }
+
+            #[test]
+            fn wgpu() {
+                let gpus = $crate::wgpu_devices();
+                if gpus.is_empty() {
+                    eprintln!("no wgpu adapter in this build or on this machine: nothing to run");
+                }
+                for device in gpus {
+                    run(device)
+                }
+            }
+        }
+    };
+}
+
+/// Every way of running a model on `device` the fixture tests must hold for: both batch
+/// layouts, with the selector's attention kernel and each kernel the device offers forced
+/// (`sdpa_kernel`), as `(label, options)`. burn-flex runs forced kernels on host copies (the
+/// CPU's own), so it runs auto only.
+pub fn configurations_on(
+    device: kiln_engine::DeviceKind,
+) -> Vec<(String, kiln_models::LoadOptions)> {
     use kiln_engine::{DeviceKind, ExecOptions, SdpaKernel, SdpaKernelChoice};
     use kiln_models::{BatchLayout, LoadOptions};
-    let mut all = Vec::new();
-    let mut push = |device: DeviceKind, layout: BatchLayout, sdpa_kernel: SdpaKernelChoice| {
-        let label = format!("{device}/{layout:?}/sdpa={sdpa_kernel}");
-        let opts = LoadOptions {
-            device,
-            layout,
-            exec: ExecOptions {
-                sdpa_kernel,
-                ..ExecOptions::default()
-            },
-            ..LoadOptions::default()
-        };
-        all.push((label, opts));
+    let forced: Vec<SdpaKernel> = match device {
+        DeviceKind::Cpu => SdpaKernel::ALL.to_vec(),
+        DeviceKind::Wgpu(_) => vec![SdpaKernel::Math],
+        DeviceKind::BurnFlex => Vec::new(),
     };
+    let mut all = Vec::new();
     for layout in [BatchLayout::Packed, BatchLayout::Padded] {
-        push(DeviceKind::Cpu, layout, SdpaKernelChoice::Auto);
-        for kernel in SdpaKernel::ALL {
-            push(DeviceKind::Cpu, layout, SdpaKernelChoice::Force(kernel));
+        let choices = std::iter::once(SdpaKernelChoice::Auto)
+            .chain(forced.iter().map(|&k| SdpaKernelChoice::Force(k)));
+        for sdpa_kernel in choices {
+            let label = format!("{device}/{layout:?}/sdpa={sdpa_kernel}");
+            let opts = LoadOptions {
+                device: device.into(),
+                layout,
+                exec: ExecOptions {
+                    sdpa_kernel,
+                    ..ExecOptions::default()
+                },
+                ..LoadOptions::default()
+            };
+            all.push((label, opts));
         }
-        push(DeviceKind::BurnFlex, layout, SdpaKernelChoice::Auto);
     }
     all
 }

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -21,6 +21,8 @@ pub struct Server {
     pub addr: String,
     /// `http://127.0.0.1:PORT` of the gRPC port (for a tonic `Channel`).
     pub grpc_url: String,
+    /// Every line the server has written to stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 /// A response: status, headers that tests look at, and the body.
@@ -77,9 +79,12 @@ impl Server {
         // `listening ... address=127.0.0.1:PORT grpc=127.0.0.1:PORT`.
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[kiln] {line}");
+                kept.lock().unwrap().push(line.clone());
                 let field = |name: &str| {
                     line.split(name).nth(1).map(|rest| {
                         rest.chars()
@@ -97,11 +102,13 @@ impl Server {
             .expect("kiln did not report its address");
         let server = Server {
             child,
+            log,
             base: format!("http://{addr}"),
             addr,
             grpc_url: format!("http://{grpc_addr}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // Generous: a first start on a software GPU (lavapipe) autotunes its kernels.
+        let deadline = Instant::now() + Duration::from_secs(600);
         loop {
             match ureq::get(&server.url("/health")).call() {
                 Ok(r) if r.status() == 200 => break,
@@ -118,6 +125,11 @@ impl Server {
             std::thread::sleep(Duration::from_millis(100));
         }
         server
+    }
+
+    /// The server's log lines so far (stderr; `KILN_LOG=info`).
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {

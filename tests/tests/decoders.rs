@@ -24,11 +24,17 @@ fn dir(name: &str) -> PathBuf {
 /// Each device, and the cpu device with each attention kernel forced.
 fn configurations() -> Vec<(String, LoadOptions)> {
     let mut all = vec![
-        ("cpu/auto".to_string(), LoadOptions::default()),
+        (
+            "cpu/auto".to_string(),
+            LoadOptions {
+                device: DeviceKind::Cpu.into(),
+                ..LoadOptions::default()
+            },
+        ),
         (
             "burn-flex".to_string(),
             LoadOptions {
-                device: DeviceKind::BurnFlex,
+                device: DeviceKind::BurnFlex.into(),
                 ..LoadOptions::default()
             },
         ),
@@ -37,10 +43,20 @@ fn configurations() -> Vec<(String, LoadOptions)> {
         all.push((
             format!("cpu/{k}"),
             LoadOptions {
+                device: DeviceKind::Cpu.into(),
                 exec: ExecOptions {
                     sdpa_kernel: SdpaKernelChoice::Force(k),
                     ..Default::default()
                 },
+                ..LoadOptions::default()
+            },
+        ));
+    }
+    for gpu in kiln_tests::wgpu_devices() {
+        all.push((
+            format!("{gpu}/auto"),
+            LoadOptions {
+                device: gpu.into(),
                 ..LoadOptions::default()
             },
         ));

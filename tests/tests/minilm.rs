@@ -7,13 +7,11 @@ const TRUNCATE: EmbedOptions = EmbedOptions {
     truncate: true,
     normalize: None,
 };
-use kiln_tests::{
-    cosine, engine_configurations, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy,
-};
+use kiln_tests::{cosine, fixtures, max_abs_diff, minilm_dir, read_jsonl, read_npy};
 
 fn load(device: DeviceKind) -> EncoderModel {
     let opts = LoadOptions {
-        device,
+        device: device.into(),
         ..LoadOptions::default()
     };
     EncoderModel::load(&minilm_dir(), &opts).unwrap()
@@ -70,30 +68,31 @@ fn token_ids_match_including_truncation_at_256() {
     assert!(err.contains("at most 256"), "{err}");
 }
 
-#[test]
-fn normalized_embeddings_match_sentence_transformers_on_every_device() {
-    let (shape, want) = read_npy(&fixtures().join("minilm/embeddings_normalized.npy"));
-    let texts = texts();
-    assert_eq!(shape, vec![texts.len(), 384]);
-    for (device, opts) in engine_configurations() {
-        let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
-        let got = model.embed(&texts, TRUNCATE).unwrap().vectors;
-        for (i, g) in got.iter().enumerate() {
-            let w = &want[i * 384..(i + 1) * 384];
-            let cos = cosine(g, w);
-            let err = max_abs_diff(g, w);
-            assert!(cos >= 0.99999, "{device}: text {i} cosine {cos}");
-            assert!(err <= 1e-4, "{device}: text {i} max abs error {err}");
+kiln_tests::test_device!(
+    normalized_embeddings_match_sentence_transformers_on_every_device,
+    |device| {
+        let (shape, want) = read_npy(&fixtures().join("minilm/embeddings_normalized.npy"));
+        let texts = texts();
+        assert_eq!(shape, vec![texts.len(), 384]);
+        for (config, opts) in kiln_tests::configurations_on(device) {
+            let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
+            let got = model.embed(&texts, TRUNCATE).unwrap().vectors;
+            for (i, g) in got.iter().enumerate() {
+                let w = &want[i * 384..(i + 1) * 384];
+                let cos = cosine(g, w);
+                let err = max_abs_diff(g, w);
+                assert!(cos >= 0.99999, "{config}: text {i} cosine {cos}");
+                assert!(err <= 1e-4, "{config}: text {i} max abs error {err}");
+            }
         }
     }
-}
+);
 
-#[test]
-fn last_hidden_states_of_first_8_texts_match() {
+kiln_tests::test_device!(last_hidden_states_of_first_8_texts_match, |device| {
     let (shape, want) = read_npy(&fixtures().join("minilm/last_hidden_state_first8.npy"));
     let (_, lengths) = read_npy(&fixtures().join("minilm/last_hidden_state_first8_lengths.npy"));
     let (seq, h) = (shape[1], shape[2]);
-    for (config, opts) in engine_configurations() {
+    for (config, opts) in kiln_tests::configurations_on(device) {
         let model = EncoderModel::load(&minilm_dir(), &opts).unwrap();
         let inputs: Vec<TextInput> = texts().into_iter().take(8).map(TextInput::Single).collect();
         let encoded = model.tokenize(&inputs, true).unwrap();
@@ -128,7 +127,7 @@ fn last_hidden_states_of_first_8_texts_match() {
             );
         }
     }
-}
+});
 
 /// Packed (the default): a text's embedding is bit-for-bit the same alone and in a batch of any
 /// mix of lengths (each sequence gets the attention kernel for its own length, and no padding

@@ -198,7 +198,7 @@ fn layer_filter_keeps_denied_layers_in_f32_and_other_devices_refuse() {
         assert_eq!(c.format.name() == "f32", kept, "{}: {}", c.label, c.format);
     }
     let burn = LoadOptions {
-        device: DeviceKind::BurnFlex,
+        device: DeviceKind::BurnFlex.into(),
         ..options(Quantize::Int8Dynamic, MathMode::Precise, &minilm_dir())
     };
     let err = EncoderModel::load(&minilm_dir(), &burn)

@@ -1,7 +1,9 @@
 //! Every op through burn-tensor on a burn `Device`.
 //!
-//! This is the device-agnostic path: burn-flex on the CPU now, and the same code runs on a wgpu
-//! device once that feature is built. Float tensors are held as rank-4 burn tensors padded with
+//! This is the device-agnostic path: burn-flex on the CPU, and the same code on a wgpu adapter
+//! (built with the `wgpu` feature; see [`crate::gpu`]). On a GPU, attention asks the GPU selector
+//! ([`kiln_attention::select_gpu`]) for flash (burn's fused attention) or math (burn ops
+//! composed here), and the adapter's facts key the plan cache. Float tensors are held as rank-4 burn tensors padded with
 //! leading 1s (burn's rank is a const generic; one rank keeps this file free of rank dispatch),
 //! and the logical rank travels beside them. Shapes are validated by the graph before any burn
 //! call, because burn panics on a bad shape.
@@ -16,6 +18,7 @@ use super::{Backend, CpuBackend, KvStore, SdpaMaskArg, cumulative};
 use crate::caps::CpuCaps;
 use crate::compile::CompileTarget;
 use crate::error::{EngineError, Result};
+use crate::gpu;
 use crate::ir::{Activation, ConstRole, DType, PoolMode};
 use crate::kv::{KvCacheSpec, PagedBatch};
 use crate::storage::{ElemType, StoredTensor, WeightFormat};
@@ -57,6 +60,8 @@ fn logical(t: &Tensor<4>, rank: usize) -> Vec<usize> {
 pub struct BurnBackend {
     device: Device,
     label: String,
+    /// The wgpu adapter when this backend runs on a GPU (`None` on burn-flex).
+    adapter: Option<&'static gpu::Adapter>,
 }
 
 impl std::fmt::Debug for BurnBackend {
@@ -71,7 +76,72 @@ impl BurnBackend {
         Self {
             device: Device::flex(),
             label: "burn-flex".into(),
+            adapter: None,
         }
+    }
+
+    /// The wgpu adapter `wgpu:index` ([`gpu::adapters`]), opened once per process. An error if
+    /// this build lacks wgpu or the machine lacks the adapter.
+    pub fn wgpu(index: usize) -> Result<Self> {
+        let adapter = gpu::adapter(index)?;
+        Ok(Self {
+            device: gpu::open(adapter)?,
+            label: format!("wgpu:{index}"),
+            adapter: Some(adapter),
+        })
+    }
+
+    /// The GPU adapter this backend runs on, if any.
+    pub fn adapter(&self) -> Option<&'static gpu::Adapter> {
+        self.adapter
+    }
+
+    /// A GEMM and a softmax on the device, compared with the host: what `auto` runs before it
+    /// trusts a GPU. A driver that panics inside burn counts as a failure, not a crash.
+    pub fn self_test(&self) -> Result<()> {
+        let (m, k, n) = (24usize, 40usize, 32usize);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 16.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 19) as f32 - 9.0) / 16.0)
+            .collect();
+        let device = self.device.clone();
+        let (a2, b2) = (a.clone(), b.clone());
+        let run = move || -> std::result::Result<Vec<f32>, String> {
+            let ta = Tensor::<2>::from_data(TensorData::new(a2, [m, k]), &device);
+            let tb = Tensor::<2>::from_data(TensorData::new(b2, [k, n]), &device);
+            activation::softmax(ta.matmul(tb), 1)
+                .into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .map_err(|e| format!("{e:?}"))
+        };
+        let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+            .map_err(|_| self.err("self-test: the device panicked"))?
+            .map_err(|e| self.err(format!("self-test: reading back failed: {e}")))?;
+        let mut worst = 0.0f64;
+        for r in 0..m {
+            let row: Vec<f64> = (0..n)
+                .map(|c| {
+                    (0..k)
+                        .map(|i| f64::from(a[r * k + i]) * f64::from(b[i * n + c]))
+                        .sum()
+                })
+                .collect();
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = row.iter().map(|x| (x - max).exp()).sum();
+            for c in 0..n {
+                let want = (row[c] - max).exp() / sum;
+                worst = worst.max((f64::from(got[r * n + c]) - want).abs());
+            }
+        }
+        if got.len() != m * n || !worst.is_finite() || worst > 1e-4 {
+            return Err(self.err(format!(
+                "self-test: GEMM + softmax differ from the host by {worst:e} (limit 1e-4)"
+            )));
+        }
+        Ok(())
     }
 
     fn err(&self, reason: impl Into<String>) -> EngineError {
@@ -135,6 +205,41 @@ impl BurnBackend {
         })
     }
 
+    /// The attention selector's view of an `sdpa` call (shapes from the tensors, the mask kind
+    /// from the argument).
+    fn sdpa_problem(
+        &self,
+        q: &BurnTensor,
+        k: &BurnTensor,
+        mask: &SdpaMaskArg<BurnTensor>,
+    ) -> Result<kiln_attention::ProblemSummary> {
+        use kiln_attention::{MaskKind, ProblemSummary, SdpaShape};
+        let (BurnTensor::Float { t: q, .. }, BurnTensor::Float { t: k, .. }) = (q, k) else {
+            return Err(self.err("sdpa: q and k must be float tensors"));
+        };
+        let [batch, q_heads, q_len, head_dim] = q.dims();
+        let [_, kv_heads, kv_len, _] = k.dims();
+        let (mask, varlen) = match mask {
+            SdpaMaskArg::None => (MaskKind::None, false),
+            SdpaMaskArg::KeyPadding(_) => (MaskKind::KeyPadding, false),
+            SdpaMaskArg::Causal => (MaskKind::CausalTopLeft, false),
+            SdpaMaskArg::Varlen(_) => (MaskKind::None, true),
+            SdpaMaskArg::VarlenCausal(_) => (MaskKind::CausalTopLeft, true),
+        };
+        Ok(ProblemSummary {
+            shape: SdpaShape {
+                batch,
+                q_heads,
+                kv_heads,
+                q_len,
+                kv_len,
+                head_dim,
+            },
+            mask,
+            varlen,
+        })
+    }
+
     fn vec1(&self, t: BurnTensor, what: &str) -> Result<Tensor<1>> {
         let (t, _) = self.float(t, what)?;
         let n = t.dims()[3];
@@ -162,7 +267,12 @@ impl Backend for BurnBackend {
     }
 
     fn device_facts(&self) -> Vec<(String, String)> {
-        // burn-flex runs on this CPU; a wgpu device adds its adapter's facts here.
+        if let Some(adapter) = self.adapter {
+            let mut facts = vec![("backend".into(), "wgpu".to_string())];
+            facts.extend(adapter.facts());
+            return facts;
+        }
+        // burn-flex runs on this CPU.
         let caps = CpuCaps::detect();
         vec![
             ("backend".into(), self.name()),
@@ -320,6 +430,10 @@ impl Backend for BurnBackend {
         problem: &kiln_attention::ProblemSummary,
         choice: KernelChoice,
     ) -> Result<(&'static str, String)> {
+        if let Some(adapter) = self.adapter {
+            let s = kiln_attention::select_gpu(problem, &adapter.sdpa_caps(), choice)?;
+            return Ok((GpuAttention::from(s.kernel).name(), s.reason));
+        }
         match choice {
             KernelChoice::Auto => Ok((
                 "burn",
@@ -342,22 +456,31 @@ impl Backend for BurnBackend {
         scale: Option<f32>,
         kernel: KernelChoice,
     ) -> Result<(BurnTensor, &'static str)> {
-        if let KernelChoice::Force(_) = kernel {
-            // burn has one attention path; forcing one of kiln's kernels runs that kernel on
-            // host copies, so the override means the same thing on every backend.
-            let cpu = CpuBackend::default();
-            let host =
-                |t: BurnTensor| -> Result<_> { cpu.upload(&self.download(t)?, ConstRole::Other) };
-            let mask = match mask {
-                SdpaMaskArg::KeyPadding(m) => SdpaMaskArg::KeyPadding(host(m)?),
-                SdpaMaskArg::None => SdpaMaskArg::None,
-                SdpaMaskArg::Causal => SdpaMaskArg::Causal,
-                SdpaMaskArg::Varlen(m) => SdpaMaskArg::Varlen(host(m)?),
-                SdpaMaskArg::VarlenCausal(m) => SdpaMaskArg::VarlenCausal(host(m)?),
-            };
-            let (out, ran) = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
-            return Ok((self.upload(&cpu.download(out)?, ConstRole::Other)?, ran));
-        }
+        let how = match (self.adapter, kernel) {
+            (Some(adapter), choice) => {
+                let problem = self.sdpa_problem(&q, &k, &mask)?;
+                let s = kiln_attention::select_gpu(&problem, &adapter.sdpa_caps(), choice)?;
+                GpuAttention::from(s.kernel)
+            }
+            (None, KernelChoice::Auto) => GpuAttention::Fused,
+            (None, KernelChoice::Force(_)) => {
+                // burn-flex has one attention path; forcing one of kiln's kernels runs that
+                // kernel on host copies, so the override means the same thing on every backend.
+                let cpu = CpuBackend::default();
+                let host = |t: BurnTensor| -> Result<_> {
+                    cpu.upload(&self.download(t)?, ConstRole::Other)
+                };
+                let mask = match mask {
+                    SdpaMaskArg::KeyPadding(m) => SdpaMaskArg::KeyPadding(host(m)?),
+                    SdpaMaskArg::None => SdpaMaskArg::None,
+                    SdpaMaskArg::Causal => SdpaMaskArg::Causal,
+                    SdpaMaskArg::Varlen(m) => SdpaMaskArg::Varlen(host(m)?),
+                    SdpaMaskArg::VarlenCausal(m) => SdpaMaskArg::VarlenCausal(host(m)?),
+                };
+                let (out, ran) = cpu.sdpa(host(q)?, host(k)?, host(v)?, mask, scale, kernel)?;
+                return Ok((self.upload(&cpu.download(out)?, ConstRole::Other)?, ran));
+            }
+        };
         let (q, _) = self.float(q, "q")?;
         let (mut k, _) = self.float(k, "k")?;
         let (mut v, _) = self.float(v, "v")?;
@@ -374,16 +497,12 @@ impl Backend for BurnBackend {
             k = rep(k);
             v = rep(v);
         }
-        let mut options = AttentionModuleOptions {
-            scale: scale.map(f64::from),
-            softcap: None,
-            is_causal: false,
-        };
+        let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+        let attend = |q, k, v, mask, causal| how.run(q, k, v, mask, causal, scale);
         let causal_varlen = matches!(mask, SdpaMaskArg::VarlenCausal(_));
-        let bool_mask: Option<Tensor<4, Bool>> = match mask {
+        let t = match mask {
             SdpaMaskArg::Varlen(lengths) | SdpaMaskArg::VarlenCausal(lengths) => {
                 // One attention call per sequence slice of the packed tokens.
-                options.is_causal = causal_varlen;
                 let cu = self.lengths(lengths)?;
                 if b != 1 || cu.last() != Some(&sq) {
                     return Err(self.err("sdpa: sequence lengths do not tile the packed batch"));
@@ -392,17 +511,13 @@ impl Backend for BurnBackend {
                     .windows(2)
                     .map(|w| {
                         let r = |t: &Tensor<4>| t.clone().slice([0..1, 0..hq, w[0]..w[1], 0..d]);
-                        module::attention(r(&q), r(&k), r(&v), None, None, options)
+                        attend(r(&q), r(&k), r(&v), None, causal_varlen)
                     })
                     .collect();
-                let t = Tensor::cat(parts, 2);
-                return Ok((BurnTensor::Float { t, rank: 4 }, "burn"));
+                Tensor::cat(parts, 2)
             }
-            SdpaMaskArg::None => None,
-            SdpaMaskArg::Causal => {
-                options.is_causal = true;
-                None
-            }
+            SdpaMaskArg::None => attend(q, k, v, None, false),
+            SdpaMaskArg::Causal => attend(q, k, v, None, true),
             SdpaMaskArg::KeyPadding(m) => {
                 let (m, _) = self.int(m, "key-padding mask")?;
                 // burn: `true` = masked out, the opposite of PyTorch and kiln.
@@ -410,11 +525,10 @@ impl Backend for BurnBackend {
                     .equal_elem(0)
                     .reshape([b, 1, 1, sk])
                     .expand([b, hq, sq, sk]);
-                Some(masked)
+                attend(q, k, v, Some(masked), false)
             }
         };
-        let t = module::attention(q, k, v, bool_mask, None, options);
-        Ok((BurnTensor::Float { t, rank: 4 }, "burn"))
+        Ok((BurnTensor::Float { t, rank: 4 }, how.name()))
     }
 
     fn pool(&self, x: BurnTensor, mask: BurnTensor, mode: PoolMode) -> Result<BurnTensor> {
@@ -675,6 +789,96 @@ impl Backend for BurnBackend {
             },
             "burn",
         ))
+    }
+}
+
+/// How [`BurnBackend::sdpa`] computes attention on one (sequence slice of a) batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GpuAttention {
+    /// burn's fused attention (`module::attention`): flash kernels on a CubeCL device, burn's
+    /// own tiled path on flex.
+    Fused,
+    /// Scores materialised with burn ops: `softmax(mask(Q·Kᵀ·scale))·V`.
+    Math,
+}
+
+impl From<kiln_attention::Kernel> for GpuAttention {
+    fn from(k: kiln_attention::Kernel) -> Self {
+        match k {
+            kiln_attention::Kernel::Flash => GpuAttention::Fused,
+            // The GPU selector never returns mem_efficient (it refuses it).
+            _ => GpuAttention::Math,
+        }
+    }
+}
+
+impl GpuAttention {
+    /// The kernel name logs and the per-kernel metric report.
+    fn name(self) -> &'static str {
+        match self {
+            GpuAttention::Fused => "burn-flash",
+            GpuAttention::Math => "burn-math",
+        }
+    }
+
+    /// `q`, `k`, `v` are `[b, h, s, d]` with equal head counts; `masked` is burn's convention
+    /// (`true` = masked out); `causal` is top-left.
+    fn run(
+        self,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        masked: Option<Tensor<4, Bool>>,
+        causal: bool,
+        scale: f32,
+    ) -> Tensor<4> {
+        let [b, h, sq, d] = q.dims();
+        let sk = k.dims()[2];
+        match self {
+            GpuAttention::Fused => {
+                // A custom scale forces burn's unfused path: fold it into Q and let burn apply
+                // its default 1/sqrt(d).
+                let default = 1.0 / (d as f32).sqrt();
+                let q = if (scale - default).abs() > f32::EPSILON * default {
+                    q.mul_scalar(scale / default)
+                } else {
+                    q
+                };
+                // burn's `is_causal` aligns the diagonal bottom-right when `q_len != kv_len`
+                // (measured: the top-left fixture is off by 2.2); kiln's `Causal` is top-left,
+                // so a rectangular causal mask goes in as an explicit mask.
+                let (masked, is_causal) = if causal && sq != sk {
+                    let above = Tensor::<2, Bool>::tril_mask([sq, sk], 0, &q.device())
+                        .reshape([1, 1, sq, sk])
+                        .expand([b, h, sq, sk]);
+                    (
+                        Some(masked.map_or(above.clone(), |m| m.bool_or(above))),
+                        false,
+                    )
+                } else {
+                    (masked, causal)
+                };
+                let options = AttentionModuleOptions {
+                    scale: None,
+                    softcap: None,
+                    is_causal,
+                };
+                module::attention(q, k, v, masked, None, options)
+            }
+            GpuAttention::Math => {
+                let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
+                if causal {
+                    let above = Tensor::<2, Bool>::tril_mask([sq, sk], 0, &scores.device())
+                        .reshape([1, 1, sq, sk])
+                        .expand([b, h, sq, sk]);
+                    scores = scores.mask_fill(above, f32::NEG_INFINITY);
+                }
+                if let Some(m) = masked {
+                    scores = scores.mask_fill(m, f32::NEG_INFINITY);
+                }
+                activation::softmax(scores, 3).matmul(v)
+            }
+        }
     }
 }
 

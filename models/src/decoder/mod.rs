@@ -34,6 +34,8 @@ pub struct DecoderInfo {
     /// Longest context (prompt + generated tokens).
     pub max_context: usize,
     pub device: String,
+    /// The resolved device, why, and the GPU adapter if any.
+    pub placement: crate::DevicePlacement,
     pub load_time: Duration,
 }
 
@@ -72,6 +74,8 @@ impl CausalLm {
     /// (a Jinja file's text).
     pub fn load(dir: &Path, opts: &LoadOptions, chat_template: Option<String>) -> Result<Self> {
         let started = Instant::now();
+        let (opts, placement) = crate::resolve_device(opts)?;
+        let opts = &opts;
         let config_path = require(dir, "config.json")?;
         let config = DecoderConfig::load(&config_path)?;
         let defaults = GenerationDefaults::load(dir)?;
@@ -85,7 +89,7 @@ impl CausalLm {
         let chat = chat::ChatTemplate::load(dir, chat_template)?;
         let weights = shards::Weights::open(dir)?;
         let graph = graph::build(&config, &weights, GraphMode::Paged)?;
-        let plan = kiln_engine::prepare(graph, opts.device, opts.exec.clone())?;
+        let plan = kiln_engine::prepare(graph, opts.device_kind(), opts.exec.clone())?;
         for seq in [
             16.min(config.max_position_embeddings),
             config.max_position_embeddings,
@@ -108,6 +112,7 @@ impl CausalLm {
             num_layers: config.num_layers,
             max_context: config.max_position_embeddings,
             device: plan.backend_name(),
+            placement,
             load_time: started.elapsed(),
         };
         tracing::info!(
@@ -308,8 +313,11 @@ impl CausalLm {
             None => {
                 let weights = shards::Weights::open(&self.info.dir)?;
                 let graph = graph::build(&self.config, &weights, GraphMode::Full)?;
-                let plan =
-                    kiln_engine::prepare(graph, self.options.device, self.options.exec.clone())?;
+                let plan = kiln_engine::prepare(
+                    graph,
+                    self.options.device_kind(),
+                    self.options.exec.clone(),
+                )?;
                 self.full.get_or_init(|| plan)
             }
         };

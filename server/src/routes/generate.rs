@@ -380,6 +380,7 @@ pub fn info(state: &AppState, g: &GenerationService) -> Value {
         "max_context": i.max_context,
         "chat_template": g.model().chat_template().is_some(),
         "device": i.device,
+        "device_placement": crate::routes::placement_json(&i.placement),
         "cpu": { "arch": cpu.arch, "cores": cpu.cores, "features": cpu.feature_names() },
         "max_concurrent_requests": c.max_concurrent_requests,
         "max_batch_total_tokens": c.max_batch_total_tokens,

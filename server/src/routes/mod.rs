@@ -71,3 +71,13 @@ pub fn kind_of(v: &Value) -> &'static str {
         Value::Object(_) => "an object",
     }
 }
+
+/// `/info`'s `device_placement`: the resolved device, why, and the GPU adapter (name, graphics
+/// API, type, driver, limits, f16 support) when it is one.
+pub(crate) fn placement_json(p: &kiln_models::DevicePlacement) -> serde_json::Value {
+    serde_json::json!({
+        "device": p.device.to_string(),
+        "reason": p.reason,
+        "adapter": p.adapter,
+    })
+}

@@ -183,6 +183,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "num_layers": i.num_layers,
         "max_input_tokens": i.max_input_tokens,
         "device": i.device,
+        "device_placement": crate::routes::placement_json(&i.placement),
         "cpu": { "arch": cpu.arch, "cores": cpu.cores, "features": cpu.feature_names() },
         "max_client_batch_size": state.config().max_client_batch_size,
         "max_batch_tokens": state.config().max_batch_tokens,
