@@ -16,8 +16,9 @@ ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
 
 FROM ${RUST_IMAGE} AS build
-# Extra cargo features of kiln-server, space- or comma-separated (e.g. a GPU backend).
-ARG CARGO_FEATURES=""
+# Cargo features of kiln-server, space- or comma-separated: the wgpu GPU backend by default
+# (`--build-arg CARGO_FEATURES=` builds a CPU-only kiln, ~15 minutes faster on 2 cores).
+ARG CARGO_FEATURES="wgpu"
 ENV CARGO_HOME=/usr/local/cargo \
     CARGO_TERM_COLOR=never
 WORKDIR /src
@@ -32,6 +33,13 @@ RUN --mount=type=cache,id=kiln-cargo-registry,target=/usr/local/cargo/registry \
     && /usr/local/bin/kiln --version
 
 FROM ${RUNTIME_IMAGE}
+# The Vulkan loader, through which the wgpu backend finds a GPU's driver (the NVIDIA container
+# toolkit, or the host's Mesa, provides the driver itself). Without a driver `--device auto`
+# picks the CPU.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libvulkan1 \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed numeric uid/gid, so Kubernetes' runAsNonRoot can verify it.
 RUN groupadd --system --gid 10001 kiln \
     && useradd --system --uid 10001 --gid kiln --no-create-home \
