@@ -376,8 +376,15 @@ mod tests {
             adapter("dgpu-b", AdapterType::DiscreteGpu, 1),
         ]);
         let names: Vec<_> = ranked.iter().map(|a| (a.index, a.name.as_str())).collect();
-        assert_eq!(names, [(0, "dgpu-a"), (1, "dgpu-b"), (2, "igpu"), (3, "lavapipe")]);
+        assert_eq!(
+            names,
+            [(0, "dgpu-a"), (1, "dgpu-b"), (2, "igpu"), (3, "lavapipe")]
+        );
         assert!(ranked[0].is_gpu() && ranked[2].is_gpu() && !ranked[3].is_gpu());
-        assert!(ranked[3].describe().contains("(cpu, vulkan, driver unknown)"));
+        assert!(
+            ranked[3]
+                .describe()
+                .contains("(cpu, vulkan, driver unknown)")
+        );
     }
 }
