@@ -12,6 +12,20 @@ pub struct SdpaShape {
 }
 
 impl SdpaShape {
+    /// The shape of `q [batch, q_heads, q_len, d]` against `k [batch, kv_heads, kv_len, d]`.
+    pub fn of(q: [usize; 4], k: [usize; 4]) -> SdpaShape {
+        let [batch, q_heads, q_len, head_dim] = q;
+        let [_, kv_heads, kv_len, _] = k;
+        SdpaShape {
+            batch,
+            q_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+        }
+    }
+
     pub fn q_elems(&self) -> usize {
         self.batch * self.q_heads * self.q_len * self.head_dim
     }

@@ -217,8 +217,6 @@ impl BurnBackend {
         let (BurnTensor::Float { t: q, .. }, BurnTensor::Float { t: k, .. }) = (q, k) else {
             return Err(self.err("sdpa: q and k must be float tensors"));
         };
-        let [batch, q_heads, q_len, head_dim] = q.dims();
-        let [_, kv_heads, kv_len, _] = k.dims();
         let (mask, varlen) = match mask {
             SdpaMaskArg::None => (MaskKind::None, false),
             SdpaMaskArg::KeyPadding(_) => (MaskKind::KeyPadding, false),
@@ -227,14 +225,7 @@ impl BurnBackend {
             SdpaMaskArg::VarlenCausal(_) => (MaskKind::CausalTopLeft, true),
         };
         Ok(ProblemSummary {
-            shape: SdpaShape {
-                batch,
-                q_heads,
-                kv_heads,
-                q_len,
-                kv_len,
-                head_dim,
-            },
+            shape: SdpaShape::of(q.dims(), k.dims()),
             mask,
             varlen,
         })

@@ -709,19 +709,13 @@ impl Backend for CpuBackend {
             self.f32_ref(&k, "k")?,
             self.f32_ref(&v, "v")?,
         );
-        let (&[batch, q_heads, q_len, head_dim], &[_, kv_heads, kv_len, _]) =
-            (&q.shape[..], &k.shape[..])
-        else {
+        let (Ok(qd), Ok(kd)) = (
+            <[usize; 4]>::try_from(&q.shape[..]),
+            <[usize; 4]>::try_from(&k.shape[..]),
+        ) else {
             return Err(self.err("sdpa: q and k must be 4-D"));
         };
-        let shape = SdpaShape {
-            batch,
-            q_heads,
-            kv_heads,
-            q_len,
-            kv_len,
-            head_dim,
-        };
+        let shape = SdpaShape::of(qd, kd);
         let mut out = self.arena.take(qs.len());
         let padded = |mask: Mask<'_>, out: &mut [f32]| {
             let params = SdpaParams { shape, mask, scale };
@@ -743,15 +737,18 @@ impl Backend for CpuBackend {
             SdpaMaskArg::Varlen(lengths) | SdpaMaskArg::VarlenCausal(lengths) => {
                 let causal = matches!(mask, SdpaMaskArg::VarlenCausal(_))
                     .then_some(kiln_attention::CausalAlign::TopLeft);
-                if batch != 1 {
-                    return Err(self.err(format!("sdpa: a packed batch has batch 1, got {batch}")));
+                if shape.batch != 1 {
+                    return Err(self.err(format!(
+                        "sdpa: a packed batch has batch 1, got {}",
+                        shape.batch
+                    )));
                 }
                 let cu = cumulative(self.i64_ref(lengths, "sequence lengths")?)
                     .ok_or_else(|| self.err("sdpa: sequence lengths must be non-negative"))?;
                 let params = VarlenParams {
-                    q_heads,
-                    kv_heads,
-                    head_dim,
+                    q_heads: shape.q_heads,
+                    kv_heads: shape.kv_heads,
+                    head_dim: shape.head_dim,
                     cu_seqlens_q: &cu,
                     cu_seqlens_k: &cu,
                     causal,
