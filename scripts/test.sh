@@ -14,8 +14,5 @@ fi
 # the machine has: Mesa's lavapipe (apt-get install mesa-vulkan-drivers libvulkan1) stands in for a
 # GPU where there is none, and CI sets KILN_REQUIRE_WGPU=1 so a missing adapter fails the run.
 # KILN_TEST_WGPU=0 leaves the feature out (a quicker first build; the wgpu tests then pass empty).
-features=(--features kiln-engine/wgpu)
-if [[ "${KILN_TEST_WGPU:-1}" == 0 ]]; then
-  features=()
-fi
-exec cargo test --workspace "${features[@]}" "$@"
+. scripts/lib/test-features.sh
+exec cargo test --workspace "${test_features[@]}" "$@"

@@ -4,14 +4,16 @@
 # stop_kiln sends SIGTERM and fails unless kiln exits 0.
 #
 # The binary is $KILN_BIN, else the debug build that `cargo test --workspace` (scripts/test.sh)
-# already made: the same command is run with --no-run, so after the tests it builds nothing.
+# already made: the same command (and features) is run with --no-run, so after the tests it
+# builds nothing.
 
 kiln_bin() {
   if [[ -n "${KILN_BIN:-}" ]]; then
     echo "$KILN_BIN"
     return
   fi
-  cargo test --workspace --no-run -q >&2
+  . scripts/lib/test-features.sh
+  cargo test --workspace "${test_features[@]}" --no-run -q >&2
   echo "${CARGO_TARGET_DIR:-target}/debug/kiln"
 }
 
