@@ -3,8 +3,8 @@
 //! This is the device-agnostic path: burn-flex on the CPU, and the same code on a wgpu adapter
 //! (built with the `wgpu` feature; see [`crate::gpu`]). On a GPU, attention asks the GPU selector
 //! ([`kiln_attention::select_gpu`]) for flash (burn's fused attention) or math (burn ops
-//! composed here), and the adapter's facts key the plan cache. Float tensors are held as rank-4 burn tensors padded with
-//! leading 1s (burn's rank is a const generic; one rank keeps this file free of rank dispatch),
+//! composed here), and the adapter's facts key the plan cache. Float tensors are held as rank-4
+//! burn tensors padded with leading 1s (burn's rank is a const generic; one rank keeps this file free of rank dispatch),
 //! and the logical rank travels beside them. Shapes are validated by the graph before any burn
 //! call, because burn panics on a bad shape.
 
@@ -91,11 +91,6 @@ impl BurnBackend {
         })
     }
 
-    /// The GPU adapter this backend runs on, if any.
-    pub fn adapter(&self) -> Option<&'static gpu::Adapter> {
-        self.adapter
-    }
-
     /// A GEMM and a softmax on the device, compared with the host: what `auto` runs before it
     /// trusts a GPU. A driver that panics inside burn counts as a failure, not a crash.
     pub fn self_test(&self) -> Result<()> {
@@ -106,11 +101,9 @@ impl BurnBackend {
         let b: Vec<f32> = (0..k * n)
             .map(|i| ((i * 5 % 19) as f32 - 9.0) / 16.0)
             .collect();
-        let device = self.device.clone();
-        let (a2, b2) = (a.clone(), b.clone());
-        let run = move || -> std::result::Result<Vec<f32>, String> {
-            let ta = Tensor::<2>::from_data(TensorData::new(a2, [m, k]), &device);
-            let tb = Tensor::<2>::from_data(TensorData::new(b2, [k, n]), &device);
+        let run = || -> std::result::Result<Vec<f32>, String> {
+            let ta = Tensor::<2>::from_data(TensorData::new(a.clone(), [m, k]), &self.device);
+            let tb = Tensor::<2>::from_data(TensorData::new(b.clone(), [k, n]), &self.device);
             activation::softmax(ta.matmul(tb), 1)
                 .into_data()
                 .convert::<f32>()
@@ -423,7 +416,7 @@ impl Backend for BurnBackend {
     ) -> Result<(&'static str, String)> {
         if let Some(adapter) = self.adapter {
             let s = kiln_attention::select_gpu(problem, &adapter.sdpa_caps(), choice)?;
-            return Ok((GpuAttention::from(s.kernel).name(), s.reason));
+            return Ok((BurnAttention::from(s.kernel).name(), s.reason));
         }
         match choice {
             KernelChoice::Auto => Ok((
@@ -451,9 +444,9 @@ impl Backend for BurnBackend {
             (Some(adapter), choice) => {
                 let problem = self.sdpa_problem(&q, &k, &mask)?;
                 let s = kiln_attention::select_gpu(&problem, &adapter.sdpa_caps(), choice)?;
-                GpuAttention::from(s.kernel)
+                BurnAttention::from(s.kernel)
             }
-            (None, KernelChoice::Auto) => GpuAttention::Fused,
+            (None, KernelChoice::Auto) => BurnAttention::Fused,
             (None, KernelChoice::Force(_)) => {
                 // burn-flex has one attention path; forcing one of kiln's kernels runs that
                 // kernel on host copies, so the override means the same thing on every backend.
@@ -600,11 +593,7 @@ impl Backend for BurnBackend {
 
     fn causal_mask(&self, x: BurnTensor) -> Result<BurnTensor> {
         let (x, rank) = self.float(x, "causal_mask input")?;
-        let [a, b, q, k] = x.dims();
-        // `tril_mask` is true strictly above the diagonal: the entries a query may not see.
-        let above = Tensor::<2, Bool>::tril_mask([q, k], 0, &self.device)
-            .reshape([1, 1, q, k])
-            .expand([a, b, q, k]);
+        let above = above_diagonal(x.dims(), &self.device);
         Ok(BurnTensor::Float {
             t: x.mask_fill(above, f32::NEG_INFINITY),
             rank,
@@ -783,9 +772,18 @@ impl Backend for BurnBackend {
     }
 }
 
+/// `[b, h, sq, sk]` true strictly above the top-left diagonal: the keys a causal query may not
+/// see, in burn's convention (`true` = masked out).
+fn above_diagonal(dims: [usize; 4], device: &Device) -> Tensor<4, Bool> {
+    let [b, h, sq, sk] = dims;
+    Tensor::<2, Bool>::tril_mask([sq, sk], 0, device)
+        .reshape([1, 1, sq, sk])
+        .expand([b, h, sq, sk])
+}
+
 /// How [`BurnBackend::sdpa`] computes attention on one (sequence slice of a) batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum GpuAttention {
+enum BurnAttention {
     /// burn's fused attention (`module::attention`): flash kernels on a CubeCL device, burn's
     /// own tiled path on flex.
     Fused,
@@ -793,22 +791,22 @@ enum GpuAttention {
     Math,
 }
 
-impl From<kiln_attention::Kernel> for GpuAttention {
+impl From<kiln_attention::Kernel> for BurnAttention {
     fn from(k: kiln_attention::Kernel) -> Self {
         match k {
-            kiln_attention::Kernel::Flash => GpuAttention::Fused,
+            kiln_attention::Kernel::Flash => BurnAttention::Fused,
             // The GPU selector never returns mem_efficient (it refuses it).
-            _ => GpuAttention::Math,
+            _ => BurnAttention::Math,
         }
     }
 }
 
-impl GpuAttention {
+impl BurnAttention {
     /// The kernel name logs and the per-kernel metric report.
     fn name(self) -> &'static str {
         match self {
-            GpuAttention::Fused => "burn-flash",
-            GpuAttention::Math => "burn-math",
+            BurnAttention::Fused => "burn-flash",
+            BurnAttention::Math => "burn-math",
         }
     }
 
@@ -826,7 +824,7 @@ impl GpuAttention {
         let [b, h, sq, d] = q.dims();
         let sk = k.dims()[2];
         match self {
-            GpuAttention::Fused => {
+            BurnAttention::Fused => {
                 // A custom scale forces burn's unfused path: fold it into Q and let burn apply
                 // its default 1/sqrt(d).
                 let default = 1.0 / (d as f32).sqrt();
@@ -839,9 +837,7 @@ impl GpuAttention {
                 // (measured: the top-left fixture is off by 2.2); kiln's `Causal` is top-left,
                 // so a rectangular causal mask goes in as an explicit mask.
                 let (masked, is_causal) = if causal && sq != sk {
-                    let above = Tensor::<2, Bool>::tril_mask([sq, sk], 0, &q.device())
-                        .reshape([1, 1, sq, sk])
-                        .expand([b, h, sq, sk]);
+                    let above = above_diagonal([b, h, sq, sk], &q.device());
                     (
                         Some(masked.map_or(above.clone(), |m| m.bool_or(above))),
                         false,
@@ -856,12 +852,10 @@ impl GpuAttention {
                 };
                 module::attention(q, k, v, masked, None, options)
             }
-            GpuAttention::Math => {
+            BurnAttention::Math => {
                 let mut scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
                 if causal {
-                    let above = Tensor::<2, Bool>::tril_mask([sq, sk], 0, &scores.device())
-                        .reshape([1, 1, sq, sk])
-                        .expand([b, h, sq, sk]);
+                    let above = above_diagonal([b, h, sq, sk], &scores.device());
                     scores = scores.mask_fill(above, f32::NEG_INFINITY);
                 }
                 if let Some(m) = masked {
