@@ -311,6 +311,12 @@ mod imp {
     }
 
     pub(super) fn set_tuning_cache_dir(dir: &Path) {
+        // Only the first call can take effect; later loads skip re-reading `cubecl.toml`.
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| set_config(dir));
+    }
+
+    fn set_config(dir: &Path) {
         let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
         config.environment.path = CacheConfig::Directory(dir.to_path_buf());
         if !CubeClRuntimeConfig::try_set(config) {

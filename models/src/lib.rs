@@ -93,6 +93,8 @@ impl LoadOptions {
 /// Where a model runs and why: the resolved `--device`, for logs and `/info`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevicePlacement {
+    /// What was asked for (`auto` or a fixed device).
+    pub requested: DeviceChoice,
     pub device: DeviceKind,
     /// `configured`, or what `auto` saw (e.g. "auto: CPU, because … is a cpu adapter, not a GPU").
     pub reason: String,
@@ -112,6 +114,7 @@ pub(crate) fn resolve_device(opts: &LoadOptions) -> Result<(LoadOptions, DeviceP
         quant.quantize == Quantize::None && quant.math_mode == kiln_engine::MathMode::Precise;
     let (device, reason) = opts.device.resolve(gpu_capable)?;
     let placement = DevicePlacement {
+        requested: opts.device,
         device,
         adapter: kiln_engine::device::adapter_of(device).cloned(),
         reason,

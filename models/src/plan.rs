@@ -105,7 +105,7 @@ pub(crate) fn load_plan(
         }
     };
     let hash_time = hashing.elapsed();
-    let material = key_material(&cache, &inputs, hashes);
+    let material = key_material(&cache, &inputs, hashes)?;
     let key = material.key();
     let reading = Instant::now();
     let outcome = match cache.load(&material) {
@@ -193,7 +193,11 @@ fn prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
     )?)
 }
 
-fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>) -> KeyMaterial {
+fn key_material(
+    cache: &PlanCache,
+    inputs: &PlanInputs<'_>,
+    hashes: Vec<String>,
+) -> Result<KeyMaterial> {
     let opts = inputs.load;
     let mut options = inputs.options.clone();
     options.insert("device".into(), opts.device_kind().to_string());
@@ -217,17 +221,15 @@ fn key_material(cache: &PlanCache, inputs: &PlanInputs<'_>, hashes: Vec<String>)
             (rel.display().to_string(), h)
         })
         .collect();
-    KeyMaterial {
+    Ok(KeyMaterial {
         kiln_version: env!("CARGO_PKG_VERSION").into(),
         kiln_build: cache.build_hash(),
         ir_version: kiln_engine::cache::IR_VERSION,
         entry_format: kiln_engine::cache::entry::FORMAT_VERSION,
         model_files,
         options,
-        // The loaders opened the device before planning, so its facts are at hand; a device that
-        // could not report them fails at `prepare` right after this.
-        device: kiln_engine::device::device_facts(opts.device_kind()).unwrap_or_default(),
-    }
+        device: kiln_engine::device::device_facts(opts.device_kind())?,
+    })
 }
 
 /// The model files a plan depends on: the ones that exist of the folder's config, weights,

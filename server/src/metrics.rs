@@ -306,10 +306,9 @@ impl Metrics {
     /// Records where the model runs (`kiln_device_info`).
     pub fn set_device(&self, placement: &kiln_models::DevicePlacement) {
         let a = placement.adapter.as_ref();
-        let choice = if placement.reason.starts_with("auto") {
-            "auto"
-        } else {
-            "configured"
+        let choice = match placement.requested {
+            kiln_engine::DeviceChoice::Auto => "auto",
+            kiln_engine::DeviceChoice::Fixed(_) => "configured",
         };
         self.inner
             .device_info
