@@ -921,15 +921,19 @@ impl Backend for CpuBackend {
         let (bs, d) = (spec.block_size, head_dim);
         // Write the new keys and values: token t of head h goes to its slot's row in block
         // `slot / bs`, head h.
-        for (t, slot) in batch.slots(bs).into_iter().enumerate() {
-            let (block, off) = (slot / bs, slot % bs);
-            for h in 0..kv_heads {
-                let dst = ((block * kv_heads + h) * bs + off) * d;
-                let src = (h * tokens + t) * d;
-                kc[dst..dst + d].copy_from_slice(&ks[src..src + d]);
-                vc[dst..dst + d].copy_from_slice(&vs[src..src + d]);
+        // Keys on one thread, values on another (a prefill writes megabytes per layer).
+        let slots = batch.slots(bs);
+        let write = |cache: &mut [f32], new: &[f32]| {
+            for (t, slot) in slots.iter().enumerate() {
+                let (block, off) = (slot / bs, slot % bs);
+                for h in 0..kv_heads {
+                    let dst = ((block * kv_heads + h) * bs + off) * d;
+                    let src = (h * tokens + t) * d;
+                    cache[dst..dst + d].copy_from_slice(&new[src..src + d]);
+                }
             }
-        }
+        };
+        rayon::join(|| write(kc, ks), || write(vc, vs));
         let cu = batch.cu_seqlens_q();
         let params = PagedParams {
             q_heads,
@@ -942,9 +946,14 @@ impl Backend for CpuBackend {
             block_tables: &batch.block_tables,
             scale,
         };
-        let mut out = vec![0.0f32; qs.len()];
+        // Every kernel writes every output row, so an arena buffer needs no zeroing.
+        let mut out = self.arena.take(qs.len());
         let ran = scaled_dot_product_attention_paged(qs, kc, vc, &mut out, &params, kernel)?;
-        Ok((f32_tensor(q.shape.clone(), out), ran.name()))
+        let shape = q.shape.clone();
+        for t in [q, k, v] {
+            self.recycle(t);
+        }
+        Ok((f32_tensor(shape, out), ran.name()))
     }
 }
 
