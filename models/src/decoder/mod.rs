@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use kiln_engine::ir::Graph;
 use kiln_engine::{HostTensor, KvCache, KvCacheSpec, PagedBatch, Runnable};
 use tokenizers::Tokenizer;
 
@@ -88,8 +89,7 @@ impl CausalLm {
             .map_err(|e| ModelError::file(&tok_path, format!("cannot clear truncation: {e}")))?;
         let chat = chat::ChatTemplate::load(dir, chat_template)?;
         let weights = shards::Weights::open(dir)?;
-        let graph = graph::build(&config, &weights, GraphMode::Paged)?;
-        let plan = kiln_engine::prepare(graph, opts.device_kind(), opts.exec.clone())?;
+        let plan = compile_and_prepare(graph::build(&config, &weights, GraphMode::Paged)?, opts)?;
         for seq in [
             16.min(config.max_position_embeddings),
             config.max_position_embeddings,
@@ -313,11 +313,7 @@ impl CausalLm {
             None => {
                 let weights = shards::Weights::open(&self.info.dir)?;
                 let graph = graph::build(&self.config, &weights, GraphMode::Full)?;
-                let plan = kiln_engine::prepare(
-                    graph,
-                    self.options.device_kind(),
-                    self.options.exec.clone(),
-                )?;
+                let plan = compile_and_prepare(graph, &self.options)?;
                 self.full.get_or_init(|| plan)
             }
         };
@@ -331,6 +327,20 @@ impl CausalLm {
             .map(|s| it.by_ref().take(s.len()).collect())
             .collect())
     }
+}
+
+/// Runs the compiler's passes over a decoder graph, as every encoder load does (`opts.compile`
+/// turns them off the same way): the MLP's activation becomes its first GEMM's epilogue, the
+/// q/k/v projections one GEMM read by head, each residual add and the norm after it one pass.
+/// Then the plan for the device.
+fn compile_and_prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
+    let device = opts.device_kind();
+    let compiled = kiln_engine::device::compile(graph, device, &opts.compile, opts.exec.clone())?;
+    Ok(kiln_engine::prepare(
+        compiled.graph,
+        device,
+        opts.exec.clone(),
+    )?)
 }
 
 /// Rows of the `logits` output.
