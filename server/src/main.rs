@@ -961,22 +961,17 @@ fn bench(args: BenchArgs) -> Result<()> {
 }
 
 /// One timed generation run: (time to first token of the batch, decode tokens/s, total s).
+/// One batch of `batch` requests through `g` until all are done: (time to first token of the
+/// whole batch, decode tokens/s after it, total seconds).
 fn generate_once(
-    model: &std::sync::Arc<kiln_models::CausalLm>,
+    g: &mut kiln_models::Generator,
     batch: usize,
     prompt_tokens: usize,
     new_tokens: usize,
     seed: u64,
 ) -> Result<(f64, f64, f64)> {
-    use kiln_models::{Event, GenerationLimits, GenerationRequest, Generator, SamplingParams};
-    let limits = GenerationLimits {
-        max_batch_total_tokens: batch * (prompt_tokens + new_tokens + 16),
-        max_batch_prefill_tokens: batch * prompt_tokens,
-        max_running: batch,
-        ..GenerationLimits::default()
-    };
-    let mut g = Generator::new(model.clone(), limits).map_err(|e| anyhow!("{e}"))?;
-    let vocab = model.info().vocab_size as u64;
+    use kiln_models::{Event, GenerationRequest, SamplingParams};
+    let vocab = g.model().info().vocab_size as u64;
     let mut s = seed | 1;
     for _ in 0..batch {
         let prompt = (0..prompt_tokens)
@@ -1044,11 +1039,21 @@ fn bench_generate(args: BenchGenerateArgs) -> Result<()> {
     println!("|---|---|---|---|---|");
     for b in args.batch.split(',') {
         let b: usize = b.trim().parse()?;
-        generate_once(&model, b, args.prompt_tokens, args.new_tokens.min(4), 1)?; // warm-up
+        // One generator per batch size, kept across runs as the server keeps its own: the
+        // warm-up run (same shape) commits the KV pool's pages, as a running server's are.
+        let limits = kiln_models::GenerationLimits {
+            max_batch_total_tokens: b * (args.prompt_tokens + args.new_tokens + 16),
+            max_batch_prefill_tokens: b * args.prompt_tokens,
+            max_running: b,
+            ..kiln_models::GenerationLimits::default()
+        };
+        let mut g =
+            kiln_models::Generator::new(model.clone(), limits).map_err(|e| anyhow!("{e}"))?;
+        generate_once(&mut g, b, args.prompt_tokens, args.new_tokens, 1)?; // warm-up
         let mut runs = Vec::new();
         for i in 0..args.iters.max(1) {
             runs.push(generate_once(
-                &model,
+                &mut g,
                 b,
                 args.prompt_tokens,
                 args.new_tokens,
