@@ -336,6 +336,11 @@ impl CausalLm {
 fn compile_and_prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
     let device = opts.device_kind();
     let compiled = kiln_engine::device::compile(graph, device, &opts.compile, opts.exec.clone())?;
+    tracing::info!(
+        passes = %compiled.report.options.describe(),
+        compile_ms = compiled.report.micros / 1000,
+        "decoder graph compiled"
+    );
     Ok(kiln_engine::prepare(
         compiled.graph,
         device,
