@@ -147,7 +147,8 @@ pub(crate) fn load_plan(
     Ok((runnable, info))
 }
 
-fn uncached(
+/// Builds, compiles and prepares without the plan cache; `outcome` says why.
+pub(crate) fn uncached(
     build: impl FnOnce() -> Result<Graph>,
     opts: &LoadOptions,
     outcome: CacheOutcome,

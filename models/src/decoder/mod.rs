@@ -21,7 +21,7 @@ pub use config::{
 pub use graph::{GraphMode, names};
 
 use crate::error::{ModelError, Result};
-use crate::{LoadOptions, require};
+use crate::{CacheOutcome, LoadOptions, require};
 
 /// Facts about a loaded decoder, for `/info`, logs and API answers.
 #[derive(Debug, Clone)]
@@ -89,7 +89,7 @@ impl CausalLm {
             .map_err(|e| ModelError::file(&tok_path, format!("cannot clear truncation: {e}")))?;
         let chat = chat::ChatTemplate::load(dir, chat_template)?;
         let weights = shards::Weights::open(dir)?;
-        let plan = compile_and_prepare(graph::build(&config, &weights, GraphMode::Paged)?, opts)?;
+        let plan = compile_and_prepare(|| graph::build(&config, &weights, GraphMode::Paged), opts)?;
         for seq in [
             16.min(config.max_position_embeddings),
             config.max_position_embeddings,
@@ -312,8 +312,8 @@ impl CausalLm {
             Some(p) => p,
             None => {
                 let weights = shards::Weights::open(&self.info.dir)?;
-                let graph = graph::build(&self.config, &weights, GraphMode::Full)?;
-                let plan = compile_and_prepare(graph, &self.options)?;
+                let build = || graph::build(&self.config, &weights, GraphMode::Full);
+                let plan = compile_and_prepare(build, &self.options)?;
                 self.full.get_or_init(|| plan)
             }
         };
@@ -329,23 +329,22 @@ impl CausalLm {
     }
 }
 
-/// Runs the compiler's passes over a decoder graph, as every encoder load does (`opts.compile`
-/// turns them off the same way): the MLP's activation becomes its first GEMM's epilogue, the
-/// q/k/v projections one GEMM read by head, each residual add and the norm after it one pass.
-/// Then the plan for the device.
-fn compile_and_prepare(graph: Graph, opts: &LoadOptions) -> Result<Box<dyn Runnable>> {
-    let device = opts.device_kind();
-    let compiled = kiln_engine::device::compile(graph, device, &opts.compile, opts.exec.clone())?;
+/// Builds and compiles a decoder graph with the compiler's passes, as every encoder load does
+/// (`opts.compile` turns them off the same way): the MLP's activation becomes its first GEMM's
+/// epilogue, the q/k/v projections one GEMM read by head. Then the plan for the device. Decoder
+/// plans do not go through the plan cache yet (docs/COMPILER.md).
+fn compile_and_prepare(
+    build: impl FnOnce() -> Result<Graph>,
+    opts: &LoadOptions,
+) -> Result<Box<dyn Runnable>> {
+    let outcome = CacheOutcome::Unavailable("decoder plans are not cached yet".into());
+    let (plan, info) = crate::plan::uncached(build, opts, outcome)?;
     tracing::info!(
-        passes = %compiled.report.options.describe(),
-        compile_ms = compiled.report.micros / 1000,
+        passes = %info.report.options.describe(),
+        compile_ms = info.compile_time.as_secs_f64() * 1e3,
         "decoder graph compiled"
     );
-    Ok(kiln_engine::prepare(
-        compiled.graph,
-        device,
-        opts.exec.clone(),
-    )?)
+    Ok(plan)
 }
 
 /// Rows of the `logits` output.
