@@ -23,7 +23,7 @@
 
 use crate::SdpaError;
 use crate::params::ProblemSummary;
-use crate::select::{Kernel, KernelChoice, Selection};
+use crate::select::{Kernel, KernelChoice, Selection, forced};
 
 /// Largest head size burn's flash tiles take; larger heads run math.
 pub const GPU_FLASH_MAX_HEAD_DIM: usize = 256;
@@ -76,16 +76,11 @@ pub fn select_gpu(
     choice: KernelChoice,
 ) -> Result<Selection, SdpaError> {
     match choice {
-        KernelChoice::Force(kernel) => match gpu_unsupported(kernel, problem, caps) {
-            Some(reason) => Err(SdpaError::Unsupported {
-                kernel: kernel.name(),
-                reason,
-            }),
-            None => Ok(Selection {
-                kernel,
-                reason: format!("forced by configuration (sdpa_kernel = {kernel}) on the GPU"),
-            }),
-        },
+        KernelChoice::Force(kernel) => forced(
+            kernel,
+            gpu_unsupported(kernel, problem, caps),
+            " on the GPU",
+        ),
         KernelChoice::Auto => Ok(match gpu_unsupported(Kernel::Flash, problem, caps) {
             None => Selection {
                 kernel: Kernel::Flash,

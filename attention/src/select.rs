@@ -127,6 +127,25 @@ pub fn auto_kernel(problem: &ProblemSummary) -> Kernel {
     }
 }
 
+/// A forced kernel (`sdpa_kernel = …`): the selection, or, when `why_not` names a constraint the
+/// input breaks, the error that says so. `place` ends the reason (e.g. " on the GPU").
+pub(crate) fn forced(
+    kernel: Kernel,
+    why_not: Option<String>,
+    place: &str,
+) -> Result<Selection, SdpaError> {
+    match why_not {
+        Some(reason) => Err(SdpaError::Unsupported {
+            kernel: kernel.name(),
+            reason,
+        }),
+        None => Ok(Selection {
+            kernel,
+            reason: format!("forced by configuration (sdpa_kernel = {kernel}){place}"),
+        }),
+    }
+}
+
 /// Picks the kernel for `problem` on a CPU with `isa`. The same function answers "is this
 /// supported": for a forced kernel, an `Err` names the constraint that rules the input out.
 pub fn select(
@@ -137,16 +156,7 @@ pub fn select(
     let s = &problem.shape;
     let scores = s.q_len * s.kv_len;
     match choice {
-        KernelChoice::Force(kernel) => match unsupported(kernel, problem) {
-            Some(reason) => Err(SdpaError::Unsupported {
-                kernel: kernel.name(),
-                reason,
-            }),
-            None => Ok(Selection {
-                kernel,
-                reason: format!("forced by configuration (sdpa_kernel = {kernel})"),
-            }),
-        },
+        KernelChoice::Force(kernel) => forced(kernel, unsupported(kernel, problem), ""),
         KernelChoice::Auto => {
             let kernel = auto_kernel(problem);
             let reason = match kernel {
