@@ -960,7 +960,6 @@ fn bench(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// One timed generation run: (time to first token of the batch, decode tokens/s, total s).
 /// One batch of `batch` requests through `g` until all are done: (time to first token of the
 /// whole batch, decode tokens/s after it, total seconds).
 fn generate_once(
