@@ -223,7 +223,16 @@ impl Buffer {
 
     /// Checks the byte length against the element type and shape.
     pub fn check(&self) -> Result<()> {
-        let want = self.shape.iter().product::<usize>() * self.elem.size();
+        let want = self
+            .shape
+            .iter()
+            .try_fold(self.elem.size(), |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                graph_err(format!(
+                    "buffer `{}` of {:?}{:?} is larger than memory",
+                    self.name, self.elem, self.shape
+                ))
+            })?;
         if self.bytes.len() != want {
             return Err(graph_err(format!(
                 "buffer `{}` of {:?}{:?} needs {want} bytes, has {}",

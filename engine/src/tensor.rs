@@ -27,12 +27,14 @@ impl HostTensor {
     }
 
     pub fn new(shape: Vec<usize>, data: HostData) -> Result<Self> {
-        let expected: usize = shape.iter().product();
+        let expected = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let actual = match &data {
             HostData::F32(v) => v.len(),
             HostData::I64(v) => v.len(),
         };
-        if expected != actual {
+        if expected != Some(actual) {
+            let expected =
+                expected.map_or_else(|| "more than usize::MAX".into(), |n| n.to_string());
             return Err(EngineError::Graph(format!(
                 "tensor of shape {shape:?} needs {expected} elements, got {actual}"
             )));

@@ -38,6 +38,7 @@ use bert::{Head, names};
 pub use decoder::{CausalLm, DecoderInfo, is_causal_lm};
 pub use generate::{
     Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId, SamplingParams,
+    panic_message,
 };
 pub use plan::{CacheOutcome, PlanInfo};
 

@@ -86,10 +86,8 @@ pub(crate) fn load_plan(
     let Some(dir) = &opts.cache_dir else {
         return uncached(build, opts, CacheOutcome::Disabled);
     };
-    let unavailable = |why: String| {
-        tracing::warn!(reason = %why, "loading without the plan cache");
-        CacheOutcome::Unavailable(why)
-    };
+    // Not logged here: the loader logs the outcome and its reason in one warning line.
+    let unavailable = CacheOutcome::Unavailable;
     let cache = match PlanCache::open(dir) {
         Ok(c) => c,
         Err(e) => {
@@ -112,19 +110,29 @@ pub(crate) fn load_plan(
         Lookup::Hit(plan) => {
             let cache_load_time = reading.elapsed();
             let preparing = Instant::now();
-            let runnable = prepare(plan.graph, opts)?;
-            let info = PlanInfo {
-                cache: CacheOutcome::Hit,
-                key: Some(key),
-                compile_time: Duration::ZERO,
-                cache_load_time,
-                hash_time,
-                build_time: Duration::ZERO,
-                store_time: Duration::ZERO,
-                prepare_time: preparing.elapsed(),
-                report: plan.summary.report,
-            };
-            return Ok((runnable, info));
+            // An entry that passed its checksums and graph check but still cannot be prepared
+            // (damaged in a way only the backend notices) is rebuilt, not a failed start.
+            match prepare(plan.graph, opts) {
+                Ok(runnable) => {
+                    let info = PlanInfo {
+                        cache: CacheOutcome::Hit,
+                        key: Some(key),
+                        compile_time: Duration::ZERO,
+                        cache_load_time,
+                        hash_time,
+                        build_time: Duration::ZERO,
+                        store_time: Duration::ZERO,
+                        prepare_time: preparing.elapsed(),
+                        report: plan.summary.report,
+                    };
+                    return Ok((runnable, info));
+                }
+                Err(e) => {
+                    let why = format!("the cached plan cannot be prepared: {e}");
+                    cache.evict(&material);
+                    CacheOutcome::Rebuilt(why)
+                }
+            }
         }
         Lookup::Miss => CacheOutcome::Miss,
         Lookup::Rejected(why) => CacheOutcome::Rebuilt(why),

@@ -1,5 +1,8 @@
 //! Weights from `model.safetensors`, memory-mapped and read by Hugging Face parameter names.
 
+// Sizes here come from clients or files: arithmetic on them must be checked.
+#![warn(clippy::arithmetic_side_effects)]
+
 use std::path::{Path, PathBuf};
 
 use kiln_engine::HostTensor;
@@ -39,23 +42,10 @@ impl SafetensorsFile {
     /// Maps `path` and parses its header. `probe` is a parameter name used to detect whether
     /// names carry a `bert.` prefix (`embeddings.word_embeddings.weight`, say).
     pub fn open(path: &Path, probe: &str) -> Result<Self> {
-        let mmap = map_file(path)?;
-        let (header_len, meta) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))?;
-        let data_start = 8 + header_len;
-        if data_start + meta.data_len() > mmap.len() {
-            return Err(ModelError::file(
-                path,
-                format!(
-                    "truncated: header promises {} data bytes, file has {}",
-                    meta.data_len(),
-                    mmap.len().saturating_sub(data_start)
-                ),
-            ));
-        }
-        let prefix = if meta.info(probe).is_some() {
+        let mut file = Self::open_plain(path)?;
+        file.prefix = if file.meta.info(probe).is_some() {
             String::new()
-        } else if meta.info(&format!("bert.{probe}")).is_some() {
+        } else if file.meta.info(&format!("bert.{probe}")).is_some() {
             "bert.".to_string()
         } else {
             return Err(ModelError::file(
@@ -63,13 +53,7 @@ impl SafetensorsFile {
                 format!("tensor `{probe}` not found (with or without the `bert.` prefix)"),
             ));
         };
-        Ok(Self {
-            path: path.to_path_buf(),
-            mmap,
-            data_start,
-            meta,
-            prefix,
-        })
+        Ok(file)
     }
 
     /// Maps `path` with parameter names used as they are (no prefix detection).
@@ -77,17 +61,22 @@ impl SafetensorsFile {
         let mmap = map_file(path)?;
         let (header_len, meta) = SafeTensors::read_metadata(&mmap)
             .map_err(|e| ModelError::file(path, format!("not a valid safetensors file: {e}")))?;
-        let data_start = 8 + header_len;
-        if data_start + meta.data_len() > mmap.len() {
+        // The 8-byte header length, then the header, then the data.
+        let data_start = header_len.checked_add(8);
+        let Some(data_start) = data_start.filter(|start| {
+            start
+                .checked_add(meta.data_len())
+                .is_some_and(|end| end <= mmap.len())
+        }) else {
             return Err(ModelError::file(
                 path,
                 format!(
                     "truncated: header promises {} data bytes, file has {}",
                     meta.data_len(),
-                    mmap.len().saturating_sub(data_start)
+                    mmap.len().saturating_sub(header_len.saturating_add(8))
                 ),
             ));
-        }
+        };
         Ok(Self {
             path: path.to_path_buf(),
             mmap,
@@ -95,6 +84,11 @@ impl SafetensorsFile {
             meta,
             prefix: String::new(),
         })
+    }
+
+    /// The shape the file records for tensor `name`.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.meta.info(name).map(|i| i.shape.clone())
     }
 
     /// The names of every tensor in the file.
@@ -132,13 +126,22 @@ impl SafetensorsFile {
             ));
         }
         let (start, end) = info.data_offsets;
-        let bytes = self
-            .mmap
-            .get(self.data_start + start..self.data_start + end)
+        let outside =
+            || ModelError::file(&self.path, format!("tensor `{name}` lies outside the file"));
+        let (start, end) = (
+            self.data_start.checked_add(start).ok_or_else(outside)?,
+            self.data_start.checked_add(end).ok_or_else(outside)?,
+        );
+        let bytes = self.mmap.get(start..end).ok_or_else(outside)?;
+        let n = shape
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
             .ok_or_else(|| {
-                ModelError::file(&self.path, format!("tensor `{name}` lies outside the file"))
+                ModelError::file(
+                    &self.path,
+                    format!("tensor `{name}`: shape {shape:?} is too large"),
+                )
             })?;
-        let n: usize = shape.iter().product();
         let data: Vec<f32> = match info.dtype {
             Dtype::F32 => decode(bytes, n, f32::from_le_bytes),
             Dtype::F16 => decode(bytes, n, |b| half::f16::from_le_bytes(b).to_f32()),
@@ -161,7 +164,7 @@ impl SafetensorsFile {
 }
 
 fn decode<const N: usize>(bytes: &[u8], n: usize, f: impl Fn([u8; N]) -> f32) -> Option<Vec<f32>> {
-    if bytes.len() != n * N {
+    if n.checked_mul(N) != Some(bytes.len()) {
         return None;
     }
     Some(

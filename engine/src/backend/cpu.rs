@@ -123,7 +123,9 @@ impl CpuBackend {
         act: Option<Activation>,
         small_m: bool,
     ) -> Result<CpuTensor> {
-        let (out_f, in_f) = (w.shape[0], w.shape[1]);
+        let [out_f, in_f] = w.shape[..] else {
+            return Err(self.err(format!("linear weight has shape {:?}", w.shape)));
+        };
         let xs = self.f32_ref(&x, "linear input")?;
         let m = xs.len() / in_f.max(1);
         let bias = b
@@ -387,17 +389,18 @@ impl Backend for CpuBackend {
                 CpuData::StoredI64(buf.bytes.clone())
             }
             (WeightFormat::F32InOut, ConstRole::LinearWeight, DType::F32)
-                if buf.shape == [t.shape[1], t.shape[0]] =>
+                if t.shape.len() == 2 && buf.shape == [t.shape[1], t.shape[0]] =>
             {
                 CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32InOut)
             }
             (WeightFormat::F32Panels16, ConstRole::LinearWeight, DType::F32)
-                if buf.shape
-                    == [
-                        t.shape[0].div_ceil(panel_gemm::NR),
-                        t.shape[1],
-                        panel_gemm::NR,
-                    ] =>
+                if t.shape.len() == 2
+                    && buf.shape
+                        == [
+                            t.shape[0].div_ceil(panel_gemm::NR),
+                            t.shape[1],
+                            panel_gemm::NR,
+                        ] =>
             {
                 CpuData::PackedLinear(buf.bytes.clone(), WeightFormat::F32Panels16)
             }
@@ -489,7 +492,9 @@ impl Backend for CpuBackend {
     fn embedding(&self, table: CpuTensor, ids: CpuTensor) -> Result<CpuTensor> {
         let rows = self.f32_ref(&table, "embedding table")?;
         let ids_v = self.i64_ref(&ids, "embedding ids")?;
-        let (vocab, hidden) = (table.shape[0], table.shape[1]);
+        let [vocab, hidden] = table.shape[..] else {
+            return Err(self.err(format!("embedding table has shape {:?}", table.shape)));
+        };
         let mut out = self.arena.take(ids_v.len() * hidden);
         for (&id, o) in ids_v.iter().zip(out.chunks_mut(hidden.max(1))) {
             let row = usize::try_from(id)

@@ -20,6 +20,9 @@
 //! header first, then the data section in parallel chunks — so a truncated, corrupted or foreign file is
 //! refused, never trusted.
 
+// Sizes here come from clients or files: arithmetic on them must be checked.
+#![warn(clippy::arithmetic_side_effects)]
+
 use std::fs;
 use std::io::Write;
 use std::path::Path;
@@ -82,6 +85,8 @@ pub struct CachedPlan {
     pub bytes: u64,
 }
 
+// The writer's sizes are those of a plan in memory, not read from a file.
+#[allow(clippy::arithmetic_side_effects)]
 fn align(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
 }
@@ -101,6 +106,7 @@ fn weight_buffers(graph: &Graph) -> Vec<&Buffer> {
 
 /// Writes an entry for `graph` (whose constants must all be stored weights) at `path`,
 /// atomically.
+#[allow(clippy::arithmetic_side_effects)]
 pub fn write(path: &Path, summary: EntrySummary, graph: &Graph) -> Result<u64, CacheError> {
     if let Some(n) = graph
         .nodes
@@ -160,7 +166,7 @@ pub fn write(path: &Path, summary: EntrySummary, graph: &Graph) -> Result<u64, C
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+    u64::from_le_bytes(b[at..][..8].try_into().expect("8 bytes"))
 }
 
 #[allow(unsafe_code)]
@@ -198,8 +204,8 @@ fn read_header(bytes: &[u8]) -> Result<(Header, usize, usize), CacheError> {
     let data_len = usize::try_from(u64_at(bytes, 40)).unwrap_or(usize::MAX);
     let header_end = PREAMBLE.checked_add(header_len);
     let data_end = data_start.checked_add(data_len);
-    match (header_end, data_end) {
-        (Some(h), Some(d)) if h <= data_start && d == bytes.len() && data_start % ALIGN == 0 => {}
+    let header_end = match (header_end, data_end) {
+        (Some(h), Some(d)) if h <= data_start && d == bytes.len() && data_start % ALIGN == 0 => h,
         _ => {
             return Err(corrupt(format!(
                 "sections (header {header_len} bytes, data {data_len} at {data_start}) do not \
@@ -207,8 +213,8 @@ fn read_header(bytes: &[u8]) -> Result<(Header, usize, usize), CacheError> {
                 bytes.len()
             )));
         }
-    }
-    let json = &bytes[PREAMBLE..PREAMBLE + header_len];
+    };
+    let json = &bytes[PREAMBLE..header_end];
     if xxh3_64(json) != header_sum {
         return Err(corrupt("header checksum mismatch".into()));
     }
@@ -246,7 +252,7 @@ pub fn read(path: &Path) -> Result<CachedPlan, CacheError> {
             } else {
                 Err(CacheError::Corrupt(format!(
                     "data checksum mismatch in bytes {}..",
-                    i * CHUNK
+                    i.saturating_mul(CHUNK)
                 )))
             }
         })?;
@@ -276,8 +282,13 @@ pub fn read(path: &Path) -> Result<CachedPlan, CacheError> {
             let r = records.next().ok_or_else(|| {
                 CacheError::Corrupt("fewer buffer records than weight buffers".into())
             })?;
+            // In the data section: checked against `data_len` above.
+            let at = usize::try_from(r.offset)
+                .ok()
+                .and_then(|off| data_start.checked_add(off))
+                .ok_or_else(|| CacheError::Corrupt("a buffer offset overflows".into()))?;
             b.bytes = file
-                .slice(data_start + r.offset as usize, r.len as usize)
+                .slice(at, r.len as usize)
                 .map_err(|e| CacheError::Corrupt(e.to_string()))?;
             b.check().map_err(|e| CacheError::Corrupt(e.to_string()))?;
         }

@@ -68,6 +68,11 @@ pub fn hash_file(path: &Path) -> Result<String, CacheError> {
     Ok(format!("{:032x}", h.digest128()))
 }
 
+/// Whether `s` has the form [`hash_file`] writes: 32 lowercase hex digits.
+fn is_file_hash(s: &str) -> bool {
+    s.len() == 32 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// What identifies one version of a file without reading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
@@ -128,10 +133,13 @@ impl HashMemo {
 
     fn read(&self) -> BTreeMap<String, MemoEntry> {
         // A missing or unreadable memo only costs re-hashing.
-        fs::read(&self.path)
+        // Entries whose hash is not a hash are dropped: the memo is only a shortcut.
+        let mut memo: BTreeMap<String, MemoEntry> = fs::read(&self.path)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        memo.retain(|_, e| is_file_hash(&e.hash));
+        memo
     }
 
     /// Content hashes of `paths`, from the memo where the file is unchanged, else by reading
@@ -182,7 +190,8 @@ pub(crate) fn build_hash(memo: &HashMemo) -> String {
         .ok()
         .and_then(|exe| memo.hashes(&[exe]).ok())
         .and_then(|(h, _)| h.into_iter().next())
-        .map_or_else(|| "unknown".into(), |h| h[..16].to_string())
+        .and_then(|h| h.get(..16).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 #[cfg(test)]
@@ -239,6 +248,29 @@ mod tests {
         assert_eq!(read, 1);
         assert_ne!(h3, h1);
         assert_eq!(h3[0], hash_file(&file).unwrap());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_memo_costs_only_rehashing() {
+        let dir = std::env::temp_dir().join(format!("kiln-memo-bad-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("weights.bin");
+        fs::write(&file, b"one").unwrap();
+        let memo = HashMemo::new(dir.join("hashes.json"));
+        memo.hashes(std::slice::from_ref(&file)).unwrap();
+        // The right stamp with a hash that is not one (short, non-ASCII): ignored, re-hashed.
+        let text = fs::read_to_string(dir.join("hashes.json")).unwrap();
+        let good = hash_file(&file).unwrap();
+        for forged in ["", "é", "0123"] {
+            fs::write(dir.join("hashes.json"), text.replace(&good, forged)).unwrap();
+            let (h, read) = memo.hashes(std::slice::from_ref(&file)).unwrap();
+            assert_eq!((h[0].as_str(), read), (good.as_str(), 1), "{forged:?}");
+            fs::write(dir.join("hashes.json"), text.replace(&good, forged)).unwrap();
+            assert_ne!(build_hash(&memo), "");
+        }
+        fs::write(dir.join("hashes.json"), b"{not json").unwrap();
+        assert_eq!(memo.hashes(std::slice::from_ref(&file)).unwrap().1, 1);
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -137,6 +137,42 @@ pub struct EntryInfo {
     pub summary: Result<EntrySummary, String>,
 }
 
+/// The writing process of a temporary file `.{name}.{pid}.{n}.tmp` (see [`write_atomic`]).
+fn tmp_owner(file_name: &str) -> Option<u32> {
+    let stem = file_name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let mut parts = stem.rsplitn(3, '.');
+    let _n = parts.next()?;
+    parts.next()?.parse().ok()
+}
+
+/// Removes temporary files left by writers that died mid-write (killed, or out of power): their
+/// process is gone. A live writer's file is left alone. Where processes cannot be looked up
+/// (no `/proc`), nothing is removed; `kiln cache clear` removes them all.
+fn remove_orphans(plans: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(dir) = fs::read_dir(plans) else {
+        return;
+    };
+    for item in dir.flatten() {
+        let name = item.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = tmp_owner(&name)
+            && pid != std::process::id()
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            match fs::remove_file(item.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %name, "removed a plan cache file left by a writer that died mid-write")
+                }
+                Err(e) => {
+                    tracing::debug!(file = %name, error = %e, "cannot remove a leftover plan cache file")
+                }
+            }
+        }
+    }
+}
+
 /// A cache folder.
 #[derive(Debug, Clone)]
 pub struct PlanCache {
@@ -147,6 +183,7 @@ impl PlanCache {
     /// Opens (creating if needed) a cache folder.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
         fs::create_dir_all(dir.join("plans")).map_err(|e| CacheError::io(dir, e))?;
+        remove_orphans(&dir.join("plans"));
         Ok(Self {
             dir: dir.to_path_buf(),
         })
@@ -198,7 +235,8 @@ impl PlanCache {
                 Lookup::Hit(plan)
             }
             Err(e) => {
-                tracing::warn!(
+                // The caller reports the rebuild and its reason (one line for the operator).
+                tracing::debug!(
                     path = %path.display(),
                     error = %e,
                     "plan cache entry rejected; it will be rebuilt"
@@ -206,6 +244,17 @@ impl PlanCache {
                 let _ = fs::remove_file(&path);
                 Lookup::Rejected(e.to_string())
             }
+        }
+    }
+
+    /// Removes `material`'s entry (one that read back but could not be used), so the next
+    /// load rebuilds it instead of failing on it again.
+    pub fn evict(&self, material: &KeyMaterial) {
+        let path = self.entry_path(&material.key());
+        if let Err(e) = fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove a plan cache entry");
         }
     }
 
@@ -489,6 +538,121 @@ mod tests {
         cache.store(&other, "m", &graph, &report).unwrap();
         fs::rename(cache.entry_path(&other.key()), &path).unwrap();
         assert!(matches!(cache.load(&m), Lookup::Rejected(why) if why.contains("stale")));
+        let _ = fs::remove_dir_all(cache.dir());
+    }
+
+    /// `entry` with its header JSON changed by `mutate` and its checksum and offsets redone: a
+    /// damaged entry that every checksum passes.
+    fn forged(entry: &[u8], mutate: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
+        let u64_at = |at: usize| u64::from_le_bytes(entry[at..at + 8].try_into().unwrap()) as usize;
+        let (header_len, data_start) = (u64_at(16), u64_at(32));
+        let mut header: serde_json::Value =
+            serde_json::from_slice(&entry[64..64 + header_len]).unwrap();
+        mutate(&mut header);
+        let json = serde_json::to_vec(&header).unwrap();
+        let new_start = (64 + json.len()).div_ceil(64) * 64;
+        let mut out = entry[..64].to_vec();
+        out[16..24].copy_from_slice(&(json.len() as u64).to_le_bytes());
+        out[24..32].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
+        out[32..40].copy_from_slice(&(new_start as u64).to_le_bytes());
+        out.extend_from_slice(&json);
+        out.resize(new_start, 0);
+        out.extend_from_slice(&entry[data_start..]);
+        out
+    }
+
+    /// Every JSON object under `v` that has all of `keys`.
+    fn objects_with<'a>(
+        v: &'a mut serde_json::Value,
+        keys: &[&str],
+        out: &mut Vec<&'a mut serde_json::Map<String, serde_json::Value>>,
+    ) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if keys.iter().all(|k| m.contains_key(*k)) {
+                    out.push(m);
+                } else {
+                    m.values_mut().for_each(|x| objects_with(x, keys, out));
+                }
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| objects_with(x, keys, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn entries_with_forged_sizes_are_rejected_without_a_panic() {
+        let cache = temp_cache("forged");
+        let (graph, report) = compiled(&CompileOptions::default());
+        let m = material("f");
+        cache.store(&m, "m", &graph, &report).unwrap();
+        let path = cache.entry_path(&m.key());
+        let good = fs::read(&path).unwrap();
+        type Mutation = Box<dyn Fn(&mut serde_json::Value)>;
+        let set_shape = |keys: &'static [&'static str], shape: serde_json::Value| -> Mutation {
+            Box::new(move |h| {
+                let mut found = Vec::new();
+                objects_with(h, keys, &mut found);
+                assert!(!found.is_empty(), "no object with {keys:?}");
+                for o in found {
+                    o.insert("shape".into(), shape.clone());
+                }
+            })
+        };
+        let cases: Vec<(&str, Mutation)> = vec![
+            (
+                "buffer shapes whose product overflows",
+                set_shape(
+                    &["elem", "shape", "name"],
+                    serde_json::json!([1u64 << 62, 8]),
+                ),
+            ),
+            (
+                "rank-1 weights",
+                set_shape(&["format", "buffers", "shape"], serde_json::json!([8])),
+            ),
+            (
+                "weights of a huge logical shape",
+                set_shape(
+                    &["format", "buffers", "shape"],
+                    serde_json::json!([1u64 << 40, 1u64 << 40]),
+                ),
+            ),
+            (
+                "buffer records past the data",
+                Box::new(|h| {
+                    for r in h["buffers"].as_array_mut().unwrap() {
+                        r["offset"] = serde_json::json!(u64::MAX - 63);
+                    }
+                }),
+            ),
+        ];
+        for (what, mutate) in cases {
+            fs::write(&path, forged(&good, mutate)).unwrap();
+            let outcome = std::panic::catch_unwind(|| cache.load(&m));
+            match outcome {
+                Ok(Lookup::Rejected(why)) => assert!(!why.is_empty(), "{what}"),
+                Ok(other) => panic!("{what}: expected a rejection, got {other:?}"),
+                Err(_) => panic!("{what}: loading panicked"),
+            }
+        }
+        let _ = fs::remove_dir_all(cache.dir());
+    }
+
+    #[test]
+    fn temporary_files_of_dead_writers_are_removed_on_open() {
+        let cache = temp_cache("orphans");
+        let plans = cache.dir().join("plans");
+        // No process has pid u32::MAX - 1 (Linux caps pids at 2^22); ours is alive.
+        let dead = plans.join(format!(".k.kiln.{}.0.tmp", u32::MAX - 1));
+        let mine = plans.join(format!(".k.kiln.{}.0.tmp", std::process::id()));
+        fs::write(&dead, b"half a plan").unwrap();
+        fs::write(&mine, b"being written").unwrap();
+        assert_eq!(tmp_owner(".k.kiln.42.7.tmp"), Some(42));
+        assert_eq!(tmp_owner("k.kiln"), None);
+        let cache = PlanCache::open(cache.dir()).unwrap();
+        assert!(!dead.exists(), "a dead writer's file is removed");
+        assert!(mine.exists(), "a live writer's file is kept");
         let _ = fs::remove_dir_all(cache.dir());
     }
 

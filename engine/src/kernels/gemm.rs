@@ -79,12 +79,17 @@ fn gemm_strided(
     threads: usize,
 ) {
     let b_needed = if k == 0 || n == 0 {
-        0
+        Some(0)
     } else {
-        (k - 1) * b_rs + (n - 1) * b_cs + 1
+        (k - 1)
+            .checked_mul(b_rs)
+            .zip((n - 1).checked_mul(b_cs))
+            .and_then(|(x, y)| x.checked_add(y)?.checked_add(1))
     };
     assert!(
-        c.len() >= m * n && a.len() >= m * k && b.len() >= b_needed,
+        super::holds(c.len(), m, n)
+            && super::holds(a.len(), m, k)
+            && b_needed.is_some_and(|need| b.len() >= need),
         "matmul: buffers too short"
     );
     if m == 0 || n == 0 {

@@ -117,7 +117,10 @@ pub fn matmul_small_m(
     threads: usize,
 ) {
     assert!(
-        m <= SMALL_M && y.len() >= m * n && x.len() >= m * k && w.len() >= k * n,
+        m <= SMALL_M
+            && super::holds(y.len(), m, n)
+            && super::holds(x.len(), m, k)
+            && super::holds(w.len(), k, n),
         "matmul_small_m: bad shapes"
     );
     if m == 0 || n == 0 {

@@ -1,6 +1,13 @@
 //! kiln's own CPU kernels, used by [`crate::backend::CpuBackend`]. Each has a plain safe
 //! reference it is tested against.
 
+/// Whether a buffer of `len` elements holds `rows * cols`, without the product overflowing: the
+/// kernels' entry checks, which guard their unchecked inner loops, must not wrap on shapes read
+/// from a damaged plan file.
+pub(crate) fn holds(len: usize, rows: usize, cols: usize) -> bool {
+    rows.checked_mul(cols).is_some_and(|need| len >= need)
+}
+
 /// Defines `fn $name(args)` whose body is compiled three times: as written, with AVX2 enabled
 /// and with AVX-512F enabled (the widest the CPU has is chosen at run time on x86-64). The body
 /// must be plain safe code; the AVX2 and AVX-512 copies let the compiler vectorise its loops 8

@@ -94,9 +94,13 @@ fn linear_on(
     threads: usize,
 ) {
     assert!(
-        y.len() >= m * n
-            && x.len() >= m * k
-            && panels.len() >= packed_len(n, k)
+        super::holds(y.len(), m, n)
+            && super::holds(x.len(), m, k)
+            && m.checked_mul(n).and_then(|mn| mn.checked_mul(k)).is_some()
+            && n.div_ceil(NR)
+                .checked_mul(k)
+                .and_then(|p| p.checked_mul(NR))
+                .is_some_and(|need| panels.len() >= need)
             && bias.is_none_or(|b| b.len() >= n),
         "panel linear: buffers too short"
     );
