@@ -235,6 +235,12 @@ impl Generator {
         &self.model
     }
 
+    /// Numbers new requests from `first` on: a generator that replaces another must not reuse
+    /// the ids its predecessor gave out (a late cancel for one of those would hit a new request).
+    pub fn start_ids_at(&mut self, first: RequestId) {
+        self.next_id = self.next_id.max(first);
+    }
+
     pub fn limits(&self) -> &GenerationLimits {
         &self.limits
     }
@@ -272,8 +278,14 @@ impl Generator {
                 "token id {t} is outside the vocabulary of {vocab}"
             )));
         }
-        let total = req.prompt.len() + req.max_new_tokens;
         let context = self.model.info().max_context;
+        // Both counts come from the client: a sum that overflows is just "too long".
+        let Some(total) = req.prompt.len().checked_add(req.max_new_tokens) else {
+            return Err(ModelError::Input(format!(
+                "max_tokens is {}: more than the model's context of {context} tokens",
+                req.max_new_tokens
+            )));
+        };
         if total > context {
             return Err(ModelError::Input(format!(
                 "the prompt has {} tokens and max_tokens is {}: {total} is more than the model's \
@@ -291,7 +303,7 @@ impl Generator {
             )));
         }
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         let mut stop_tokens = req.stop_token_ids;
         if !req.ignore_eos {
             stop_tokens.extend(&self.eos);
@@ -383,40 +395,34 @@ impl Generator {
         if part.is_empty() {
             return Vec::new();
         }
-        let step: Vec<StepSequence> = part
-            .iter()
-            .map(|&(i, q)| {
-                let s = &self.running[i];
-                StepSequence {
-                    tokens: (s.computed..s.computed + q).map(|t| s.token(t)).collect(),
-                    start: s.computed,
-                    block_table: s.blocks.clone(),
-                }
-            })
-            .collect();
-        let logits = match self.model.step(&mut self.cache, &step) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "a generation step failed; its requests fail");
-                let mut events = Vec::new();
-                let mut failed: Vec<usize> = part.iter().map(|p| p.0).collect();
-                failed.sort_unstable_by(|a, b| b.cmp(a));
-                for i in failed {
-                    let seq = self.running.remove(i);
-                    self.pool.release(seq.blocks);
-                    events.push(Event::Failed {
-                        id: seq.id,
-                        message: e.to_string(),
-                    });
-                }
-                return events;
-            }
-        };
+        // A sequence whose blocks cannot hold this step's tokens would make the whole engine
+        // call fail; it fails alone, before the call.
         let mut events = Vec::new();
+        let mut failed: Vec<usize> = Vec::new();
+        part.retain(|&(i, q)| {
+            let s = &self.running[i];
+            let capacity = s.blocks.len().saturating_mul(self.limits.block_size);
+            let fits = s.computed.checked_add(q).is_some_and(|end| end <= capacity);
+            if !fits {
+                tracing::error!(
+                    request = s.id,
+                    blocks = s.blocks.len(),
+                    tokens = s.computed.saturating_add(q),
+                    "a sequence's KV blocks cannot hold its tokens; it fails alone"
+                );
+                failed.push(i);
+            }
+            fits
+        });
+        let (logits, culprits) = self.run_isolated(&part);
+        failed.extend(culprits.iter().map(|&k| part[k].0));
         let mut finished = Vec::new();
         let model = self.model.clone();
         let context = model.info().max_context;
-        for (&(i, q), mut row) in part.iter().zip(logits) {
+        for (&(i, q), row) in part.iter().zip(logits) {
+            let Some(mut row) = row else {
+                continue; // failed: answered below
+            };
             let s = &mut self.running[i];
             s.computed += q;
             if s.computed < s.len() {
@@ -462,13 +468,96 @@ impl Generator {
                 finished.push(i);
             }
         }
+        for &i in &failed {
+            events.push(Event::Failed {
+                id: self.running[i].id,
+                message: "the engine could not run this sequence; see the server log".into(),
+            });
+        }
+        finished.extend(failed);
         finished.sort_unstable_by(|a, b| b.cmp(a));
+        finished.dedup();
         for i in finished {
             let seq = self.running.remove(i);
             self.pool.release(seq.blocks);
         }
         events
     }
+
+    /// One engine call over `part` (indices into `running` and token counts). When the call
+    /// fails (an error or a panic), each sequence is run alone, so that only the ones that fail
+    /// by themselves fail: the others' logits come back as if nothing had happened (rerunning a
+    /// sequence rewrites the same cache positions with the same values). Returns a row of
+    /// logits per entry of `part` (`None` for a culprit) and the culprits' positions in `part`.
+    fn run_isolated(&mut self, part: &[(usize, usize)]) -> (Vec<Option<Vec<f32>>>, Vec<usize>) {
+        if part.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let step: Vec<StepSequence> = part
+            .iter()
+            .map(|&(i, q)| {
+                let s = &self.running[i];
+                StepSequence {
+                    tokens: (s.computed..s.computed + q).map(|t| s.token(t)).collect(),
+                    start: s.computed,
+                    block_table: s.blocks.clone(),
+                }
+            })
+            .collect();
+        let error = match guarded_step(&self.model, &mut self.cache, &step) {
+            Ok(rows) => return (rows.into_iter().map(Some).collect(), Vec::new()),
+            Err(e) => e,
+        };
+        if step.len() == 1 {
+            tracing::error!(error = %error, request = self.running[part[0].0].id, "a generation step failed; its request fails");
+            return (vec![None], vec![0]);
+        }
+        tracing::error!(error = %error, sequences = step.len(), "a generation step failed; running its sequences one by one to find the culprit");
+        let mut rows = Vec::with_capacity(step.len());
+        let mut culprits = Vec::new();
+        for (k, one) in step.into_iter().enumerate() {
+            match guarded_step(&self.model, &mut self.cache, std::slice::from_ref(&one)) {
+                Ok(mut r) if r.len() == 1 => rows.push(r.pop()),
+                Ok(_) | Err(_) => {
+                    tracing::error!(
+                        request = self.running[part[k].0].id,
+                        "this sequence fails alone; only its request fails"
+                    );
+                    rows.push(None);
+                    culprits.push(k);
+                }
+            }
+        }
+        (rows, culprits)
+    }
+}
+
+/// One engine step with a panic turned into an error, so that a bug reached by one request's
+/// data fails a step, never the scheduler thread.
+fn guarded_step(
+    model: &CausalLm,
+    cache: &mut KvCache,
+    step: &[StepSequence],
+) -> std::result::Result<Vec<Vec<f32>>, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model.step(cache, step))) {
+        Ok(Ok(rows)) if rows.len() == step.len() => Ok(rows),
+        Ok(Ok(rows)) => Err(format!(
+            "the engine returned {} rows of logits for {} sequences",
+            rows.len(),
+            step.len()
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(panic) => Err(format!("the engine panicked: {}", panic_message(&*panic))),
+    }
+}
+
+/// The text of a panic's payload, when it has one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 impl Sequence {

@@ -58,9 +58,14 @@ impl Detokenizer {
 
 /// Holds back text that could be the start of a stop string, and cuts the output at the first
 /// stop string that appears.
+///
+/// Each stop string is matched by its own Knuth–Morris–Pratt automaton fed only the new bytes,
+/// so a token costs time in proportion to its text, whatever the stop strings' lengths (a
+/// naive rescan of the tail at every character index would cost the square of their length on
+/// every token, on the scheduler thread that every generation shares).
 #[derive(Debug, Default, Clone)]
 pub struct StopStrings {
-    stops: Vec<String>,
+    stops: Vec<StopMatcher>,
     /// All text seen (after any cut, nothing more is accepted).
     text: String,
     /// Bytes of `text` already released.
@@ -68,10 +73,60 @@ pub struct StopStrings {
     hit: bool,
 }
 
+/// One stop string's automaton: `state` is the length of the longest prefix of the stop string
+/// that the text seen so far ends with.
+#[derive(Debug, Default, Clone)]
+struct StopMatcher {
+    pattern: Vec<u8>,
+    /// `fail[i]`: the longest proper prefix of `pattern[..=i]` that is also its suffix.
+    fail: Vec<usize>,
+    state: usize,
+}
+
+impl StopMatcher {
+    fn new(pattern: &str) -> Self {
+        let pattern = pattern.as_bytes().to_vec();
+        let mut fail = vec![0; pattern.len()];
+        let mut k = 0;
+        for i in 1..pattern.len() {
+            while k > 0 && pattern[i] != pattern[k] {
+                k = fail[k - 1];
+            }
+            if pattern[i] == pattern[k] {
+                k += 1;
+            }
+            fail[i] = k;
+        }
+        Self {
+            pattern,
+            fail,
+            state: 0,
+        }
+    }
+
+    /// Feeds one byte; true when the stop string now ends the text.
+    fn feed(&mut self, b: u8) -> bool {
+        if self.state == self.pattern.len() {
+            self.state = self.fail[self.state - 1];
+        }
+        while self.state > 0 && self.pattern[self.state] != b {
+            self.state = self.fail[self.state - 1];
+        }
+        if self.pattern[self.state] == b {
+            self.state += 1;
+        }
+        self.state == self.pattern.len()
+    }
+}
+
 impl StopStrings {
     pub fn new(stops: Vec<String>) -> Self {
         Self {
-            stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+            stops: stops
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| StopMatcher::new(s))
+                .collect(),
             ..Default::default()
         }
     }
@@ -82,32 +137,28 @@ impl StopStrings {
         if self.hit {
             return (String::new(), true);
         }
-        // A stop string may straddle the old text and the new piece.
-        let longest = self.stops.iter().map(String::len).max().unwrap_or(0);
-        let mut from = self.text.len().saturating_sub(longest);
-        while !self.text.is_char_boundary(from) {
-            from -= 1;
-        }
+        let base = self.text.len();
         self.text.push_str(piece);
-        let found = self
-            .stops
-            .iter()
-            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
-            .min();
-        if let Some(cut) = found {
-            self.text.truncate(cut);
-            self.hit = true;
-            return (self.release(self.text.len()), true);
-        }
-        // Hold back the longest tail that is a prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in s.char_indices().skip(1) {
-                if i > keep && self.text.ends_with(&s[..i]) {
-                    keep = i;
+        // The earliest start of any stop string that ends within the new piece. (Matches
+        // always fall on character boundaries: both sides are UTF-8.)
+        let mut cut: Option<usize> = None;
+        for m in &mut self.stops {
+            for (k, &b) in piece.as_bytes().iter().enumerate() {
+                if m.feed(b) {
+                    let start = base + k + 1 - m.pattern.len();
+                    cut = Some(cut.map_or(start, |c| c.min(start)));
+                    break; // later matches of the same string start later
                 }
             }
         }
+        if let Some(cut) = cut {
+            self.text.truncate(cut);
+            self.hit = true;
+            let upto = self.text.len().max(self.released);
+            return (self.release(upto), true);
+        }
+        // Hold back the longest tail that is a prefix of some stop string.
+        let keep = self.stops.iter().map(|m| m.state).max().unwrap_or(0);
         let upto = self.text.len() - keep;
         (self.release(upto.max(self.released)), false)
     }
@@ -186,5 +237,83 @@ mod tests {
         // A stop inside one piece.
         let mut s = StopStrings::new(vec!["x".into(), "yz".into()]);
         assert_eq!(s.push("abyzcx"), ("ab".into(), true));
+    }
+
+    /// The plain definition: rescan the text for every stop string, then hold back the longest
+    /// tail that is a prefix of one.
+    fn reference(stops: &[&str], pieces: &[String]) -> (Vec<String>, bool) {
+        let mut text = String::new();
+        let mut released = 0;
+        let mut out = Vec::new();
+        for p in pieces {
+            text.push_str(p);
+            if let Some(cut) = stops.iter().filter_map(|s| text.find(s)).min() {
+                out.push(text[released.min(cut)..cut].to_string());
+                return (out, true);
+            }
+            let keep = stops
+                .iter()
+                .flat_map(|s| {
+                    (1..s.len()).filter(|&i| s.is_char_boundary(i) && text.ends_with(&s[..i]))
+                })
+                .max()
+                .unwrap_or(0);
+            let upto = (text.len() - keep).max(released);
+            out.push(text[released..upto].to_string());
+            released = upto;
+        }
+        (out, false)
+    }
+
+    #[test]
+    fn stop_strings_match_the_plain_definition_on_random_text() {
+        let alphabet = ["a", "b", "ab", "é", "aa", "ba", ""];
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = |n: usize| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 33) as usize) % n
+        };
+        for _ in 0..3000 {
+            let stops: Vec<String> = (0..1 + next(3))
+                .map(|_| (0..1 + next(5)).map(|_| ["a", "b", "é"][next(3)]).collect())
+                .collect();
+            let pieces: Vec<String> = (0..1 + next(12))
+                .map(|_| alphabet[next(alphabet.len())].to_string())
+                .collect();
+            let refs: Vec<&str> = stops.iter().map(String::as_str).collect();
+            let (want, want_hit) = reference(&refs, &pieces);
+            let mut s = StopStrings::new(stops.clone());
+            let mut got = Vec::new();
+            let mut hit = false;
+            for p in &pieces {
+                let (out, h) = s.push(p);
+                got.push(out);
+                if h {
+                    hit = true;
+                    break;
+                }
+            }
+            assert_eq!(
+                (got, hit),
+                (want, want_hit),
+                "stops {stops:?}, pieces {pieces:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_stop_strings_cost_time_in_proportion_to_the_text() {
+        // 16 stop strings of 4 KiB that the text keeps almost matching: the automaton does a
+        // bounded amount of work per byte (the rescanning version did ~10^10 comparisons here).
+        let stop = format!("{}b", "a".repeat(4095));
+        let mut s = StopStrings::new(vec![stop; 16]);
+        for _ in 0..2000 {
+            let (_, hit) = s.push("aaaa");
+            assert!(!hit);
+        }
+        let (_, hit) = s.push("b");
+        assert!(hit);
     }
 }
