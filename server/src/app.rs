@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use kiln_models::{EncoderModel, LoadOptions, ModelInfo, TextInput};
 use tower::ServiceBuilder;
 use tower::util::MapRequestLayer;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 use tower_http::trace::TraceLayer;
 
@@ -24,6 +25,7 @@ use crate::infer::Infer;
 use crate::metrics::Metrics;
 use crate::request_id;
 use crate::routes::{completions, generate, kserve, native, openai, openapi};
+use crate::supervise::Workers;
 
 /// A model that is loaded, warmed up and has its batcher running.
 pub struct Ready {
@@ -38,6 +40,11 @@ struct Inner {
     ready: OnceLock<Ready>,
     /// Set instead of `ready` when the model is a causal LM.
     generation: OnceLock<GenerationService>,
+    /// The worker threads, for readiness.
+    workers: Workers,
+    /// Set when a draining server's `--shutdown-timeout` has passed: requests still in flight
+    /// are answered 503 at once.
+    abort: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Clone)]
@@ -62,6 +69,8 @@ impl AppState {
                 keys,
                 ready: OnceLock::new(),
                 generation: OnceLock::new(),
+                workers: Workers::default(),
+                abort: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -112,8 +121,25 @@ impl AppState {
         self.inner.generation.get()
     }
 
+    /// Loaded, warmed up, and every worker thread running.
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.get().is_some() || self.inner.generation.get().is_some()
+        (self.inner.ready.get().is_some() || self.inner.generation.get().is_some())
+            && self.inner.workers.down().is_empty()
+    }
+
+    /// The worker threads that are down now (dead or restarting).
+    pub fn workers_down(&self) -> Vec<&'static str> {
+        self.inner.workers.down()
+    }
+
+    /// Answers every request still in flight with 503 (the drain deadline has passed).
+    pub fn abort_in_flight(&self) {
+        self.inner.abort.send_replace(true);
+    }
+
+    /// Resolves once [`AppState::abort_in_flight`] has been called.
+    pub fn aborted(&self) -> Aborted {
+        Aborted(self.inner.abort.subscribe())
     }
 
     /// Loads the model, runs one warm-up request, starts the batcher and marks the server
@@ -159,6 +185,8 @@ impl AppState {
             Arc::new(model),
             self.inner.config.clone(),
             self.metrics().clone(),
+            &self.inner.workers,
+            self.aborted(),
         )
         .map_err(|e| e.to_string())?;
         self.metrics()
@@ -187,8 +215,13 @@ impl AppState {
         );
         self.metrics().set_device(&model.info().placement);
         warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
-        let service =
-            GenerationService::start(model, self.inner.config.clone(), self.metrics().clone())?;
+        let service = GenerationService::start(
+            model,
+            self.inner.config.clone(),
+            self.metrics().clone(),
+            &self.inner.workers,
+            self.aborted(),
+        )?;
         self.metrics()
             .model_load_seconds
             .set(started.elapsed().as_secs_f64());
@@ -196,6 +229,21 @@ impl AppState {
             return Err("the model was already loaded".into());
         }
         Ok(())
+    }
+}
+
+/// A handle that resolves once the server gives up draining (see
+/// [`AppState::abort_in_flight`]).
+#[derive(Clone)]
+pub struct Aborted(tokio::sync::watch::Receiver<bool>);
+
+impl Aborted {
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        // An error means the state is gone: then nothing is in flight to abort either.
+        if rx.wait_for(|aborted| *aborted).await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -318,9 +366,18 @@ pub fn app(state: AppState) -> Router {
             refuse_declared_oversize,
         ))
         .layer(decompress)
+        // A panic anywhere in a handler answers that request 500 (JSON) and nothing else: the
+        // connection, the other requests and the process carry on.
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(TraceLayer::new_for_http().make_span_with(request_id::span))
         .layer(middleware::from_fn(request_id::assign))
         .with_state(state)
+}
+
+/// The answer to a request whose handler panicked.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    tracing::error!(panic = %kiln_models::panic_message(&*panic), "a request handler panicked; that request gets 500, serving goes on");
+    axum::response::IntoResponse::into_response(AppError::internal())
 }
 
 /// 413 at once for a body whose declared `Content-Length` is over the payload limit, before any

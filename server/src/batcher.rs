@@ -32,6 +32,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
+use crate::supervise::{self, Exit, Workers};
+
+/// The backend thread's name in logs, metrics and fault injection.
+const WORKER: &str = "encoder-backend";
 
 /// The limits the queue owner and the backend batch by.
 #[derive(Debug, Clone, Copy)]
@@ -83,15 +87,24 @@ impl Batcher {
         limits: BatchLimits,
         metrics: Metrics,
         admitted: AdmittedCount,
+        workers: &Workers,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Room for one batch: the next one waits here while the backend runs the current one.
-        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Entry>>(1);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Entry>>(1);
         let done = tx.clone();
         let backend_metrics = metrics.clone();
+        let up = workers.register(WORKER);
         std::thread::Builder::new()
             .name("kiln-backend".into())
-            .spawn(move || backend_loop(&model, batch_rx, done, limits, &backend_metrics))?;
+            .spawn(move || {
+                supervise::run(WORKER, &up, &backend_metrics, |started| {
+                    supervise::maybe_inject(WORKER);
+                    started();
+                    backend_loop(&model, &mut batch_rx, &done, limits, &backend_metrics);
+                    Exit::Done
+                });
+            })?;
         tokio::spawn(queue_owner(rx, batch_tx, limits, metrics, admitted));
         Ok(Self { tx })
     }
@@ -244,19 +257,34 @@ fn take_batch(queue: &mut VecDeque<Entry>, limits: &BatchLimits) -> Vec<Entry> {
     batch
 }
 
+/// Runs batches until the queue owner is gone. A panic here (outside an engine call, which
+/// `run_batch` catches per call) drops the batch in hand, whose requests fail, and the
+/// supervisor restarts the loop (see [`supervise`]).
 fn backend_loop(
     model: &EncoderModel,
-    mut batches: mpsc::Receiver<Vec<Entry>>,
-    done: mpsc::UnboundedSender<Msg>,
+    batches: &mut mpsc::Receiver<Vec<Entry>>,
+    done: &mpsc::UnboundedSender<Msg>,
     limits: BatchLimits,
     metrics: &Metrics,
 ) {
     while let Some(batch) = batches.blocking_recv() {
         let requests = batch.len();
+        // The queue owner counts this batch done even if it dies with the loop.
+        let _done = BatchDone { done, requests };
+        supervise::maybe_inject(WORKER);
         run_batch(model, batch, &limits, metrics);
-        if done.send(Msg::BatchDone(requests)).is_err() {
-            return;
-        }
+    }
+}
+
+/// Tells the queue owner a batch is over when dropped, also while unwinding from a panic.
+struct BatchDone<'a> {
+    done: &'a mpsc::UnboundedSender<Msg>,
+    requests: usize,
+}
+
+impl Drop for BatchDone<'_> {
+    fn drop(&mut self) {
+        let _ = self.done.send(Msg::BatchDone(self.requests));
     }
 }
 

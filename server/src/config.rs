@@ -51,6 +51,7 @@ pub struct RawServeConfig {
     pub truncate: Option<bool>,
     /// A duration such as `"30s"`.
     pub request_timeout: Option<String>,
+    pub shutdown_timeout: Option<String>,
     pub payload_limit: Option<usize>,
     pub api_keys: Option<Vec<String>>,
     pub api_keys_file: Option<PathBuf>,
@@ -111,6 +112,7 @@ impl RawServeConfig {
             max_input_tokens: self.max_input_tokens.or(fallback.max_input_tokens),
             truncate: self.truncate.or(fallback.truncate),
             request_timeout: self.request_timeout.or(fallback.request_timeout),
+            shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
             payload_limit: self.payload_limit.or(fallback.payload_limit),
             api_keys: self.api_keys.or(fallback.api_keys),
             api_keys_file: self.api_keys_file.or(fallback.api_keys_file),
@@ -202,6 +204,10 @@ impl RawServeConfig {
             config.request_timeout =
                 parse_duration(&d).map_err(|e| format!("--request-timeout: {e}"))?;
         }
+        if let Some(d) = self.shutdown_timeout {
+            config.shutdown_timeout =
+                parse_duration(&d).map_err(|e| format!("--shutdown-timeout: {e}"))?;
+        }
         config.api_keys = self.api_keys.unwrap_or_default();
         config.api_keys_file = self.api_keys_file;
         if self.no_fuse == Some(true) {
@@ -266,6 +272,8 @@ pub struct ServeConfig {
     pub auto_truncate: bool,
     /// A request that has not been answered by then gets 504 and its queued work is dropped.
     pub request_timeout: Duration,
+    /// After a shutdown signal, how long draining may take before the process exits anyway.
+    pub shutdown_timeout: Duration,
     /// Largest request body in bytes, after gzip decompression (413 beyond).
     pub payload_limit: usize,
     /// Bearer keys accepted on every route but health and metrics; none and no file: open.
@@ -392,6 +400,7 @@ impl ServeConfig {
             max_input_tokens: None,
             auto_truncate: true,
             request_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(30),
             payload_limit: 2 * 1024 * 1024,
             api_keys: Vec::new(),
             api_keys_file: None,

@@ -8,21 +8,33 @@
 //! dropped (the client disconnected, or a non-streaming handler was cancelled), and the
 //! scheduler also cancels any request whose channel has closed before each step, so a
 //! disconnect returns its KV blocks to the pool at the next token boundary at the latest.
-//! Admission is the same semaphore as the encoder routes (`max_concurrent_requests`, 429 beyond);
-//! inside it, a request that does not fit the KV cache waits for memory, never an OOM.
+//! Admission is the same semaphore as the encoder routes (`max_concurrent_requests`, 429 beyond),
+//! taken before the prompt is tokenized; inside it, a request that does not fit the KV cache
+//! waits for memory, never an OOM, and no longer than `--request-timeout` (the handlers' deadline
+//! covers the whole request: queue, KV wait and generation; when it passes, dropping the
+//! [`Generation`] cancels it and frees its blocks).
+//!
+//! The scheduler runs under [`supervise::run`]: a panic outside one step's engine call (those
+//! fail only the sequences that cause them, see [`Generator::step`]) fails the requests it held,
+//! marks the server not ready and restarts the scheduler with a new KV cache.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_models::{
     CausalLm, Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::app::Aborted;
 use crate::config::ServeConfig;
 use crate::error::AppError;
 use crate::metrics::Metrics;
+use crate::supervise::{self, Exit, Workers};
+
+/// The scheduler's name in logs, metrics and fault injection.
+const WORKER: &str = "generation-scheduler";
 
 /// What a generation sends back, token by token.
 #[derive(Debug, Clone)]
@@ -35,6 +47,10 @@ pub enum Piece {
         generated_tokens: usize,
     },
     Failed(String),
+    /// `--request-timeout` passed (made by the handler, never sent by the scheduler).
+    TimedOut(String),
+    /// The server stopped draining at `--shutdown-timeout` (made by the handler).
+    ShuttingDown,
 }
 
 enum Command {
@@ -53,6 +69,7 @@ pub struct GenerationService {
     commands: mpsc::UnboundedSender<Command>,
     admission: Arc<Semaphore>,
     config: Arc<ServeConfig>,
+    aborted: Aborted,
 }
 
 /// A running generation: its pieces, and cancellation when dropped before the end.
@@ -77,7 +94,7 @@ impl Generation {
             Some(Piece::Token {
                 finish: Some(_), ..
             })
-            | Some(Piece::Failed(_))
+            | Some(Piece::Failed(_) | Piece::TimedOut(_) | Piece::ShuttingDown)
             | None => self.done = true,
             _ => {}
         }
@@ -94,12 +111,14 @@ impl Drop for Generation {
 }
 
 impl GenerationService {
-    /// Starts the scheduler thread. Must run inside the tokio runtime (for nothing but the
-    /// channel types; the thread is a plain OS thread).
+    /// Starts the scheduler thread (supervised: see the module docs). Must run inside the tokio
+    /// runtime (for nothing but the channel types; the thread is a plain OS thread).
     pub fn start(
         model: Arc<CausalLm>,
         config: Arc<ServeConfig>,
         metrics: Metrics,
+        workers: &Workers,
+        aborted: Aborted,
     ) -> Result<Self, String> {
         let limits = GenerationLimits {
             block_size: config.kv_block_size,
@@ -109,20 +128,43 @@ impl GenerationService {
             waiting_served_ratio: config.waiting_served_ratio,
             max_running: config.max_batch_requests,
         };
-        let generator = Generator::new(model.clone(), limits).map_err(|e| e.to_string())?;
-        let (used, total) = generator.blocks_used();
+        // The first generator is built here so that a configuration that cannot work fails the
+        // load; restarts build their own.
+        let first = Generator::new(model.clone(), limits).map_err(|e| e.to_string())?;
+        let (used, total) = first.blocks_used();
         metrics.kv_cache_blocks_total.set(total as i64);
         metrics.kv_cache_blocks_used.set(used as i64);
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let up = workers.register(WORKER);
+        let scheduler_model = model.clone();
         std::thread::Builder::new()
             .name("kiln-generation".into())
-            .spawn(move || scheduler(generator, rx, &metrics))
+            .spawn(move || {
+                let mut first = Some(first);
+                // Ids given out so far, so that a restarted scheduler never reuses one.
+                let mut issued: RequestId = 0;
+                supervise::run(WORKER, &up, &metrics, |started| {
+                    let mut generator = match first.take() {
+                        Some(g) => g,
+                        None => match Generator::new(scheduler_model.clone(), limits) {
+                            Ok(g) => g,
+                            Err(e) => return Exit::Failed(e.to_string()),
+                        },
+                    };
+                    generator.start_ids_at(issued);
+                    supervise::maybe_inject(WORKER);
+                    started();
+                    scheduler(generator, &mut rx, &metrics, &mut issued);
+                    Exit::Done
+                });
+            })
             .map_err(|e| e.to_string())?;
         Ok(Self {
             model,
             commands: tx,
             admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
             config,
+            aborted,
         })
     }
 
@@ -159,15 +201,37 @@ impl GenerationService {
         .max(1)
     }
 
-    /// Admits a request (429 at `max_concurrent_requests`) and hands it to the scheduler;
-    /// a request that can never run is a 422.
-    pub async fn start_generation(&self, req: GenerationRequest) -> Result<Generation, AppError> {
-        let slot = self.admission.clone().try_acquire_owned().map_err(|_| {
-            AppError::overloaded(format!(
-                "the server is at its limit of {} concurrent requests; retry later",
-                self.config.max_concurrent_requests
-            ))
-        })?;
+    /// A slot among `--max-concurrent-requests`, or 429 at once: taken before any work on the
+    /// request (tokenization included), held until its generation ends.
+    pub fn admit(&self) -> Result<Slot, AppError> {
+        self.admission
+            .clone()
+            .try_acquire_owned()
+            .map(Slot)
+            .map_err(|_| {
+                AppError::overloaded(format!(
+                    "the server is at its limit of {} concurrent requests; retry later",
+                    self.config.max_concurrent_requests
+                ))
+            })
+    }
+
+    /// Resolves when the server stops draining and answers what is left with 503.
+    pub fn aborted(&self) -> &Aborted {
+        &self.aborted
+    }
+
+    /// How long a request may take from arrival to its last token (`--request-timeout`).
+    pub fn request_timeout(&self) -> Duration {
+        self.config.request_timeout
+    }
+
+    /// Hands an admitted request to the scheduler; a request that can never run is a 422.
+    pub async fn start_generation(
+        &self,
+        req: GenerationRequest,
+        slot: Slot,
+    ) -> Result<Generation, AppError> {
         let prompt_tokens = req.prompt.len();
         let (pieces_tx, pieces) = mpsc::unbounded_channel();
         let (accepted, answer) = oneshot::channel();
@@ -178,19 +242,24 @@ impl GenerationService {
                 accepted,
             })
             .map_err(|_| AppError::unavailable("the generation scheduler has stopped"))?;
-        let id = answer
-            .await
-            .map_err(|_| AppError::unavailable("the generation scheduler has stopped"))??;
+        let id = answer.await.map_err(|_| {
+            AppError::unavailable(
+                "the generation scheduler restarted before taking the request; retry",
+            )
+        })??;
         Ok(Generation {
             pieces,
             prompt_tokens,
             id,
             commands: self.commands.clone(),
             done: false,
-            _slot: slot,
+            _slot: slot.0,
         })
     }
 }
+
+/// An admission slot (see [`GenerationService::admit`]).
+pub struct Slot(OwnedSemaphorePermit);
 
 /// Per-request bookkeeping on the scheduler thread.
 struct Route {
@@ -201,21 +270,22 @@ struct Route {
 
 fn scheduler(
     mut generator: Generator,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
     metrics: &Metrics,
+    issued: &mut RequestId,
 ) {
     let mut routes: HashMap<RequestId, Route> = HashMap::new();
     loop {
         // Sleep while there is nothing to run; otherwise take whatever has arrived.
         if generator.is_idle() {
             match commands.blocking_recv() {
-                Some(c) => handle(c, &mut generator, &mut routes),
+                Some(c) => handle(c, &mut generator, &mut routes, issued),
                 None => return,
             }
         }
         loop {
             match commands.try_recv() {
-                Ok(c) => handle(c, &mut generator, &mut routes),
+                Ok(c) => handle(c, &mut generator, &mut routes, issued),
                 Err(mpsc::error::TryRecvError::Empty) => break,
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     if generator.is_idle() {
@@ -224,6 +294,10 @@ fn scheduler(
                     break;
                 }
             }
+        }
+        supervise::maybe_inject(WORKER);
+        while supervise::fault("generation-stall") {
+            std::thread::sleep(Duration::from_millis(20));
         }
         // Clients that went away free their blocks before the step.
         let gone: Vec<RequestId> = routes
@@ -235,19 +309,9 @@ fn scheduler(
             generator.cancel(id);
             routes.remove(&id);
         }
-        let events = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            generator.step()
-        })) {
-            Ok(events) => events,
-            Err(_) => {
-                tracing::error!("a generation step panicked; its requests failed, serving goes on");
-                for (id, r) in routes.drain() {
-                    generator.cancel(id);
-                    let _ = r.pieces.send(Piece::Failed("internal error".into()));
-                }
-                Vec::new()
-            }
-        };
+        // Engine failures and panics inside a step fail only the sequences that cause them
+        // (Generator::step isolates them); anything else that panics here is the supervisor's.
+        let events = generator.step();
         let now = Instant::now();
         for e in events {
             match e {
@@ -304,7 +368,12 @@ fn scheduler(
     }
 }
 
-fn handle(c: Command, generator: &mut Generator, routes: &mut HashMap<RequestId, Route>) {
+fn handle(
+    c: Command,
+    generator: &mut Generator,
+    routes: &mut HashMap<RequestId, Route>,
+    issued: &mut RequestId,
+) {
     match c {
         Command::Submit {
             req,
@@ -312,6 +381,7 @@ fn handle(c: Command, generator: &mut Generator, routes: &mut HashMap<RequestId,
             accepted,
         } => match generator.submit(req) {
             Ok(id) => {
+                *issued = (*issued).max(id.wrapping_add(1));
                 if accepted.send(Ok(id)).is_err() {
                     generator.cancel(id); // the handler is gone already
                 } else {

@@ -310,6 +310,10 @@ struct ServeArgs {
     /// A request not answered by then gets 504, e.g. `30s`. [default: 60s]
     #[arg(long, env = "KILN_REQUEST_TIMEOUT")]
     request_timeout: Option<String>,
+    /// After SIGTERM, how long in-flight requests may run before the server exits anyway
+    /// (what is left is answered 503 or cut off), e.g. `10s`. [default: 30s]
+    #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT")]
+    shutdown_timeout: Option<String>,
     /// Largest request body in bytes, after gzip decompression (413 beyond). [default: 2097152]
     #[arg(long, env = "KILN_PAYLOAD_LIMIT")]
     payload_limit: Option<usize>,
@@ -474,6 +478,7 @@ impl ServeArgs {
                 self.truncate
             },
             request_timeout: self.request_timeout,
+            shutdown_timeout: self.shutdown_timeout,
             payload_limit: self.payload_limit,
             api_keys: (!self.api_keys.is_empty()).then_some(self.api_keys),
             api_keys_file: self.api_keys_file,
@@ -734,6 +739,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        // A file-size limit (RLIMIT_FSIZE) reached while a plan-cache entry is written must fail
+        // that write (EFBIG; the plan is then served uncached), not kill the server: SIGXFSZ's
+        // default action ends the process. A handled signal makes the write return the error.
+        #[cfg(target_os = "linux")]
+        let _file_size_limit = tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::from_raw(25), // SIGXFSZ on Linux
+        );
         let state = AppState::new(config).map_err(|e| anyhow!(e))?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -746,6 +758,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 
         // One signal stops both servers: each stops accepting and drains its in-flight requests.
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stop_rx_for_health = stop_rx.clone();
         let stopped = move || {
             let mut rx = stop_rx.clone();
             async move {
@@ -753,10 +766,48 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
         };
         let health = grpc_health.clone();
+        let draining = state.clone();
+        let drain_for = draining.config().shutdown_timeout;
         tokio::spawn(async move {
             shutdown_signal().await;
-            health.set(false).await;
             let _ = stop_tx.send(true);
+            health.set(false).await;
+            // Draining has a deadline: then what is still in flight is answered 503, and a
+            // moment later the process exits whatever is left (a client that stops reading).
+            tokio::time::sleep(drain_for).await;
+            tracing::warn!(shutdown_timeout = ?drain_for, "requests still in flight at the shutdown timeout are answered 503");
+            draining.abort_in_flight();
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            tracing::warn!("connections still open 2 s after the shutdown timeout; exiting");
+            std::process::exit(0);
+        });
+        // gRPC health follows readiness: NOT_SERVING while a worker thread is down.
+        let watched = state.clone();
+        let health = grpc_health.clone();
+        let mut stopping = stop_rx_for_health;
+        // Loading wakes it at once, so gRPC health turns SERVING together with /health.
+        let loaded = std::sync::Arc::new(tokio::sync::Notify::new());
+        let wake = loaded.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = wake.notified() => {}
+                }
+                if *stopping.borrow_and_update() {
+                    return;
+                }
+                let ready = watched.is_ready();
+                if last != Some(ready) {
+                    if last.is_some() {
+                        tracing::info!(ready, down = ?watched.workers_down(), "readiness changed");
+                    }
+                    health.set(ready).await;
+                    last = Some(ready);
+                }
+            }
         });
         let http = axum::serve(listener, app(state.clone())).with_graceful_shutdown(stopped());
         let http = tokio::spawn(async move { http.await });
@@ -765,7 +816,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         let loader = state.clone();
         match tokio::task::spawn_blocking(move || loader.load()).await? {
             Ok(()) => {
-                grpc_health.set(true).await;
+                loaded.notify_one();
                 tracing::info!("model ready");
             }
             Err(e) => {

@@ -73,6 +73,10 @@ pub struct Inner {
     pub device_info: prometheus::IntGaugeVec,
     pub generation_running: IntGauge,
     pub generation_waiting: IntGauge,
+    /// Worker threads (the encoder backend, the generation scheduler): restarts after a panic,
+    /// and whether each is running now.
+    pub worker_restarts: IntCounterVec,
+    pub worker_up: prometheus::IntGaugeVec,
     /// Totals for the KServe statistics extension (not exported to Prometheus, which has the
     /// histograms).
     success_ns: AtomicU64,
@@ -235,6 +239,19 @@ impl Metrics {
                 "Generation requests waiting to join the batch.",
             )
             .expect("valid gauge"),
+            worker_restarts: counter_vec(
+                "kiln_worker_restarts_total",
+                "Times a worker thread died (a panic outside any one request's engine call) and was restarted, by worker.",
+                &["worker"],
+            ),
+            worker_up: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "kiln_worker_up",
+                    "1 while the worker thread runs, 0 while it is dead or restarting (readiness is false then).",
+                ),
+                &["worker"],
+            )
+            .expect("valid gauge"),
             registry,
             success_ns: AtomicU64::new(0),
             failure_ns: AtomicU64::new(0),
@@ -284,6 +301,8 @@ impl Metrics {
             Box::new(inner.device_info.clone()),
             Box::new(inner.generation_running.clone()),
             Box::new(inner.generation_waiting.clone()),
+            Box::new(inner.worker_restarts.clone()),
+            Box::new(inner.worker_up.clone()),
             Box::new(build_info),
         ];
         for c in collectors {
@@ -464,6 +483,7 @@ pub async fn track(State(metrics): State<Metrics>, req: Request, next: Next) -> 
         .get::<MatchedPath>()
         .map_or("native", |p| api_of(p.as_str()));
     let tracker = metrics.start_request(api);
+    crate::supervise::maybe_inject("request-handler");
     let response = next.run(req).await;
     let failure = if response.status().is_success() {
         None

@@ -12,7 +12,7 @@ use kiln_models::decoder::chat::ChatMessage;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::generate::{GenParams, collect, event, sse, stop_strings};
+use super::generate::{Deadline, GenParams, collect, event, sse, stop_strings};
 use crate::app::AppState;
 use crate::error::AppError;
 use crate::generation::{Generation, Piece};
@@ -128,11 +128,12 @@ fn usage(prompt: usize, completion: usize) -> Value {
 /// The SSE events of an OpenAI stream: `chunk(text, finish)` builds one chunk.
 fn openai_stream(
     generation: Generation,
+    deadline: Deadline,
     include_usage: bool,
     mut chunk: impl FnMut(&str, Option<&str>) -> Value + Send + 'static,
     usage_chunk: impl Fn(Value) -> Value + Send + 'static,
 ) -> Response {
-    sse(generation, move |piece| match piece {
+    sse(generation, deadline, move |piece| match piece {
         Piece::Token {
             text,
             finish,
@@ -168,6 +169,20 @@ fn openai_stream(
             ],
             true,
         ),
+        Piece::TimedOut(message) => (
+            vec![
+                event(&json!({ "error": { "message": message, "type": "server_error", "code": "timeout" } })),
+                Event::default().data("[DONE]"),
+            ],
+            true,
+        ),
+        Piece::ShuttingDown => (
+            vec![
+                event(&json!({ "error": { "message": super::generate::shutting_down().message, "type": "server_error", "code": "unavailable" } })),
+                Event::default().data("[DONE]"),
+            ],
+            true,
+        ),
     })
     .into_response()
 }
@@ -187,6 +202,7 @@ async fn completions_inner(
 ) -> Result<Response, AppError> {
     let ApiJson(req) = body?;
     let service = state.generation()?;
+    let deadline = Deadline::starting_now(service);
     let prompt = match &req.prompt {
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() == 1 && items[0].is_string() => {
@@ -216,9 +232,10 @@ async fn completions_inner(
     let mut params = req.common.params()?;
     // OpenAI's default for completions.
     params.max_tokens = params.max_tokens.or(Some(16));
+    let slot = service.admit()?;
     let ids = service.encode(prompt, true).await?;
     let request = params.into_request(service, ids)?;
-    let generation = service.start_generation(request).await?;
+    let generation = service.start_generation(request, slot).await?;
     let id = request_id("cmpl");
     let model = state.config().model_id.clone();
     let created = now();
@@ -231,6 +248,7 @@ async fn completions_inner(
         let (id2, model2) = (id.clone(), model.clone());
         return Ok(openai_stream(
             generation,
+            deadline,
             include_usage,
             move |text, finish| {
                 json!({
@@ -246,7 +264,7 @@ async fn completions_inner(
             },
         ));
     }
-    let done = collect(generation).await?;
+    let done = collect(generation, deadline).await?;
     Ok(Json(json!({
         "id": id,
         "object": "text_completion",
@@ -309,6 +327,26 @@ fn message(i: usize, m: &Value) -> Result<ChatMessage, AppError> {
     })
 }
 
+/// The model-free checks of a completions (`chat` false) or chat body: parsing, messages and
+/// sampling settings, for the fuzz targets.
+pub(crate) fn check_body(chat: bool, body: &[u8]) -> Result<(), AppError> {
+    let parse_error = |e: serde_json::Error| AppError::validation(e.to_string());
+    let common = if chat {
+        let req: ChatRequest = serde_json::from_slice(body).map_err(parse_error)?;
+        for (i, m) in req.messages.iter().enumerate() {
+            message(i, m)?;
+        }
+        req.common
+    } else {
+        let req: CompletionRequest = serde_json::from_slice(body).map_err(parse_error)?;
+        req.common
+    };
+    common
+        .params()?
+        .resolve(&Default::default(), 1024, 16, vec![0; 4])
+        .map(drop)
+}
+
 pub async fn chat_completions(
     State(state): State<AppState>,
     body: Result<ApiJson<ChatRequest>, AppError>,
@@ -322,6 +360,7 @@ async fn chat_inner(
 ) -> Result<Response, AppError> {
     let ApiJson(req) = body?;
     let service = state.generation()?;
+    let deadline = Deadline::starting_now(service);
     if req.messages.is_empty() {
         return Err(AppError::validation("`messages` must not be empty"));
     }
@@ -338,12 +377,13 @@ async fn chat_inner(
             state.config().model_id
         ))
     })?;
-    let prompt = template.render(&messages, true)?;
     let params = req.common.params()?;
+    let slot = service.admit()?;
+    let prompt = template.render(&messages, true)?;
     // The template writes any special tokens itself.
     let ids = service.encode(prompt, false).await?;
     let request = params.into_request(service, ids)?;
-    let generation = service.start_generation(request).await?;
+    let generation = service.start_generation(request, slot).await?;
     let id = request_id("chatcmpl");
     let model = state.config().model_id.clone();
     let created = now();
@@ -357,6 +397,7 @@ async fn chat_inner(
         let mut first = true;
         return Ok(openai_stream(
             generation,
+            deadline,
             include_usage,
             move |text, finish| {
                 // The first chunk names the role, as OpenAI's does.
@@ -381,7 +422,7 @@ async fn chat_inner(
             },
         ));
     }
-    let done = collect(generation).await?;
+    let done = collect(generation, deadline).await?;
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",

@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::Stream;
+use kiln_models::decoder::GenerationDefaults;
 use kiln_models::{FinishReason, GenerationRequest, SamplingParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -39,6 +40,68 @@ pub struct GenParams {
 
 /// Most stop strings one request may give (OpenAI allows 4).
 const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes. Matching costs nothing per byte of a stop string, but each is
+/// held for the life of the request and text up to its length is held back from streams.
+pub const MAX_STOP_BYTES: usize = 1024;
+
+/// When a request must be answered by: its arrival plus `--request-timeout`. Covers everything
+/// (admission, tokenization, the queue, waiting for KV cache memory, generation).
+#[derive(Clone)]
+pub struct Deadline {
+    at: tokio::time::Instant,
+    timeout: std::time::Duration,
+    aborted: crate::app::Aborted,
+}
+
+impl Deadline {
+    pub fn starting_now(service: &GenerationService) -> Self {
+        let timeout = service.request_timeout();
+        Self {
+            at: tokio::time::Instant::now() + timeout,
+            timeout,
+            aborted: service.aborted().clone(),
+        }
+    }
+
+    /// The next piece of `generation`; [`Piece::TimedOut`] once the deadline has passed,
+    /// [`Piece::ShuttingDown`] once a draining server gives up.
+    pub async fn next(&self, generation: &mut Generation, generated: usize) -> Option<Piece> {
+        tokio::select! {
+            p = tokio::time::timeout_at(self.at, generation.next()) => match p {
+                Ok(p) => p,
+                Err(_) => Some(Piece::TimedOut(self.message(generated))),
+            },
+            () = self.aborted.wait() => Some(Piece::ShuttingDown),
+        }
+    }
+
+    fn message(&self, generated: usize) -> String {
+        if generated == 0 {
+            format!(
+                "the request was not answered within the request timeout ({:?}): it was still \
+                 waiting for a place in the running batch or for KV cache memory; it was \
+                 cancelled and its reservation freed",
+                self.timeout
+            )
+        } else {
+            format!(
+                "the request was not answered within the request timeout ({:?}): {generated} \
+                 tokens were generated; it was cancelled and its KV cache blocks freed",
+                self.timeout
+            )
+        }
+    }
+}
+
+/// 503 for a request still running when a draining server gives up on it.
+pub fn shutting_down() -> AppError {
+    AppError::unavailable("the server is shutting down and stopped waiting for this request")
+}
+
+/// 504 for a timed-out generation.
+pub fn timed_out(message: String) -> AppError {
+    AppError::new(axum::http::StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+}
 
 impl GenParams {
     /// The request for `prompt`. Sampling settings a request leaves out come from the model's
@@ -49,11 +112,40 @@ impl GenParams {
         service: &GenerationService,
         prompt: Vec<u32>,
     ) -> Result<GenerationRequest, AppError> {
-        let defaults = service.model().generation_defaults();
+        let model = service.model();
+        let default_max = service.default_max_tokens(prompt.len());
+        self.resolve(
+            model.generation_defaults(),
+            model.info().max_context,
+            default_max,
+            prompt,
+        )
+    }
+
+    /// [`GenParams::into_request`] without the model: its generation defaults, its context and
+    /// the default `max_tokens` for this prompt are given.
+    pub(crate) fn resolve(
+        self,
+        defaults: &GenerationDefaults,
+        context: usize,
+        default_max_tokens: usize,
+        prompt: Vec<u32>,
+    ) -> Result<GenerationRequest, AppError> {
         if self.stop.len() > MAX_STOP_STRINGS {
             return Err(AppError::validation(format!(
                 "at most {MAX_STOP_STRINGS} stop strings, got {}",
                 self.stop.len()
+            )));
+        }
+        if let Some((i, s)) = self
+            .stop
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.len() > MAX_STOP_BYTES)
+        {
+            return Err(AppError::validation(format!(
+                "stop string {i} is {} bytes; the limit is {MAX_STOP_BYTES}",
+                s.len()
             )));
         }
         if let Some(t) = self.temperature
@@ -93,8 +185,14 @@ impl GenParams {
         sampling.validate().map_err(AppError::validation)?;
         let max_new_tokens = match self.max_tokens {
             Some(0) => return Err(AppError::validation("max_tokens must be at least 1")),
+            Some(n) if n > context => {
+                return Err(AppError::validation(format!(
+                    "max_tokens is {n}; the model's context is {context} tokens (prompt and \
+                     generated tokens together)"
+                )));
+            }
             Some(n) => n,
-            None => service.default_max_tokens(prompt.len()),
+            None => default_max_tokens,
         };
         Ok(GenerationRequest {
             prompt,
@@ -134,15 +232,18 @@ pub struct Completed {
     pub prompt_tokens: usize,
 }
 
-/// Reads a generation to its end.
-pub async fn collect(mut generation: Generation) -> Result<Completed, AppError> {
+/// Reads a generation to its end, or 504 at the deadline (dropping the generation cancels it).
+pub async fn collect(
+    mut generation: Generation,
+    deadline: Deadline,
+) -> Result<Completed, AppError> {
     let mut out = Completed {
         text: String::new(),
         tokens: Vec::new(),
         finish: FinishReason::Length,
         prompt_tokens: generation.prompt_tokens,
     };
-    while let Some(piece) = generation.next().await {
+    while let Some(piece) = deadline.next(&mut generation, out.tokens.len()).await {
         match piece {
             Piece::Token {
                 id, text, finish, ..
@@ -162,10 +263,12 @@ pub async fn collect(mut generation: Generation) -> Result<Completed, AppError> 
                     "generation failed; see the server log",
                 ));
             }
+            Piece::TimedOut(message) => return Err(timed_out(message)),
+            Piece::ShuttingDown => return Err(shutting_down()),
         }
     }
     Err(AppError::unavailable(
-        "the generation scheduler has stopped",
+        "the generation worker stopped while running this request; retry",
     ))
 }
 
@@ -174,6 +277,7 @@ pub async fn collect(mut generation: Generation) -> Result<Completed, AppError> 
 /// cancels it and frees its KV blocks at once.
 pub fn sse<F>(
     generation: Generation,
+    deadline: Deadline,
     render: F,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>>
 where
@@ -181,12 +285,16 @@ where
 {
     struct State<F> {
         generation: Generation,
+        deadline: Deadline,
+        generated: usize,
         queue: VecDeque<Event>,
         render: F,
         ended: bool,
     }
     let state = State {
         generation,
+        deadline,
+        generated: 0,
         queue: VecDeque::new(),
         render,
         ended: false,
@@ -199,8 +307,11 @@ where
             if st.ended {
                 return None;
             }
-            match st.generation.next().await {
+            match st.deadline.next(&mut st.generation, st.generated).await {
                 Some(p) => {
+                    if matches!(p, Piece::Token { .. }) {
+                        st.generated += 1;
+                    }
                     let (events, end) = (st.render)(p);
                     st.queue.extend(events);
                     st.ended = end;
@@ -263,31 +374,51 @@ pub struct TgiRequest {
     stream: bool,
 }
 
+impl TgiParameters {
+    fn gen_params(&self) -> GenParams {
+        let p = self;
+        GenParams {
+            max_tokens: p.max_new_tokens,
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            frequency_penalty: p.frequency_penalty,
+            do_sample: p.do_sample,
+            seed: p.seed,
+            stop: p.stop.clone(),
+            ..GenParams::default()
+        }
+    }
+}
+
+/// The model-free checks of a `/generate` body (parsing and sampling settings), for the fuzz
+/// targets: what any request goes through before a model is involved.
+pub(crate) fn check_body(body: &[u8]) -> Result<(), AppError> {
+    let req: TgiRequest =
+        serde_json::from_slice(body).map_err(|e| AppError::validation(e.to_string()))?;
+    req.parameters
+        .gen_params()
+        .resolve(&GenerationDefaults::default(), 1024, 16, vec![0; 4])
+        .map(drop)
+}
+
 async fn tgi_generation(
     state: &AppState,
     req: TgiRequest,
-) -> Result<(Generation, TgiParameters, String), AppError> {
+) -> Result<(Generation, Deadline, TgiParameters, String), AppError> {
     let service = state.generation()?;
+    let deadline = Deadline::starting_now(service);
     if req.inputs.is_empty() {
         return Err(AppError::validation("`inputs` must not be empty"));
     }
     let p = req.parameters;
-    let params = GenParams {
-        max_tokens: p.max_new_tokens,
-        temperature: p.temperature,
-        top_k: p.top_k,
-        top_p: p.top_p,
-        repetition_penalty: p.repetition_penalty,
-        frequency_penalty: p.frequency_penalty,
-        do_sample: p.do_sample,
-        seed: p.seed,
-        stop: p.stop.clone(),
-        ..GenParams::default()
-    };
+    let params = p.gen_params();
+    let slot = service.admit()?;
     let prompt = service.encode(req.inputs.clone(), true).await?;
     let request = params.into_request(service, prompt)?;
-    let generation = service.start_generation(request).await?;
-    Ok((generation, p, req.inputs))
+    let generation = service.start_generation(request, slot).await?;
+    Ok((generation, deadline, p, req.inputs))
 }
 
 fn details(finish: FinishReason, generated: usize, seed: Option<u64>) -> Value {
@@ -306,8 +437,8 @@ pub async fn generate(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TgiRequest>,
 ) -> Result<Json<Value>, AppError> {
-    let (generation, p, inputs) = tgi_generation(&state, req).await?;
-    let done = collect(generation).await?;
+    let (generation, deadline, p, inputs) = tgi_generation(&state, req).await?;
+    let done = collect(generation, deadline).await?;
     let text = if p.return_full_text == Some(true) {
         inputs + &done.text
     } else {
@@ -326,7 +457,7 @@ pub async fn generate_stream(
     State(state): State<AppState>,
     ApiJson(req): ApiJson<TgiRequest>,
 ) -> Result<Response, AppError> {
-    let (generation, p, inputs) = tgi_generation(&state, req).await?;
+    let (generation, deadline, p, inputs) = tgi_generation(&state, req).await?;
     let special = state.generation()?.model().eos_token_ids();
     let mut text = if p.return_full_text == Some(true) {
         inputs
@@ -334,7 +465,7 @@ pub async fn generate_stream(
         String::new()
     };
     let seed = p.seed;
-    Ok(sse(generation, move |piece| match piece {
+    Ok(sse(generation, deadline, move |piece| match piece {
         Piece::Token {
             id,
             text: piece,
@@ -357,6 +488,14 @@ pub async fn generate_stream(
         }
         Piece::Failed(_) => (
             vec![event(&json!({ "error": "generation failed; see the server log", "error_type": "inference" }))],
+            true,
+        ),
+        Piece::TimedOut(message) => (
+            vec![event(&json!({ "error": message, "error_type": "timeout" }))],
+            true,
+        ),
+        Piece::ShuttingDown => (
+            vec![event(&json!({ "error": shutting_down().message, "error_type": "unavailable" }))],
             true,
         ),
     })
