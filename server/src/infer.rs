@@ -10,10 +10,12 @@ use kiln_models::bert::names;
 use kiln_models::{Encoded, EncoderModel, ModelKind, TextInput};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::app::Aborted;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::config::ServeConfig;
 use crate::error::AppError;
 use crate::metrics::Metrics;
+use crate::supervise::Workers;
 
 /// A slot among `--max-concurrent-requests`; dropping it (answer sent, client gone) frees it.
 #[must_use]
@@ -65,6 +67,7 @@ pub struct Infer {
     admission: Arc<Semaphore>,
     metrics: Metrics,
     config: Arc<ServeConfig>,
+    aborted: Aborted,
 }
 
 impl Infer {
@@ -73,6 +76,8 @@ impl Infer {
         model: Arc<EncoderModel>,
         config: Arc<ServeConfig>,
         metrics: Metrics,
+        workers: &Workers,
+        aborted: Aborted,
     ) -> std::io::Result<Self> {
         let limits = BatchLimits {
             max_batch_tokens: config.max_batch_tokens,
@@ -83,13 +88,14 @@ impl Infer {
         let admission = Arc::new(Semaphore::new(config.max_concurrent_requests));
         let (slots, capacity) = (admission.clone(), config.max_concurrent_requests);
         let admitted = Box::new(move || capacity - slots.available_permits());
-        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone(), admitted)?;
+        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone(), admitted, workers)?;
         Ok(Self {
             model,
             batcher,
             admission,
             metrics,
             config,
+            aborted,
         })
     }
 
@@ -140,7 +146,12 @@ impl Infer {
             self.metrics.input_tokens.observe(s.len() as f64);
         }
         let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, self.batcher.run(seqs, outputs)).await {
+        let run = tokio::time::timeout(timeout, self.batcher.run(seqs, outputs));
+        let outcome = tokio::select! {
+            r = run => r,
+            () = self.aborted.wait() => return Err(crate::routes::generate::shutting_down()),
+        };
+        match outcome {
             Ok(result) => result.map(|o| o.rows),
             Err(_) => Err(AppError::new(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -11,14 +11,14 @@
 //! [`crate::routes::kserve::execute`] does exactly what it does for a REST request; its
 //! [`AppError`]s become gRPC status codes by their HTTP status ([`status_of`]). Messages may be
 //! up to `--grpc-max-message-size` (64 MiB by default, tonic's own default is 4 MiB; up to
-//! 2 GiB - 1 like tritonclient). The health service reports NOT_SERVING until the model is
+//! 2 GiB - 1 like tritonclient), and a `ModelInfer` message's sizes are checked on its wire
+//! bytes before it is decoded (`wire.rs`). The health service reports NOT_SERVING until the model is
 //! ready and again once shutdown begins; on SIGTERM the listener closes and in-flight calls
 //! finish, as on the HTTP port.
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
-use tonic::codec::CompressionEncoding;
 use tonic::service::Routes;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
@@ -30,8 +30,11 @@ use crate::error::AppError;
 
 mod service;
 mod tensors;
+mod wire;
 
 pub use service::InferenceService;
+pub(crate) use tensors::decode_inputs;
+pub(crate) use wire::check_infer_request;
 
 /// The generated protocol types, server and client (`proto/open_inference_grpc.proto`).
 pub mod pb {
@@ -65,16 +68,7 @@ impl Health {
 
 /// The gRPC services of one server, with their health handle (NOT_SERVING until [`Health::set`]).
 pub async fn routes(state: AppState) -> Result<(Routes, Health), String> {
-    let limit = state.config().grpc_max_message_size;
-    let inference = pb::grpc_inference_service_server::GrpcInferenceServiceServer::new(
-        InferenceService::new(state),
-    )
-    .max_decoding_message_size(limit)
-    .max_encoding_message_size(limit)
-    // gzip-compressed requests (tritonclient's `compression_algorithm="gzip"`). Answers are
-    // not compressed: float embeddings barely shrink, and most clients (grpcio by default)
-    // would accept gzip and make every answer cost CPU for nothing.
-    .accept_compressed(CompressionEncoding::Gzip);
+    let inference = wire::Inference::new(state);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let health = Health(reporter);
     health.set(false).await;
@@ -102,9 +96,21 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .trace_fn(|req| tracing::info_span!("grpc", path = %req.uri().path()))
+        // A panic in a call answers that call INTERNAL; the connection and the rest carry on.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_status,
+        ))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
+}
+
+/// The answer to a call whose handler panicked: status INTERNAL in gRPC's trailers-only form.
+fn panic_status(
+    panic: Box<dyn std::any::Any + Send + 'static>,
+) -> axum::http::Response<tonic::body::Body> {
+    tracing::error!(panic = %kiln_models::panic_message(&*panic), "a gRPC handler panicked; that call gets INTERNAL, serving goes on");
+    Status::internal("internal error; see the server log").into_http()
 }
 
 /// The gRPC status of an error, by its HTTP status (the canonical mapping between the two).

@@ -10,7 +10,7 @@ use super::tensors::{bool_param, decode_inputs, encode_outputs};
 use crate::app::AppState;
 use crate::auth::check_authorization;
 use crate::error::AppError;
-use crate::routes::kserve::{MODEL_VERSION, execute, inputs_of, model, outputs_of};
+use crate::routes::kserve::{MODEL_VERSION, execute, inputs_of, model, outputs_of, tensor_limits};
 
 /// The protocol's methods over the same state as the HTTP API.
 pub struct InferenceService {
@@ -43,9 +43,21 @@ impl InferenceService {
         } else {
             Some(req.outputs.into_iter().map(|o| o.name).collect())
         };
-        let inputs = decode_inputs(req.inputs, req.raw_input_contents)?;
+        // The message's sizes were checked against the same limits before it was decoded
+        // (`wire.rs`); its tensors are expanded only once the request holds a slot.
         let max_batch = self.state.config().max_client_batch_size;
-        let answer = execute(ready, max_batch, inputs, requested.as_deref(), truncate).await?;
+        let limits = tensor_limits(ready, max_batch);
+        let slot = ready.infer.admit()?;
+        let inputs = decode_inputs(req.inputs, req.raw_input_contents, limits)?;
+        let answer = execute(
+            ready,
+            slot,
+            max_batch,
+            inputs,
+            requested.as_deref(),
+            truncate,
+        )
+        .await?;
         let (outputs, raw_output_contents) = encode_outputs(answer, raw_out);
         Ok(ModelInferResponse {
             model_name: ready.info.id.clone(),
@@ -148,6 +160,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelInferResponse>, Status> {
         self.authorize(&request)?;
         let tracker = self.state.metrics().start_request("grpc");
+        crate::supervise::maybe_inject("grpc-handler");
         let result = self.infer(request.into_inner()).await;
         tracker.finish(result.as_ref().err().map(|e| e.kind));
         result.map(Response::new).map_err(|e| {

@@ -2,6 +2,9 @@
 //! `raw_input_contents` become [`Input`]s (raw bytes go through the same decoder as REST's binary
 //! tensor data), and an [`Answer`] becomes FP32 output tensors, raw or typed.
 
+// Sizes here come from clients or files: arithmetic on them must be checked.
+#![warn(clippy::arithmetic_side_effects)]
+
 use std::collections::HashMap;
 
 use super::pb::infer_parameter::ParameterChoice;
@@ -10,7 +13,8 @@ use super::pb::model_infer_response::InferOutputTensor;
 use super::pb::{InferParameter, InferTensorContents};
 use crate::error::AppError;
 use crate::routes::kserve::{
-    Answer, Data, Input, bad, check_count, decode_binary, shape_of, unsupported_type, utf8_text,
+    Answer, Data, Input, TensorLimits, bad, check_count, check_header, decode_binary,
+    unsupported_type, utf8_text,
 };
 
 /// A boolean parameter, or an error naming it when it holds another type.
@@ -87,9 +91,10 @@ fn decode_contents(
 
 /// The request's input tensors, from typed contents or from `raw_input_contents` (one entry per
 /// input, in order; then no input may carry contents).
-pub(super) fn decode_inputs(
+pub(crate) fn decode_inputs(
     tensors: Vec<InferInputTensor>,
     raw: Vec<Vec<u8>>,
+    limits: TensorLimits,
 ) -> Result<Vec<Input>, AppError> {
     if !raw.is_empty() && raw.len() != tensors.len() {
         return Err(bad(format!(
@@ -102,7 +107,7 @@ pub(super) fn decode_inputs(
     tensors
         .into_iter()
         .map(|t| {
-            let (shape, count) = shape_of(&t.name, &t.shape)?;
+            let (shape, count) = check_header(&t.name, &t.datatype, &t.shape, limits)?;
             let data = match (raw.next(), t.contents) {
                 (Some(_), Some(_)) => {
                     return Err(bad(format!(

@@ -9,10 +9,11 @@ use std::collections::HashSet;
 use kiln_models::bert::names;
 use kiln_models::{Encoded, TextInput};
 
-use super::tensors::{Input, matrix_of, texts_of};
+use super::tensors::{Input, TensorLimits, matrix_of, texts_of};
 use super::{bad, inputs_of, outputs_of};
 use crate::app::Ready;
 use crate::error::AppError;
+use crate::infer::Admission;
 use crate::routes::check_batch;
 
 /// One output tensor of an answer: FP32 `[rows, width]`.
@@ -143,10 +144,21 @@ pub(crate) fn resolve_outputs(
     Ok(wanted)
 }
 
+/// What an input tensor of an encoder request may hold, checked on each tensor's header before
+/// its data is decoded.
+pub(crate) fn tensor_limits(ready: &Ready, max_batch: usize) -> TensorLimits {
+    TensorLimits {
+        rows: max_batch,
+        width: ready.info.max_input_tokens,
+    }
+}
+
 /// Runs decoded inputs through the model. `requested` names the outputs wanted (`None`: the
-/// model's defaults); `truncate` is the request's own setting, if it has one.
+/// model's defaults); `truncate` is the request's own setting, if it has one. The caller took
+/// the admission slot before it decoded the inputs, and it is held until the answer is ready.
 pub(crate) async fn execute(
     ready: &Ready,
+    _slot: Admission,
     max_batch: usize,
     inputs: Vec<Input>,
     requested: Option<&[String]>,
@@ -179,7 +191,6 @@ pub(crate) async fn execute(
     let types = take("token_type_ids");
     let wanted = resolve_outputs(ready, requested)?;
 
-    let _slot;
     let seqs = match (text, ids) {
         (Some(_), Some(_)) => return Err(bad("send either `text` or `input_ids`, not both")),
         (None, None) => {
@@ -216,7 +227,6 @@ pub(crate) async fn execute(
                         .collect()
                 }
             };
-            _slot = ready.infer.admit()?;
             ready.infer.tokenize(inputs, truncate).await?
         }
         (None, Some(ids)) => {
@@ -225,7 +235,6 @@ pub(crate) async fn execute(
             }
             let seqs = sequences_from_ids(ready, &ids, mask.as_ref(), types.as_ref())?;
             check_batch(seqs.len(), max_batch)?;
-            _slot = ready.infer.admit()?;
             seqs
         }
     };

@@ -11,13 +11,13 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
-use super::tensors::{InferRequest, bool_param, decode_input, texts_of};
+use super::tensors::{TensorLimits, bool_param, decode_input, texts_of};
 use super::{MODEL_VERSION, bad};
 use crate::app::AppState;
 use crate::error::AppError;
 use crate::generation::GenerationService;
 use crate::routes::check_batch;
-use crate::routes::generate::{GenParams, collect};
+use crate::routes::generate::{Deadline, GenParams, collect};
 
 pub const TEXT_INPUT: &str = "text_input";
 pub const TEXT_OUTPUT: &str = "text_output";
@@ -92,22 +92,11 @@ pub async fn infer(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
-    let (json_part, mut binary): (&[u8], &[u8]) = match headers.get(super::infer::HEADER_LENGTH) {
-        None => (&body, &[]),
-        Some(v) => {
-            let n: usize = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .filter(|&n| n <= body.len())
-                .ok_or_else(|| {
-                    bad("Inference-Header-Content-Length must be a byte count within the body")
-                })?;
-            body.split_at(n)
-        }
-    };
-    let req: InferRequest = serde_json::from_slice(json_part)
-        .map_err(|e| bad(format!("invalid inference request: {e}")))?;
+    let deadline = Deadline::starting_now(g);
+    let header_length = headers
+        .get(super::infer::HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (req, mut binary) = super::infer::split_body(&body, header_length)?;
     let mut prompts = None;
     for t in req.inputs {
         if t.name != TEXT_INPUT {
@@ -120,10 +109,18 @@ pub async fn infer(
         if prompts.is_some() {
             return Err(bad(format!("input `{TEXT_INPUT}` appears twice")));
         }
-        prompts = Some(texts_of(decode_input(t, &mut binary)?)?);
+        // A causal LM takes one text per row; the batch limit is checked on the header.
+        let limits = TensorLimits {
+            rows: state.config().max_client_batch_size,
+            width: 1,
+        };
+        prompts = Some(texts_of(decode_input(t, &mut binary, limits)?)?);
     }
     if !binary.is_empty() {
-        return Err(bad("binary data follows the inputs that no input claims"));
+        return Err(bad(format!(
+            "{} bytes of binary data follow the inputs that no input claims",
+            binary.len()
+        )));
     }
     let prompts =
         prompts.ok_or_else(|| bad(format!("the request needs a `{TEXT_INPUT}` input")))?;
@@ -150,16 +147,20 @@ pub async fn infer(
         }
     };
     let params = params_of(&req.parameters)?;
-    // Every prompt is its own request in the batch; they generate concurrently.
+    // Every prompt is its own request in the batch; they generate concurrently. Each takes an
+    // admission slot before any of them is tokenized.
+    let slots = (0..prompts.len())
+        .map(|_| g.admit())
+        .collect::<Result<Vec<_>, _>>()?;
     let mut running = Vec::with_capacity(prompts.len());
-    for p in prompts {
+    for (p, slot) in prompts.into_iter().zip(slots) {
         let ids = g.encode(p, true).await?;
         let request = params.clone().into_request(g, ids)?;
-        running.push(g.start_generation(request).await?);
+        running.push(g.start_generation(request, slot).await?);
     }
     let mut texts = Vec::with_capacity(running.len());
     for generation in running {
-        texts.push(collect(generation).await?.text);
+        texts.push(collect(generation, deadline.clone()).await?.text);
     }
     let n = texts.len();
     let mut entry = json!({ "name": TEXT_OUTPUT, "datatype": "BYTES", "shape": [n] });

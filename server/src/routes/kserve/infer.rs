@@ -7,8 +7,8 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use super::execute::execute;
-use super::tensors::{InferRequest, bool_param, decode_input};
+use super::execute::{execute, tensor_limits};
+use super::tensors::{InferRequest, Input, InputTensor, TensorLimits, bool_param, decode_input};
 use super::{MODEL_VERSION, ModelPath, bad, kserve_error, model};
 use crate::app::AppState;
 use crate::error::AppError;
@@ -28,6 +28,61 @@ pub async fn infer(
         .map_err(kserve_error)
 }
 
+/// A body split at its `Inference-Header-Content-Length` (the binary extension; `None`: all
+/// JSON) into the parsed request and the binary data after it.
+pub(crate) fn split_body<'a>(
+    body: &'a [u8],
+    header_length: Option<&str>,
+) -> Result<(InferRequest, &'a [u8]), AppError> {
+    let (json_part, binary): (&[u8], &[u8]) = match header_length {
+        None => (body, &[]),
+        Some(v) => {
+            let n: usize = v
+                .trim()
+                .parse()
+                .map_err(|_| bad("Inference-Header-Content-Length must be a byte count"))?;
+            if n > body.len() {
+                return Err(bad(format!(
+                    "Inference-Header-Content-Length is {n} but the body has {} bytes",
+                    body.len()
+                )));
+            }
+            body.split_at(n)
+        }
+    };
+    let req: InferRequest = serde_json::from_slice(json_part).map_err(|e| {
+        bad(format!(
+            "invalid inference request{}: {e}",
+            if header_length.is_some() {
+                " header"
+            } else {
+                ""
+            }
+        ))
+    })?;
+    Ok((req, binary))
+}
+
+/// Every input tensor decoded, each checked against `limits` on its header first, with the
+/// binary data consumed in order and none left over.
+pub(crate) fn decode_all(
+    tensors: Vec<InputTensor>,
+    mut binary: &[u8],
+    limits: TensorLimits,
+) -> Result<Vec<Input>, AppError> {
+    let mut inputs = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        inputs.push(decode_input(t, &mut binary, limits)?);
+    }
+    if !binary.is_empty() {
+        return Err(bad(format!(
+            "{} bytes of binary data follow the inputs that no input claims",
+            binary.len()
+        )));
+    }
+    Ok(inputs)
+}
+
 async fn run_infer(
     state: AppState,
     name: &str,
@@ -42,47 +97,20 @@ async fn run_infer(
         return super::generate::infer(&state, g, headers, body).await;
     }
     let ready = model(&state, name, version)?;
-    let (json_part, mut binary): (&[u8], &[u8]) = match headers.get(HEADER_LENGTH) {
-        None => (&body, &[]),
-        Some(v) => {
-            let n: usize = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or_else(|| bad("Inference-Header-Content-Length must be a byte count"))?;
-            if n > body.len() {
-                return Err(bad(format!(
-                    "Inference-Header-Content-Length is {n} but the body has {} bytes",
-                    body.len()
-                )));
-            }
-            body.split_at(n)
-        }
-    };
-    let req: InferRequest = serde_json::from_slice(json_part).map_err(|e| {
-        bad(format!(
-            "invalid inference request{}: {e}",
-            if headers.contains_key(HEADER_LENGTH) {
-                " header"
-            } else {
-                ""
-            }
-        ))
-    })?;
+    let header_length = headers
+        .get(HEADER_LENGTH)
+        .map(|v| v.to_str().unwrap_or("?"));
+    let (req, binary) = split_body(&body, header_length)?;
     let truncate = bool_param(&req.parameters, "truncate", "request")?;
     let binary_default =
         bool_param(&req.parameters, "binary_data_output", "request")?.unwrap_or(false);
 
-    let mut inputs = Vec::with_capacity(req.inputs.len());
-    for t in req.inputs {
-        inputs.push(decode_input(t, &mut binary)?);
-    }
-    if !binary.is_empty() {
-        return Err(bad(format!(
-            "{} bytes of binary data follow the inputs that no input claims",
-            binary.len()
-        )));
-    }
+    // The slot is taken before any tensor data is decoded, so --max-concurrent-requests also
+    // bounds how many requests are expanding their inputs at once.
+    let max_batch = state.config().max_client_batch_size;
+    let limits = tensor_limits(ready, max_batch);
+    let slot = ready.infer.admit()?;
+    let inputs = decode_all(req.inputs, binary, limits)?;
     // Each requested output may ask for binary or JSON data; the rest follow the request.
     let (requested, binary_flags) = match req.outputs {
         None => (None, Vec::new()),
@@ -98,8 +126,15 @@ async fn run_infer(
             (Some(names), flags)
         }
     };
-    let max_batch = state.config().max_client_batch_size;
-    let answer = execute(ready, max_batch, inputs, requested.as_deref(), truncate).await?;
+    let answer = execute(
+        ready,
+        slot,
+        max_batch,
+        inputs,
+        requested.as_deref(),
+        truncate,
+    )
+    .await?;
     let n = answer.batch;
     let wanted: Vec<bool> = (0..answer.outputs.len())
         .map(|i| binary_flags.get(i).copied().unwrap_or(binary_default))

@@ -28,12 +28,14 @@ mod generate;
 mod infer;
 mod tensors;
 
-pub(crate) use execute::{Answer, execute};
+pub(crate) use execute::{Answer, execute, tensor_limits};
 pub(crate) use tensors::{
-    Data, Input, check_count, decode_binary, shape_of, unsupported_type, utf8_text,
+    Data, Input, MAX_DIMS, MAX_PARAMETERS, MAX_TENSORS, TensorLimits, check_count, check_header,
+    decode_binary, unsupported_type, utf8_text,
 };
 
 pub use infer::infer;
+pub(crate) use infer::{decode_all, split_body};
 
 /// The Open Inference Protocol answers every client error with 400, not 422.
 pub(crate) fn kserve_error(mut e: AppError) -> AppError {

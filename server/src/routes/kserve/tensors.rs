@@ -1,44 +1,262 @@
 //! Input tensors of an inference request, from JSON `data` or from the binary tensor data
 //! extension (little-endian values; BYTES elements each prefixed by a 4-byte length).
 
+// Sizes here come from clients or files: arithmetic on them must be checked.
+#![warn(clippy::arithmetic_side_effects)]
+
+use std::fmt;
+use std::marker::PhantomData;
+
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::bad;
 use crate::error::AppError;
 
+/// The most input tensors, and the most requested outputs, one request may name. kiln's models
+/// take at most five inputs; the cap keeps a body of thousands of tiny tensors from being
+/// expanded before anything else is checked.
+pub const MAX_TENSORS: usize = 16;
+/// The most entries in one `parameters` object, and the most elements in a list-valued parameter.
+pub const MAX_PARAMETERS: usize = 64;
+/// The most dimensions of an input tensor's shape.
+pub const MAX_DIMS: usize = 8;
+
 /// The JSON part of a KServe v2 REST infer request (encoder and generation routes alike).
+///
+/// Every list a client controls is parsed with a cap, and tensor `data` is kept as raw JSON
+/// until the tensor's header (shape, datatype) has passed the request's limits: the memory a
+/// body can make the server allocate before those checks stays proportional to the caps, not to
+/// the body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct InferRequest {
+pub(crate) struct InferRequest {
     #[serde(default)]
     pub id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     pub parameters: Map<String, Value>,
+    #[serde(deserialize_with = "tensors")]
     pub inputs: Vec<InputTensor>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "optional_tensors")]
     pub outputs: Option<Vec<RequestedOutput>>,
 }
 
 /// One entry of an infer request's `outputs`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct RequestedOutput {
+pub(crate) struct RequestedOutput {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     pub parameters: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub(super) struct InputTensor {
+pub(crate) struct InputTensor {
     pub name: String,
+    #[serde(deserialize_with = "dims")]
     pub shape: Vec<i64>,
     pub datatype: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "parameters")]
     pub parameters: Map<String, Value>,
     #[serde(default)]
-    pub data: Option<Value>,
+    pub data: Option<Box<RawValue>>,
+}
+
+/// A JSON list of at most `max` elements; the parse stops at the first one over.
+struct Capped<T> {
+    max: usize,
+    what: &'static str,
+    item: PhantomData<T>,
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for Capped<T> {
+    type Value = Vec<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a list of at most {} {}", self.max, self.what)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            if out.len() == self.max {
+                return Err(de::Error::custom(format!(
+                    "more than {} {} (the most kiln accepts)",
+                    self.max, self.what
+                )));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
+}
+
+fn capped<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+    max: usize,
+    what: &'static str,
+) -> Result<Vec<T>, D::Error> {
+    d.deserialize_seq(Capped {
+        max,
+        what,
+        item: PhantomData,
+    })
+}
+
+fn tensors<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Vec<T>, D::Error> {
+    capped(d, MAX_TENSORS, "tensors")
+}
+
+fn optional_tensors<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Vec<T>>, D::Error> {
+    tensors(d).map(Some)
+}
+
+fn dims<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+    capped(d, MAX_DIMS, "dimensions")
+}
+
+/// A parameter value: a boolean, number, string or null, or a short list of those.
+struct Parameter(Value);
+
+impl<'de> Deserialize<'de> for Parameter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ScalarOrList { nested: false })
+            .map(Parameter)
+    }
+}
+
+struct ScalarOrList {
+    nested: bool,
+}
+
+impl<'de> Visitor<'de> for ScalarOrList {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a parameter value: a boolean, number or string, or a list of them")
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(v.into())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        if self.nested {
+            return Err(de::Error::custom(
+                "parameter lists hold booleans, numbers or strings",
+            ));
+        }
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(ScalarOrList { nested: true })? {
+            if out.len() == MAX_PARAMETERS {
+                return Err(de::Error::custom(format!(
+                    "a parameter list has more than {MAX_PARAMETERS} elements"
+                )));
+            }
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<Value, A::Error> {
+        Err(de::Error::custom(
+            "parameter values are booleans, numbers, strings or lists of them, not objects",
+        ))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for ScalarOrList {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// A `parameters` object of at most [`MAX_PARAMETERS`] entries.
+fn parameters<'de, D: Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    struct Params;
+    impl<'de> Visitor<'de> for Params {
+        type Value = Map<String, Value>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(f, "an object of at most {MAX_PARAMETERS} parameters")
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(Map::new())
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = Map::new();
+            while let Some((k, Parameter(v))) = map.next_entry::<String, Parameter>()? {
+                if out.len() == MAX_PARAMETERS {
+                    return Err(de::Error::custom(format!(
+                        "more than {MAX_PARAMETERS} parameters"
+                    )));
+                }
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(Params)
+}
+
+/// What one request may carry in a tensor, checked on its header before its data is decoded:
+/// `rows` is the request's batch limit (the first dimension), `width` the most elements per row
+/// of an INT64 tensor (the model's token limit; BYTES tensors hold one text per row).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TensorLimits {
+    pub rows: usize,
+    pub width: usize,
+}
+
+/// Refuses a tensor whose header is over the limits or of a datatype kiln does not take, before
+/// any of its data is decoded; returns its dimensions and element count.
+pub(crate) fn check_header(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+    limits: TensorLimits,
+) -> Result<(Vec<usize>, usize), AppError> {
+    if shape.len() > MAX_DIMS {
+        return Err(bad(format!(
+            "input `{name}`: shape has {} dimensions, more than {MAX_DIMS} dimensions (the most kiln accepts)",
+            shape.len()
+        )));
+    }
+    let (dims, count) = shape_of(name, shape)?;
+    let width_limit = match datatype {
+        "BYTES" => 1,
+        "INT64" => limits.width,
+        other => return Err(unsupported_type(name, other)),
+    };
+    let rows = dims.first().copied().unwrap_or(1);
+    crate::routes::check_batch(rows, limits.rows)?;
+    let width = count.checked_div(rows).unwrap_or(0);
+    if width > width_limit {
+        return Err(bad(format!(
+            "input `{name}`: shape {dims:?} has {width} elements per row; a {datatype} input takes at most {width_limit}"
+        )));
+    }
+    Ok((dims, count))
 }
 
 /// A decoded input tensor.
@@ -68,11 +286,73 @@ pub(super) fn bool_param(
     }
 }
 
-/// Flattens nested JSON arrays (the protocol allows row-major nesting or a flat list).
-fn flatten<'a>(v: &'a Value, out: &mut Vec<&'a Value>) {
-    match v {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other),
+/// Collects the scalars of nested JSON lists into `out`, failing once it would hold more than
+/// `limit`; objects are refused without being built.
+struct Flatten<'a> {
+    out: &'a mut Vec<Value>,
+    limit: usize,
+}
+
+impl Flatten<'_> {
+    fn push<E: de::Error>(self, v: Value) -> Result<(), E> {
+        if self.out.len() >= self.limit {
+            // One past the limit marks the failure as "too many" for the caller.
+            self.out.push(Value::Null);
+            return Err(E::custom("too many elements"));
+        }
+        self.out.push(v);
+        Ok(())
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Flatten<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of strings or integers")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(Flatten {
+                out: &mut *self.out,
+                limit: self.limit,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.push(Value::Null)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(v.into())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(v.into())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(Value::String(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<(), E> {
+        self.push(Value::String(v))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<(), A::Error> {
+        Err(de::Error::custom(
+            "tensor data holds strings or integers, not objects",
+        ))
     }
 }
 
@@ -94,9 +374,13 @@ pub(crate) fn shape_of(name: &str, shape: &[i64]) -> Result<(Vec<usize>, usize),
     Ok((dims, count))
 }
 
-pub(super) fn decode_input(t: InputTensor, binary: &mut &[u8]) -> Result<Input, AppError> {
+pub(super) fn decode_input(
+    t: InputTensor,
+    binary: &mut &[u8],
+    limits: TensorLimits,
+) -> Result<Input, AppError> {
     let name = t.name;
-    let (shape, count) = shape_of(&name, &t.shape)?;
+    let (shape, count) = check_header(&name, &t.datatype, &t.shape, limits)?;
     let binary_size = match t.parameters.get("binary_data_size") {
         None | Some(Value::Null) => None,
         Some(v) => Some(
@@ -174,11 +458,15 @@ pub(crate) fn decode_binary(
             Ok(Data::Bytes(texts))
         }
         "INT64" => {
-            if bytes.len() != count * 8 {
+            let expected = count.checked_mul(8).ok_or_else(|| {
+                bad(format!(
+                    "input `{name}`: a shape of {count} INT64 elements is too large"
+                ))
+            })?;
+            if bytes.len() != expected {
                 return Err(bad(format!(
-                    "input `{name}`: {} bytes of INT64 data for a shape of {count} elements ({} bytes expected)",
+                    "input `{name}`: {} bytes of INT64 data for a shape of {count} elements ({expected} bytes expected)",
                     bytes.len(),
-                    count * 8
                 )));
             }
             Ok(Data::Int64(
@@ -192,9 +480,30 @@ pub(crate) fn decode_binary(
     }
 }
 
-fn decode_json(name: &str, datatype: &str, json: &Value, count: usize) -> Result<Data, AppError> {
+/// JSON `data`, flattened (the protocol allows row-major nesting or a flat list) with the parse
+/// stopped as soon as it holds more elements than the shape declares.
+fn decode_json(
+    name: &str,
+    datatype: &str,
+    json: &RawValue,
+    count: usize,
+) -> Result<Data, AppError> {
     let mut flat = Vec::new();
-    flatten(json, &mut flat);
+    let mut de = serde_json::Deserializer::from_str(json.get());
+    Flatten {
+        out: &mut flat,
+        limit: count,
+    }
+    .deserialize(&mut de)
+    .map_err(|e| {
+        if flat.len() > count {
+            bad(format!(
+                "input `{name}`: more than {count} data elements for a shape of {count} elements"
+            ))
+        } else {
+            bad(format!("input `{name}`: invalid `data`: {e}"))
+        }
+    })?;
     check_count(name, flat.len(), count)?;
     match datatype {
         "BYTES" => flat
