@@ -42,6 +42,15 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 format!("request body is not valid UTF-8: {e}"),
             )
         })?;
+        if holds_more_values(text.as_bytes(), MAX_JSON_VALUES) {
+            return Err(AppError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "validation",
+                format!(
+                    "the JSON body holds more than {MAX_JSON_VALUES} values; no kiln request needs that many"
+                ),
+            ));
+        }
         serde_json::from_str(text).map(ApiJson).map_err(|e| {
             use serde_json::error::Category;
             let status = match e.classify() {
@@ -56,6 +65,42 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
             AppError::new(status, "validation", format!("{what}: {e}"))
         })
     }
+}
+
+/// The most JSON values (strings, numbers, lists, objects...) a JSON API body may hold. Parsed
+/// JSON takes tens of bytes per value however small its text (`"a",` is 4 bytes of body and over
+/// 50 bytes parsed), so without a cap a body at the payload limit full of tiny values would cost
+/// a dozen times its size before any field is checked. The largest real requests (a batch of
+/// `--max-client-batch-size` texts, a long chat) hold a few thousand.
+pub const MAX_JSON_VALUES: usize = 1 << 16;
+
+/// Whether the JSON text holds more than `cap` values, counted without parsing: each value after
+/// the first begins a list or object or follows a comma (outside strings). Malformed JSON may
+/// count wrong; the parser refuses it anyway.
+pub fn holds_more_values(text: &[u8], cap: usize) -> bool {
+    let (mut count, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in text {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' | b',' => {
+                count += 1;
+                if count > cap {
+                    return true;
+                }
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The request body as bytes (inflated if it was gzip-compressed); a body over the payload
@@ -85,5 +130,21 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
                     )
                 }
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_more_values;
+
+    #[test]
+    fn values_are_counted_outside_strings() {
+        assert!(!holds_more_values(br#"{"inputs": ["a", "b", "c"]}"#, 5));
+        assert!(holds_more_values(br#"{"inputs": ["a", "b", "c", "d"]}"#, 5));
+        // Commas and brackets inside strings, escaped quotes included, are text.
+        assert!(!holds_more_values(br#"{"inputs": ["a,[{,", "\",,,"]}"#, 4));
+        let many = format!("[{}1]", "1,".repeat(100));
+        assert!(holds_more_values(many.as_bytes(), 100));
+        assert!(!holds_more_values(many.as_bytes(), 102));
     }
 }

@@ -287,6 +287,30 @@ pub async fn rerank(
     )))
 }
 
+/// The model-free checks of an `/embed`, `/predict`, `/rerank` or `/tokenize` body (which one
+/// is `route`), for the fuzz targets.
+pub(crate) fn check_body(route: &str, body: &[u8], max: usize) -> Result<(), AppError> {
+    let parse_error = |e: serde_json::Error| AppError::validation(e.to_string());
+    match route {
+        "predict" => {
+            let req: PredictRequest = serde_json::from_slice(body).map_err(parse_error)?;
+            predict_inputs(&req.inputs, max).map(drop)
+        }
+        "rerank" => {
+            let req: RerankRequest = serde_json::from_slice(body).map_err(parse_error)?;
+            texts_from(&req.texts, "texts", max).map(drop)
+        }
+        "tokenize" => {
+            let req: TokenizeRequest = serde_json::from_slice(body).map_err(parse_error)?;
+            texts_from(&req.inputs, "inputs", max).map(drop)
+        }
+        _ => {
+            let req: EmbedRequest = serde_json::from_slice(body).map_err(parse_error)?;
+            texts_from(&req.inputs, "inputs", max).map(drop)
+        }
+    }
+}
+
 #[derive(Deserialize)]
 pub struct TokenizeRequest {
     #[serde(default)]

@@ -30,6 +30,27 @@ pub struct EmbeddingsRequest {
     user: Option<String>,
 }
 
+/// The request's model-free checks: its encoding (base64 or not) and its texts.
+fn checked(req: &EmbeddingsRequest, max: usize) -> Result<(bool, Vec<String>), AppError> {
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(AppError::validation(format!(
+                "encoding_format `{other}` is not supported (use `float` or `base64`)"
+            )));
+        }
+    };
+    Ok((base64, texts_from(&req.input, "input", max)?))
+}
+
+/// The model-free checks of a `/v1/embeddings` body, for the fuzz targets.
+pub(crate) fn check_body(body: &[u8], max: usize) -> Result<(), AppError> {
+    let req: EmbeddingsRequest =
+        serde_json::from_slice(body).map_err(|e| AppError::validation(e.to_string()))?;
+    checked(&req, max).map(drop)
+}
+
 pub async fn embeddings(
     State(state): State<AppState>,
     body: Result<ApiJson<EmbeddingsRequest>, AppError>,
@@ -42,16 +63,7 @@ async fn handle(
     body: Result<ApiJson<EmbeddingsRequest>, AppError>,
 ) -> Result<Json<Value>, AppError> {
     let ApiJson(req) = body?;
-    let base64 = match req.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(AppError::validation(format!(
-                "encoding_format `{other}` is not supported (use `float` or `base64`)"
-            )));
-        }
-    };
-    let texts = texts_from(&req.input, "input", state.config().max_client_batch_size)?;
+    let (base64, texts) = checked(&req, state.config().max_client_batch_size)?;
     let ready = state.ready()?;
     if let Some(d) = req.dimensions
         && d != ready.info.hidden_size as u64
