@@ -15,6 +15,7 @@ pub mod auth;
 pub mod batcher;
 pub mod config;
 pub mod error;
+pub mod fuzzing;
 pub mod generation;
 pub mod grpc;
 pub mod healthcheck;
@@ -23,6 +24,7 @@ pub mod json;
 pub mod metrics;
 pub mod request_id;
 pub mod routes;
+pub mod supervise;
 
 pub use app::{AppState, app};
 pub use config::{RawServeConfig, ServeConfig};

@@ -1,0 +1,4 @@
+
+m"
+truncate*
+	input_idsINT64*e¨;f
