@@ -55,7 +55,37 @@ impl Server {
     /// Starts `kiln serve --model MODEL EXTRA...` on 127.0.0.1 and waits for `/health` = 200.
     /// The plan cache is [`test_cache_dir`] unless `extra` names one.
     pub fn start(bin: &Path, model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(bin)
+        Self::start_with_env(bin, model, extra, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables for the server process.
+    pub fn start_with_env(
+        bin: &Path,
+        model: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Server {
+        Self::start_wrapped(&[], bin, model, extra, env)
+    }
+
+    /// [`Server::start_with_env`] run through `wrapper` (e.g. `["prlimit", "--fsize=1024",
+    /// "--"]`): the command line is `WRAPPER... BIN serve ...`.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        bin: &Path,
+        model: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Server {
+        let mut command = match wrapper.split_first() {
+            None => Command::new(bin),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin);
+                c
+            }
+        };
+        let mut child = command
             .args([
                 "serve",
                 "--host",
@@ -71,6 +101,7 @@ impl Server {
             .env("NO_COLOR", "1")
             .env("KILN_LOG", "info")
             .env("KILN_CACHE_DIR", test_cache_dir())
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
