@@ -20,6 +20,8 @@ if ! cargo +nightly fuzz --version >/dev/null 2>&1; then
 fi
 
 targets="${FUZZ_TARGETS:-$(cargo +nightly fuzz list --fuzz-dir fuzz)}"
+# cargo-fuzz's default build is optimised with overflow checks and debug assertions on, so an
+# arithmetic wrap on a size is a finding too.
 cargo +nightly fuzz build --fuzz-dir fuzz
 failed=()
 for t in $targets; do

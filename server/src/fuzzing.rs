@@ -133,16 +133,22 @@ pub fn safetensors(data: &[u8]) {
 }
 
 /// A plan-cache entry file: read and verified, then prepared on the CPU when it checks out.
+/// The bytes are read as they are, then resealed (every checksum recomputed), so that mutations
+/// also reach the header's parse, the buffer records and the graph check behind the checksums.
 pub fn plan_cache_entry(data: &[u8]) {
-    let path = scratch("entry.kiln", data);
-    if let Ok(plan) = kiln_engine::cache::entry::read(&path) {
-        let _ = kiln_engine::prepare(
-            plan.graph,
-            kiln_engine::DeviceKind::Cpu,
-            kiln_engine::exec::ExecOptions::default(),
-        );
+    use kiln_engine::cache::entry;
+    let resealed = entry::reseal(data);
+    for bytes in std::iter::once(data).chain(resealed.as_deref()) {
+        let path = scratch("entry.kiln", bytes);
+        if let Ok(plan) = entry::read(&path) {
+            let _ = kiln_engine::prepare(
+                plan.graph,
+                kiln_engine::DeviceKind::Cpu,
+                kiln_engine::exec::ExecOptions::default(),
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
-    let _ = std::fs::remove_file(&path);
 }
 
 /// A fuzz target: runs the server's code on arbitrary bytes; a panic is a finding.

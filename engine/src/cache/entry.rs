@@ -309,6 +309,44 @@ pub fn read(path: &Path) -> Result<CachedPlan, CacheError> {
     })
 }
 
+/// `bytes` with every checksum recomputed over the sections its preamble places: the header's
+/// `data_xxh3` list (when the header is a JSON object) and the header's own checksum, with the
+/// preamble's offsets rewritten to fit. `None` when the preamble is missing or its sections do
+/// not lie in the file. For fuzzing: a mutated entry otherwise stops at the first checksum, and
+/// the checks behind the checksums are the ones a fuzzer should reach.
+#[doc(hidden)]
+#[allow(clippy::arithmetic_side_effects)] // every size is bounded by `bytes.len()` first
+pub fn reseal(bytes: &[u8]) -> Option<Vec<u8>> {
+    if bytes.len() < PREAMBLE || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let header_len = usize::try_from(u64_at(bytes, 16)).ok()?;
+    let data_start = usize::try_from(u64_at(bytes, 32)).ok()?;
+    let header_end = PREAMBLE.checked_add(header_len)?;
+    if header_end > data_start || data_start > bytes.len() {
+        return None;
+    }
+    let data = &bytes[data_start..];
+    let mut json = bytes[PREAMBLE..header_end].to_vec();
+    if let Ok(serde_json::Value::Object(mut header)) = serde_json::from_slice(&json) {
+        let sums: Vec<u64> = data.chunks(CHUNK).map(xxh3_64).collect();
+        header.insert("data_xxh3".into(), sums.into());
+        json = serde_json::to_vec(&header).ok()?;
+    }
+    let data_start = align(PREAMBLE + json.len());
+    let mut out = Vec::with_capacity(data_start + data.len());
+    out.extend_from_slice(&bytes[..16]);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(&xxh3_64(&json).to_le_bytes());
+    out.extend_from_slice(&(data_start as u64).to_le_bytes());
+    out.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    out.extend_from_slice(&bytes[48..PREAMBLE]);
+    out.extend_from_slice(&json);
+    out.resize(data_start, 0);
+    out.extend_from_slice(data);
+    Some(out)
+}
+
 /// Seconds since the epoch, for `created_unix`.
 pub fn now_unix() -> u64 {
     SystemTime::now()

@@ -541,7 +541,7 @@ mod tests {
         let _ = fs::remove_dir_all(cache.dir());
     }
 
-    /// `entry` with its header JSON changed by `mutate` and its checksum and offsets redone: a
+    /// `entry` with its header JSON changed by `mutate` and its checksums and offsets redone: a
     /// damaged entry that every checksum passes.
     fn forged(entry: &[u8], mutate: impl Fn(&mut serde_json::Value)) -> Vec<u8> {
         let u64_at = |at: usize| u64::from_le_bytes(entry[at..at + 8].try_into().unwrap()) as usize;
@@ -550,15 +550,39 @@ mod tests {
             serde_json::from_slice(&entry[64..64 + header_len]).unwrap();
         mutate(&mut header);
         let json = serde_json::to_vec(&header).unwrap();
-        let new_start = (64 + json.len()).div_ceil(64) * 64;
         let mut out = entry[..64].to_vec();
         out[16..24].copy_from_slice(&(json.len() as u64).to_le_bytes());
-        out[24..32].copy_from_slice(&xxhash_rust::xxh3::xxh3_64(&json).to_le_bytes());
-        out[32..40].copy_from_slice(&(new_start as u64).to_le_bytes());
+        out[32..40].copy_from_slice(&((64 + json.len()) as u64).to_le_bytes());
         out.extend_from_slice(&json);
-        out.resize(new_start, 0);
         out.extend_from_slice(&entry[data_start..]);
-        out
+        entry::reseal(&out).unwrap()
+    }
+
+    #[test]
+    fn a_resealed_entry_passes_its_checksums() {
+        let cache = temp_cache("reseal");
+        let (graph, report) = compiled(&CompileOptions::default());
+        let m = material("r");
+        cache.store(&m, "m", &graph, &report).unwrap();
+        let path = cache.entry_path(&m.key());
+        let good = fs::read(&path).unwrap();
+        let expected = run(&graph);
+        // Resealing a good entry changes nothing the reader sees.
+        fs::write(&path, entry::reseal(&good).unwrap()).unwrap();
+        let Lookup::Hit(plan) = cache.load(&m) else {
+            panic!("a resealed good entry was rejected")
+        };
+        assert_eq!(run(&plan.graph), expected);
+        // A flipped data byte fails its checksum, and passes it once resealed.
+        let mut damaged = good.clone();
+        *damaged.last_mut().unwrap() ^= 1;
+        fs::write(&path, &damaged).unwrap();
+        assert!(matches!(cache.load(&m), Lookup::Rejected(why) if why.contains("checksum")));
+        cache.store(&m, "m", &graph, &report).unwrap();
+        fs::write(&path, entry::reseal(&damaged).unwrap()).unwrap();
+        assert!(matches!(cache.load(&m), Lookup::Hit(_)));
+        assert!(entry::reseal(&good[..40]).is_none());
+        let _ = fs::remove_dir_all(cache.dir());
     }
 
     /// Every JSON object under `v` that has all of `keys`.
