@@ -13,6 +13,10 @@
 //!    [`backend::Backend`], and the plan runs any batch shape without rebuilding (dimensions stay
 //!    symbolic; kernels that care about sizes choose per call, see `docs/COMPILER.md`).
 //!
+//! [`load`] is the one entry point that runs the three for a model: given the model's files, a
+//! graph builder and the options, it returns a runnable plan and how it came to be. Models of
+//! every kind (encoders, decoders) load through it, so all of them get the plan cache.
+//!
 //! Weight formats: a weight's layout is a [`storage::WeightFormat`] chosen per linear by the
 //! `kernels` pass ([`compile::select_linear`], a pure rule over the linear's
 //! [`quantize::LinearFormat`] and the formats the backend lists in [`compile::CompileTarget`]);
@@ -43,6 +47,7 @@ pub mod gpu;
 pub mod ir;
 pub mod kernels;
 pub mod kv;
+pub mod load;
 pub mod quantize;
 pub mod storage;
 pub mod tensor;
@@ -53,5 +58,6 @@ pub use error::{EngineError, Result};
 pub use exec::{ExecOptions, Plan, Runnable};
 pub use kiln_attention::{Kernel as SdpaKernel, KernelChoice as SdpaKernelChoice};
 pub use kv::{KvCache, KvCacheSpec, PagedBatch};
+pub use load::{CacheOutcome, PlanInfo, PlanSpec};
 pub use quantize::{LayerFilter, LinearFormat, MathMode, QuantOptions, Quantize, StaticScales};
 pub use tensor::{HostData, HostTensor};

@@ -167,17 +167,8 @@ impl AppState {
             return self.load_causal_lm(&opts, started);
         }
         let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
-        let plan = &model.info().plan;
-        let m = self.metrics();
-        m.set_device(&model.info().placement);
-        m.plan_compile_seconds.set(plan.compile_time.as_secs_f64());
-        m.plan_cache_load_seconds
-            .set(plan.cache_load_time.as_secs_f64());
-        match plan.cache {
-            kiln_models::CacheOutcome::Hit => m.plan_cache_hits.inc(),
-            kiln_models::CacheOutcome::Disabled => {}
-            _ => m.plan_cache_misses.inc(),
-        }
+        self.metrics().set_device(&model.info().placement);
+        self.metrics().record_plan(&model.info().plan);
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
         info.id = c.model_id.clone();
@@ -214,6 +205,7 @@ impl AppState {
             kiln_models::CausalLm::load(&c.model_dir, opts, template).map_err(|e| e.to_string())?,
         );
         self.metrics().set_device(&model.info().placement);
+        self.metrics().record_plan(&model.info().plan);
         warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let service = GenerationService::start(
             model,

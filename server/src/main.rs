@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use clap::{Args, Parser, Subcommand};
@@ -535,9 +535,81 @@ fn main() -> Result<()> {
     }
 }
 
+/// What `compile` and `bench-load` report of a loaded model, of either kind.
+struct Loaded {
+    id: String,
+    device: String,
+    load_time: Duration,
+    /// Reading the tokenizer (measured separately for encoders only).
+    tokenizer_time: Option<Duration>,
+    plan: kiln_models::PlanInfo,
+    /// One forward pass: a 1×16 batch for an encoder, a 16-token prefill for a decoder.
+    forward: Box<dyn Fn() -> Result<()>>,
+}
+
+impl ModelArgs {
+    /// Loads the folder as what it is: a causal LM, or an encoder.
+    fn load_any(&self, opts: &LoadOptions) -> Result<Loaded> {
+        let config = self.model.join("config.json");
+        if config.is_file() && kiln_models::is_causal_lm(&config).map_err(|e| anyhow!("{e}"))? {
+            let model = std::sync::Arc::new(
+                kiln_models::CausalLm::load(&self.model, opts, None).map_err(|e| anyhow!("{e}"))?,
+            );
+            let i = model.info().clone();
+            return Ok(Loaded {
+                id: i.id,
+                device: i.device,
+                load_time: i.load_time,
+                tokenizer_time: None,
+                plan: i.plan,
+                forward: Box::new(move || prefill_once(&model)),
+            });
+        }
+        let model = EncoderModel::load(&self.model, opts).map_err(|e| anyhow!("{e}"))?;
+        let i = model.info().clone();
+        let probe = [Encoded {
+            ids: vec![101; 16],
+            type_ids: vec![0; 16],
+            untruncated_len: 16,
+        }];
+        Ok(Loaded {
+            id: i.id,
+            device: i.device,
+            load_time: i.load_time,
+            tokenizer_time: Some(i.tokenizer_time),
+            plan: i.plan,
+            forward: Box::new(move || {
+                model.run_batch(&probe).map_err(|e| anyhow!("{e}"))?;
+                Ok(())
+            }),
+        })
+    }
+}
+
+/// A 16-token prompt through a fresh generator, one token out.
+fn prefill_once(model: &std::sync::Arc<kiln_models::CausalLm>) -> Result<()> {
+    use kiln_models::{Event, GenerationLimits, GenerationRequest, Generator, SamplingParams};
+    let mut g =
+        Generator::new(model.clone(), GenerationLimits::default()).map_err(|e| anyhow!("{e}"))?;
+    g.submit(GenerationRequest {
+        prompt: (0..16).collect(),
+        max_new_tokens: 1,
+        sampling: SamplingParams::default(),
+        stop: Vec::new(),
+        stop_token_ids: Vec::new(),
+        ignore_eos: true,
+    })
+    .map_err(|e| anyhow!("{e}"))?;
+    for e in g.step() {
+        if let Event::Failed { message, .. } = e {
+            return Err(anyhow!("the prefill failed: {message}"));
+        }
+    }
+    Ok(())
+}
+
 fn compile(args: CompileArgs) -> Result<()> {
-    let model = args.model.load()?;
-    let info = model.info();
+    let info = args.model.load_any(&args.model.load_options()?)?;
     let plan = &info.plan;
     let cache = match (&plan.cache, &plan.key) {
         (kiln_models::CacheOutcome::Hit, Some(key)) => {
@@ -560,9 +632,7 @@ fn compile(args: CompileArgs) -> Result<()> {
         info.device,
         ms(info.load_time)
     );
-    if let kiln_models::CacheOutcome::Rebuilt(why) | kiln_models::CacheOutcome::Unavailable(why) =
-        &plan.cache
-    {
+    if let Some(why) = plan.cache.trouble() {
         println!("  ({why})");
     }
     if args.explain {
@@ -577,16 +647,12 @@ fn ms(d: std::time::Duration) -> f64 {
 
 /// Loads the model `runs` times each way in this process, into a fresh plan-cache folder of its
 /// own: without a cache, cold (the folder emptied first: build, compile, store) and warm (plan
-/// read from the cache), each followed by one forward pass (a warm plan's weights are mapped
-/// lazily, so the first pass pays for reading them). Prints medians, with where the time went.
+/// read from the cache), each followed by one forward pass (an encoder's 1×16 batch, a decoder's
+/// 16-token prefill; a warm plan's weights are mapped lazily, so the first pass pays for reading
+/// them). Prints medians, with where the time went.
 fn bench_load(args: BenchLoadArgs) -> Result<()> {
     let cache = std::env::temp_dir().join(format!("kiln-bench-load-{}", std::process::id()));
     let mut opts = args.model.load_options()?;
-    let probe = [Encoded {
-        ids: vec![101; 16],
-        type_ids: vec![0; 16],
-        untruncated_len: 16,
-    }];
     let mut rows: Vec<(&str, Vec<[f64; 10]>)> =
         vec![("no cache", vec![]), ("cold", vec![]), ("warm", vec![])];
     for run in 0..args.runs.max(1) {
@@ -599,13 +665,12 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
                 let _ = std::fs::remove_dir_all(&cache);
             }
             let started = Instant::now();
-            let model = EncoderModel::load(&args.model.model, &opts).map_err(|e| anyhow!("{e}"))?;
+            let model = args.model.load_any(&opts)?;
             let loaded = started.elapsed();
             let forward = Instant::now();
-            model.run_batch(&probe).map_err(|e| anyhow!("{e}"))?;
+            (model.forward)()?;
             let forward = forward.elapsed();
-            let i = model.info();
-            let p = &i.plan;
+            let p = &model.plan;
             let expected = match *mode {
                 "no cache" => "disabled",
                 "cold" => "miss",
@@ -620,7 +685,7 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
             samples.push([
                 ms(loaded),
                 ms(loaded + forward),
-                ms(i.tokenizer_time),
+                model.tokenizer_time.map_or(f64::NAN, ms),
                 ms(p.hash_time),
                 ms(p.build_time),
                 ms(p.compile_time),
@@ -645,12 +710,16 @@ fn bench_load(args: BenchLoadArgs) -> Result<()> {
         args.runs.max(1)
     );
     println!(
-        "| load | load | load + 1st forward | tokenizer | key (stat/hash) | read weights + build graph | compile | store entry | read + verify entry | prepare | 1st forward 1×16 |"
+        "| load | load | load + 1st forward | tokenizer | key (stat/hash) | read weights + build graph | compile | store entry | read + verify entry | prepare | 1st forward (16 tokens) |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for (mode, samples) in &rows {
         let cells: Vec<String> = (0..10)
-            .map(|k| format!("{:.1}", median(samples, k)))
+            .map(|k| match median(samples, k) {
+                // A time the loader does not report separately (a decoder's tokenizer).
+                v if v.is_nan() => "–".to_string(),
+                v => format!("{v:.1}"),
+            })
             .collect();
         println!("| {mode} | {} |", cells.join(" | "));
     }

@@ -322,6 +322,19 @@ impl Metrics {
         }
     }
 
+    /// Records how a model's plan came to be: compile and cache-read times, a cache hit or miss.
+    pub fn record_plan(&self, plan: &kiln_models::PlanInfo) {
+        self.plan_compile_seconds
+            .set(plan.compile_time.as_secs_f64());
+        self.plan_cache_load_seconds
+            .set(plan.cache_load_time.as_secs_f64());
+        match plan.cache {
+            kiln_models::CacheOutcome::Hit => self.plan_cache_hits.inc(),
+            kiln_models::CacheOutcome::Disabled => {}
+            _ => self.plan_cache_misses.inc(),
+        }
+    }
+
     /// Records where the model runs (`kiln_device_info`).
     pub fn set_device(&self, placement: &kiln_models::DevicePlacement) {
         let a = placement.adapter.as_ref();

@@ -366,3 +366,52 @@ fn paged_graph_runs_the_last_layers_mlp_on_last_tokens_only() {
         }
     }
 }
+
+/// Decoder plans go through the plan cache as encoder plans do: a cold load stores the paged
+/// plan (and the first `full_logits` the full one), a warm load reads both back without
+/// building a graph, and the answers stay the reference's.
+#[test]
+fn decoder_plans_are_stored_in_and_read_from_the_plan_cache() {
+    use kiln_models::CacheOutcome;
+    let cache = std::env::temp_dir().join(format!("kiln-decoder-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let limits = GenerationLimits::default();
+    for name in MODELS {
+        let r = read_json(&dir(name).join("reference.json"));
+        let case = &r["greedy_generation"]["results"][0];
+        let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["generated_ids"]));
+        let opts = LoadOptions {
+            device: DeviceKind::Cpu.into(),
+            cache_dir: Some(cache.join(name)),
+            ..LoadOptions::default()
+        };
+        let mut logits = Vec::new();
+        for (round, expected) in [(0, CacheOutcome::Miss), (1, CacheOutcome::Hit)] {
+            let model = load(&dir(name), &opts);
+            let plan = &model.info().plan;
+            assert_eq!(plan.cache, expected, "{name} load {round}");
+            assert!(plan.key.is_some(), "{name} load {round}: no key");
+            if expected == CacheOutcome::Hit {
+                assert!(plan.build_time.is_zero() && plan.compile_time.is_zero());
+            }
+            let mut g = Generator::new(model.clone(), limits).unwrap();
+            g.submit(greedy(prompt.clone(), want.len())).unwrap();
+            assert_eq!(drain(&mut g, 1)[0].0, want, "{name} load {round}: tokens");
+            logits.push(model.full_logits(std::slice::from_ref(&prompt)).unwrap());
+        }
+        assert_eq!(
+            logits[0], logits[1],
+            "{name}: the cached full plan's logits"
+        );
+        // One entry per graph mode (paged, full).
+        let entries = std::fs::read_dir(cache.join(name).join("plans"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "kiln"))
+            })
+            .count();
+        assert_eq!(entries, 2, "{name}: plan-cache entries");
+    }
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use kiln_engine::ir::Graph;
 use kiln_engine::{HostTensor, KvCache, KvCacheSpec, PagedBatch, Runnable};
 use tokenizers::Tokenizer;
 
@@ -21,7 +20,7 @@ pub use config::{
 pub use graph::{GraphMode, names};
 
 use crate::error::{ModelError, Result};
-use crate::{CacheOutcome, LoadOptions, require};
+use crate::{LoadOptions, PlanInfo, require};
 
 /// Facts about a loaded decoder, for `/info`, logs and API answers.
 #[derive(Debug, Clone)]
@@ -38,6 +37,8 @@ pub struct DecoderInfo {
     /// The resolved device, why, and the GPU adapter if any.
     pub placement: crate::DevicePlacement,
     pub load_time: Duration,
+    /// How the paged plan came to be (compiled, or read from the plan cache).
+    pub plan: PlanInfo,
 }
 
 /// One sequence's part of a step: the tokens it adds, where they start, and its blocks.
@@ -88,8 +89,7 @@ impl CausalLm {
             .with_truncation(None)
             .map_err(|e| ModelError::file(&tok_path, format!("cannot clear truncation: {e}")))?;
         let chat = chat::ChatTemplate::load(dir, chat_template)?;
-        let weights = shards::Weights::open(dir)?;
-        let plan = compile_and_prepare(|| graph::build(&config, &weights, GraphMode::Paged), opts)?;
+        let (plan, plan_info) = load_plan(dir, &config, opts, GraphMode::Paged)?;
         for seq in [
             16.min(config.max_position_embeddings),
             config.max_position_embeddings,
@@ -114,6 +114,7 @@ impl CausalLm {
             device: plan.backend_name(),
             placement,
             load_time: started.elapsed(),
+            plan: plan_info,
         };
         tracing::info!(
             model = %info.id,
@@ -121,9 +122,13 @@ impl CausalLm {
             device = %info.device,
             max_context = info.max_context,
             chat_template = chat.is_some(),
+            plan_cache = info.plan.cache.as_str(),
+            compile_ms = info.plan.compile_time.as_secs_f64() * 1e3,
+            cache_load_ms = info.plan.cache_load_time.as_secs_f64() * 1e3,
             load_ms = info.load_time.as_millis() as u64,
             "causal LM loaded"
         );
+        info.plan.warn_on_trouble(&info.id);
         Ok(Self {
             info,
             config,
@@ -311,9 +316,9 @@ impl CausalLm {
         let plan = match self.full.get() {
             Some(p) => p,
             None => {
-                let weights = shards::Weights::open(&self.info.dir)?;
-                let build = || graph::build(&self.config, &weights, GraphMode::Full);
-                let plan = compile_and_prepare(build, &self.options)?;
+                let (plan, info) =
+                    load_plan(&self.info.dir, &self.config, &self.options, GraphMode::Full)?;
+                info.warn_on_trouble(&self.info.id);
                 self.full.get_or_init(|| plan)
             }
         };
@@ -329,22 +334,31 @@ impl CausalLm {
     }
 }
 
-/// Builds and compiles a decoder graph with the compiler's passes, as every encoder load does
+/// The plan of one graph mode of the decoder in `dir`: read from the plan cache, or built from
+/// the weights and compiled with the compiler's passes, as every encoder load does
 /// (`opts.compile` turns them off the same way): the MLP's activation becomes its first GEMM's
-/// epilogue, the q/k/v projections one GEMM read by head. Then the plan for the device. Decoder
-/// plans do not go through the plan cache yet (docs/COMPILER.md).
-fn compile_and_prepare(
-    build: impl FnOnce() -> Result<Graph>,
+/// epilogue, the q/k/v projections one GEMM read by head. The weights are opened only when the
+/// cache has no entry.
+fn load_plan(
+    dir: &Path,
+    config: &DecoderConfig,
     opts: &LoadOptions,
-) -> Result<Box<dyn Runnable>> {
-    let outcome = CacheOutcome::Unavailable("decoder plans are not cached yet".into());
-    let (plan, info) = crate::plan::uncached(build, opts, outcome)?;
-    tracing::info!(
-        passes = %info.report.options.describe(),
-        compile_ms = info.compile_time.as_secs_f64() * 1e3,
-        "decoder graph compiled"
-    );
-    Ok(plan)
+    mode: GraphMode,
+) -> Result<(Box<dyn Runnable>, PlanInfo)> {
+    let mut files = kiln_engine::load::existing_files(dir, &["config.json"]);
+    files.extend(shards::Weights::files(dir)?);
+    let options = [
+        (
+            "graph".to_string(),
+            format!("decoder {}", config.architecture),
+        ),
+        ("mode".to_string(), format!("{mode:?}")),
+    ];
+    let spec = opts.plan_spec(dir, files, options);
+    kiln_engine::load::load(&spec, || {
+        let weights = shards::Weights::open(dir)?;
+        graph::build(config, &weights, mode)
+    })
 }
 
 /// Rows of the `logits` output.

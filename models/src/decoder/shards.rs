@@ -1,8 +1,8 @@
 //! A decoder's weights: one `model.safetensors`, or the shards a
 //! `model.safetensors.index.json` names (`weight_map`: parameter name → shard file).
 
-use std::collections::HashMap;
-use std::path::Path;
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 
 use kiln_engine::HostTensor;
 use serde::Deserialize;
@@ -79,6 +79,29 @@ impl Weights {
             ));
         }
         Ok(Self { files, by_name })
+    }
+
+    /// The weight files `open` would read: `model.safetensors`, or the index and every shard
+    /// it names (sorted). For the plan-cache key, so reads only the index.
+    pub fn files(dir: &Path) -> Result<Vec<PathBuf>> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if single.is_file() || !index.is_file() {
+            return Ok(vec![single]);
+        }
+        let idx: Index = read_json(&index)?;
+        let shards: BTreeSet<&String> = idx.weight_map.values().collect();
+        let mut files = vec![index.clone()];
+        for shard in shards {
+            if shard.contains('/') || shard.contains("..") {
+                return Err(ModelError::file(
+                    &index,
+                    format!("shard `{shard}` must be a file name in the model folder"),
+                ));
+            }
+            files.push(dir.join(shard));
+        }
+        Ok(files)
     }
 
     pub fn has(&self, name: &str) -> bool {

@@ -533,5 +533,7 @@ pub fn info(state: &AppState, g: &GenerationService) -> Value {
         },
         "running": m.generation_running.get(),
         "waiting": m.generation_waiting.get(),
+        "load_time_ms": i.load_time.as_millis() as u64,
+        "plan": crate::routes::plan_json(&i.plan),
     })
 }

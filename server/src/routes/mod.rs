@@ -81,3 +81,14 @@ pub(crate) fn placement_json(p: &kiln_models::DevicePlacement) -> serde_json::Va
         "adapter": p.adapter,
     })
 }
+
+/// `/info`'s `plan`: how the model's plan came to be (compiled, or read from the plan cache).
+pub(crate) fn plan_json(p: &kiln_models::PlanInfo) -> serde_json::Value {
+    serde_json::json!({
+        "cache": p.cache.as_str(),
+        "cache_key": p.key,
+        "compile_ms": p.compile_time.as_secs_f64() * 1e3,
+        "cache_load_ms": p.cache_load_time.as_secs_f64() * 1e3,
+        "passes": p.report.options.describe(),
+    })
+}

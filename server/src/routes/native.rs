@@ -194,13 +194,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "request_timeout_ms": state.config().request_timeout.as_millis() as u64,
         "auto_truncate": state.config().auto_truncate,
         "load_time_ms": i.load_time.as_millis() as u64,
-        "plan": {
-            "cache": i.plan.cache.as_str(),
-            "cache_key": i.plan.key,
-            "compile_ms": i.plan.compile_time.as_secs_f64() * 1e3,
-            "cache_load_ms": i.plan.cache_load_time.as_secs_f64() * 1e3,
-            "passes": i.plan.report.options.describe(),
-        },
+        "plan": crate::routes::plan_json(&i.plan),
     })))
 }
 
