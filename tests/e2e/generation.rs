@@ -6,38 +6,13 @@
 //! is back in the pool.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use kiln_tests::server::{Server, kiln_bin};
-use kiln_tests::{fixtures, read_json, workspace};
+use kiln_tests::server::{Server, gpt2_tiny_cases, kiln_bin, start_gpt2_tiny};
 use serde_json::{Value, json};
 
-fn model() -> PathBuf {
-    fixtures().join("tiny/gpt2-tiny")
-}
-
 fn start(extra: &[&str]) -> Server {
-    let template = workspace().join("tests/data/chatml.jinja");
-    let mut args = vec!["--chat-template", template.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Server::start(&kiln_bin(env!("CARGO_BIN_EXE_kiln")), &model(), &args)
-}
-
-/// The reference's prompts and greedy texts.
-fn cases() -> Vec<(String, String)> {
-    let r = read_json(&model().join("reference.json"));
-    r["greedy_generation"]["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["prompt"].as_str().unwrap().to_string(),
-                c["generated_text"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    start_gpt2_tiny(&kiln_bin(env!("CARGO_BIN_EXE_kiln")), extra)
 }
 
 /// POSTs `body` and reads the SSE `data:` payloads until the stream ends.
@@ -58,7 +33,7 @@ fn stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
 #[test]
 fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
     let server = start(&["--kv-block-size", "4"]);
-    for (prompt, want) in cases() {
+    for (prompt, want) in gpt2_tiny_cases() {
         // Native: whole and streamed.
         let (status, body) = server.post(
             "/generate",

@@ -13,35 +13,18 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kiln_tests::server::{Server, kiln_bin, metric_value};
-use kiln_tests::{fixtures, read_json, workspace};
+use kiln_tests::server::{
+    Server, gpt2_tiny, gpt2_tiny_cases, kiln_bin, metric_value, start_gpt2_tiny,
+};
+use kiln_tests::{read_json, workspace};
 use serde_json::{Value, json};
 
 fn model() -> PathBuf {
-    fixtures().join("tiny/gpt2-tiny")
+    gpt2_tiny()
 }
 
 fn start(extra: &[&str]) -> Server {
-    let template = workspace().join("tests/data/chatml.jinja");
-    let mut args = vec!["--chat-template", template.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    Server::start(&kiln_bin(env!("CARGO_BIN_EXE_kiln")), &model(), &args)
-}
-
-/// The reference's prompts and greedy texts (16 new tokens).
-fn cases() -> Vec<(String, String)> {
-    let r = read_json(&model().join("reference.json"));
-    r["greedy_generation"]["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["prompt"].as_str().unwrap().to_string(),
-                c["generated_text"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
+    start_gpt2_tiny(&kiln_bin(env!("CARGO_BIN_EXE_kiln")), extra)
 }
 
 /// The model's context (`n_positions`).
@@ -58,7 +41,7 @@ fn honest_clients(
     n: usize,
     stop: &Arc<AtomicBool>,
 ) -> Vec<std::thread::JoinHandle<usize>> {
-    let cases = cases();
+    let cases = gpt2_tiny_cases();
     (0..n)
         .map(|i| {
             let (base, cases, stop) = (server.url(""), cases.clone(), stop.clone());
@@ -377,7 +360,7 @@ async fn grpc_serving(server: &Server) -> bool {
 async fn a_dead_generation_worker_turns_health_not_serving_and_is_restarted() {
     let dir = faults("worker");
     let server = tokio::task::block_in_place(|| start_with_faults(&dir, &["--kv-block-size", "4"]));
-    let (prompt, want) = cases().remove(0);
+    let (prompt, want) = gpt2_tiny_cases().remove(0);
     let req = json!({ "prompt": prompt, "max_tokens": 16, "temperature": 0 });
     // gRPC health follows readiness within one tick of its watcher.
     let deadline = Instant::now() + Duration::from_secs(2);
@@ -440,7 +423,7 @@ async fn a_dead_generation_worker_turns_health_not_serving_and_is_restarted() {
 fn a_panic_in_a_handler_fails_that_request_only() {
     let dir = faults("handler");
     let server = start_with_faults(&dir, &["--kv-block-size", "4"]);
-    let (prompt, want) = cases().remove(0);
+    let (prompt, want) = gpt2_tiny_cases().remove(0);
     let req = json!({ "prompt": prompt, "max_tokens": 16, "temperature": 0 });
     std::fs::write(dir.join("request-handler"), "").unwrap();
     let (status, v) = server.post("/v1/completions", &req);

@@ -285,3 +285,31 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// The tiny GPT-2 fixture the end-to-end generation tests serve.
+pub fn gpt2_tiny() -> PathBuf {
+    crate::fixtures().join("tiny/gpt2-tiny")
+}
+
+/// `kiln serve` (the binary at `kiln`) of the tiny GPT-2 with the ChatML template (as a chat
+/// model) and `extra` flags.
+pub fn start_gpt2_tiny(kiln: &Path, extra: &[&str]) -> Server {
+    let template = crate::workspace().join("tests/data/chatml.jinja");
+    let mut args = vec!["--chat-template", template.to_str().expect("a UTF-8 path")];
+    args.extend_from_slice(extra);
+    Server::start(kiln, &gpt2_tiny(), &args)
+}
+
+/// The tiny GPT-2 reference's prompts and their greedy texts.
+pub fn gpt2_tiny_cases() -> Vec<(String, String)> {
+    let r = crate::read_json(&gpt2_tiny().join("reference.json"));
+    r["greedy_generation"]["results"]
+        .as_array()
+        .expect("greedy_generation.results")
+        .iter()
+        .map(|c| {
+            let field = |k: &str| c[k].as_str().expect(k).to_string();
+            (field("prompt"), field("generated_text"))
+        })
+        .collect()
+}
