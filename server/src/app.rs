@@ -1,7 +1,7 @@
 //! The router and its shared state. [`app`] builds everything but the socket, so handlers are
 //! tested with `tower::ServiceExt::oneshot`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -23,6 +23,7 @@ use crate::error::AppError;
 use crate::generation::GenerationService;
 use crate::infer::Infer;
 use crate::metrics::Metrics;
+use crate::registry::{Kind, Loaded, ModelState, Registry, Served, Want};
 use crate::request_id;
 use crate::routes::{completions, generate, kserve, native, openai, openapi};
 use crate::supervise::Workers;
@@ -37,9 +38,7 @@ struct Inner {
     config: Arc<ServeConfig>,
     metrics: Metrics,
     keys: ApiKeys,
-    ready: OnceLock<Ready>,
-    /// Set instead of `ready` when the model is a causal LM.
-    generation: OnceLock<GenerationService>,
+    models: Registry,
     /// The worker threads, for readiness.
     workers: Workers,
     /// Set when a draining server's `--shutdown-timeout` has passed: requests still in flight
@@ -62,13 +61,13 @@ impl AppState {
     /// Fails only when a configured API keys file cannot be read.
     pub fn new(config: ServeConfig) -> Result<Self, String> {
         let keys = ApiKeys::new(config.api_keys.clone(), config.api_keys_file.clone())?;
+        let models = Registry::new(&config.models, config.default_model.clone());
         Ok(Self {
             inner: Arc::new(Inner {
                 config: Arc::new(config),
                 metrics: Metrics::new(),
                 keys,
-                ready: OnceLock::new(),
-                generation: OnceLock::new(),
+                models,
                 workers: Workers::default(),
                 abort: tokio::sync::watch::Sender::new(false),
             }),
@@ -87,48 +86,55 @@ impl AppState {
         &self.inner.keys
     }
 
-    /// The encoder model, or 503 while it is still loading, or 422 when the served model is a
-    /// causal LM (these routes need an encoder).
-    pub fn ready(&self) -> Result<&Ready, AppError> {
-        if self.inner.generation.get().is_some() {
-            return Err(AppError::validation(format!(
-                "model `{}` is a causal language model: it generates text (/v1/completions, /v1/chat/completions, /generate, /generate_stream); this route needs an embedding or classification model",
-                self.config().model_id
-            )));
-        }
-        self.inner
-            .ready
-            .get()
-            .ok_or_else(|| AppError::unavailable("the model is still loading"))
+    /// Every served model.
+    pub fn models(&self) -> &Registry {
+        &self.inner.models
     }
 
-    /// The causal LM, or 503 while loading, or 422 when the served model is an encoder.
-    pub fn generation(&self) -> Result<&GenerationService, AppError> {
-        if let Some(g) = self.inner.generation.get() {
-            return Ok(g);
-        }
-        if self.inner.ready.get().is_some() {
-            return Err(AppError::validation(format!(
-                "model `{}` is an encoder (embeddings or classification); text generation needs a causal language model such as GPT-2 or Llama",
-                self.config().model_id
-            )));
-        }
-        Err(AppError::unavailable("the model is still loading"))
+    /// The encoder a request is for ([`Registry::pick`]), or 404 (unknown name), 503 (still
+    /// loading, unavailable) or 422 (a causal LM).
+    pub fn encoder(&self, name: Option<&str>, want: Want) -> Result<Arc<Ready>, AppError> {
+        self.inner.models.pick(name, want)?.encoder()
     }
 
-    /// The causal LM if that is what is served (no error otherwise).
-    pub fn generation_service(&self) -> Option<&GenerationService> {
-        self.inner.generation.get()
+    /// The causal LM a request is for, or 404, 503, or 422 (an encoder).
+    pub fn causal_lm(&self, name: Option<&str>) -> Result<GenerationService, AppError> {
+        self.inner.models.pick(name, Want::Generation)?.causal_lm()
     }
 
-    /// Loaded, warmed up, and every worker thread running.
+    /// Every model loaded and warmed up, and every worker thread running.
     pub fn is_ready(&self) -> bool {
-        (self.inner.ready.get().is_some() || self.inner.generation.get().is_some())
-            && self.inner.workers.down().is_empty()
+        self.inner.models.all_ready() && self.inner.workers.down().is_empty()
+    }
+
+    /// Why the server is not ready (each model not ready, each worker down), or `Ok`.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut why: Vec<String> = self
+            .inner
+            .models
+            .all()
+            .iter()
+            .filter_map(|m| match m.state() {
+                ModelState::Ready(_) => None,
+                ModelState::Loading => Some(format!("model `{}` is still loading", m.id())),
+                ModelState::Unavailable(reason) => {
+                    Some(format!("model `{}` is unavailable: {reason}", m.id()))
+                }
+            })
+            .collect();
+        let down = self.inner.workers.down();
+        if !down.is_empty() {
+            why.push(format!("worker threads down: {}", down.join(", ")));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
+        }
     }
 
     /// The worker threads that are down now (dead or restarting).
-    pub fn workers_down(&self) -> Vec<&'static str> {
+    pub fn workers_down(&self) -> Vec<String> {
         self.inner.workers.down()
     }
 
@@ -142,57 +148,71 @@ impl AppState {
         Aborted(self.inner.abort.subscribe())
     }
 
-    /// Loads the model, runs one warm-up request, starts the batcher and marks the server
-    /// ready. Blocking: call it from a blocking thread of the tokio runtime.
+    /// Loads every model in turn (each warmed up, with its batcher or scheduler started, and
+    /// ready as soon as it is). A model that fails is unavailable, with the reason, while the
+    /// others serve; `Err` only when none could be loaded. Blocking: call it from a blocking
+    /// thread of the tokio runtime.
     pub fn load(&self) -> Result<(), String> {
-        let started = Instant::now();
-        let c = self.config();
-        let opts = LoadOptions {
-            device: c.device,
-            exec: kiln_engine::ExecOptions {
-                sdpa_kernel: c.sdpa_kernel,
-                quant: c.quant.clone(),
-            },
-            quantize_scales: c.quantize_scales.clone(),
-            max_batch_sequences: c.max_batch_sequences,
-            max_seq_length: c.max_input_tokens,
-            layout: c.batch_layout,
-            compile: c.compile.clone(),
-            cache_dir: c.cache_dir.clone(),
-        };
-        let config_json = c.model_dir.join("config.json");
-        if config_json.is_file()
-            && kiln_models::is_causal_lm(&config_json).map_err(|e| e.to_string())?
-        {
-            return self.load_causal_lm(&opts, started);
+        let mut failures = Vec::new();
+        for served in self.inner.models.all() {
+            if let ModelState::Unavailable(why) = served.state() {
+                tracing::error!(model = served.id(), error = %why, "model unavailable");
+                failures.push(format!("`{}`: {why}", served.id()));
+                continue;
+            }
+            let started = Instant::now();
+            match self.load_one(served) {
+                Ok(loaded) => {
+                    self.metrics()
+                        .model_load_seconds
+                        .set(started.elapsed().as_secs_f64());
+                    served.set_state(ModelState::Ready(loaded));
+                    tracing::info!(
+                        model = served.id(),
+                        kind = served.kind_name(),
+                        load_ms = started.elapsed().as_millis() as u64,
+                        "model ready"
+                    );
+                }
+                Err(why) => {
+                    tracing::error!(model = served.id(), error = %why, "cannot load the model; it is unavailable, the others serve");
+                    failures.push(format!("`{}`: {why}", served.id()));
+                    served.set_state(ModelState::Unavailable(why));
+                }
+            }
         }
-        let model = EncoderModel::load(&c.model_dir, &opts).map_err(|e| e.to_string())?;
+        if failures.len() == self.inner.models.all().len() {
+            return Err(failures.join("; "));
+        }
+        Ok(())
+    }
+
+    fn load_one(&self, served: &Served) -> Result<Loaded, String> {
+        let c = &served.config;
+        let opts = c.load_options();
+        if served.kind() == Ok(Kind::CausalLm) {
+            return self.load_causal_lm(served, &opts);
+        }
+        let model = EncoderModel::load(&c.dir, &opts).map_err(|e| e.to_string())?;
         self.metrics().set_device(&model.info().placement);
         self.metrics().record_plan(&model.info().plan);
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
-        info.id = c.model_id.clone();
+        info.id = c.id.clone();
         let infer = Infer::start(
             Arc::new(model),
+            c.clone(),
             self.inner.config.clone(),
             self.metrics().clone(),
             &self.inner.workers,
             self.aborted(),
         )
         .map_err(|e| e.to_string())?;
-        self.metrics()
-            .model_load_seconds
-            .set(started.elapsed().as_secs_f64());
-        if self.inner.ready.set(Ready { info, infer }).is_err() {
-            return Err("the model was already loaded".into());
-        }
-        Ok(())
+        Ok(Loaded::Encoder(Arc::new(Ready { info, infer })))
     }
-}
 
-impl AppState {
     /// Loads a causal LM, generates one token as a warm-up and starts its scheduler.
-    fn load_causal_lm(&self, opts: &LoadOptions, started: Instant) -> Result<(), String> {
+    fn load_causal_lm(&self, served: &Served, opts: &LoadOptions) -> Result<Loaded, String> {
         let c = self.config();
         let template = match &c.chat_template {
             Some(path) => Some(
@@ -202,25 +222,21 @@ impl AppState {
             None => None,
         };
         let model = Arc::new(
-            kiln_models::CausalLm::load(&c.model_dir, opts, template).map_err(|e| e.to_string())?,
+            kiln_models::CausalLm::load(&served.config.dir, opts, template)
+                .map_err(|e| e.to_string())?,
         );
         self.metrics().set_device(&model.info().placement);
         self.metrics().record_plan(&model.info().plan);
         warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let service = GenerationService::start(
             model,
+            served.config.clone(),
             self.inner.config.clone(),
             self.metrics().clone(),
             &self.inner.workers,
             self.aborted(),
         )?;
-        self.metrics()
-            .model_load_seconds
-            .set(started.elapsed().as_secs_f64());
-        if self.inner.generation.set(service).is_err() {
-            return Err("the model was already loaded".into());
-        }
-        Ok(())
+        Ok(Loaded::CausalLm(service))
     }
 }
 
@@ -318,6 +334,15 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/config",
             get(kserve::model_config),
+        )
+        .route("/v2/repository/index", post(kserve::repository_index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(kserve::repository_control),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(kserve::repository_control),
         )
         .route("/v2/models/{model}/stats", get(kserve::model_stats))
         .route(

@@ -88,17 +88,18 @@ impl Batcher {
         metrics: Metrics,
         admitted: AdmittedCount,
         workers: &Workers,
+        model_id: &str,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
         // Room for one batch: the next one waits here while the backend runs the current one.
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Entry>>(1);
         let done = tx.clone();
         let backend_metrics = metrics.clone();
-        let up = workers.register(WORKER);
+        let worker = workers.register(WORKER, model_id);
         std::thread::Builder::new()
             .name("kiln-backend".into())
             .spawn(move || {
-                supervise::run(WORKER, &up, &backend_metrics, |started| {
+                supervise::run(&worker, &backend_metrics, |started| {
                     supervise::maybe_inject(WORKER);
                     started();
                     backend_loop(&model, &mut batch_rx, &done, limits, &backend_metrics);

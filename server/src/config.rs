@@ -1,186 +1,346 @@
 //! Serving configuration in two stages.
 //!
-//! 1. [`RawServeConfig`]: every setting optional, as it arrives from one source — command-line
-//!    flags (clap fills `KILN_*` environment variables in the same struct) or a TOML config file
-//!    (`--config`, same names in snake_case).
-//! 2. [`ServeConfig`]: the one resolved and validated config the server runs with. Precedence is
-//!    flag > environment variable > config file > default; cross-field rules are checked once,
-//!    with messages that name the setting.
+//! 1. Raw settings, every one optional, as they arrive from one source: command-line flags (clap
+//!    fills `KILN_*` environment variables into the same structs) or a TOML config file
+//!    (`--config`, the same names in snake_case). Each setting is declared once, in
+//!    [`RawModelSettings`] (what loading a model needs: every command that loads one shares
+//!    them) or [`RawServerSettings`] (what only `kiln serve` needs); its doc comment is its
+//!    `--help` text, its field name its TOML key, its `#[arg]` its flag and environment variable.
+//! 2. [`ServeConfig`] (with its [`ModelConfig`]): the one resolved and validated config the server
+//!    runs with. Precedence is flag > environment variable > config file > default; cross-field
+//!    rules are checked once, with messages that name the setting.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use kiln_engine::compile::CompileOptions;
 use kiln_engine::{DeviceChoice, LayerFilter, MathMode, QuantOptions, Quantize, SdpaKernelChoice};
-use kiln_models::BatchLayout;
-use serde::Deserialize;
+use kiln_models::{BatchLayout, LoadOptions};
 
-/// Settings from one source, all optional. Field names are the TOML keys; the CLI flags are the
-/// same names in kebab-case.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Declares one group of raw settings. Each field is written once: its doc comment (the `--help`
+/// text), its `#[arg]` (flag and environment variable) and its name (the TOML key). The macro adds
+/// the merge of two sources ([`RawModelSettings::or`]) and the list of keys, so a new setting
+/// cannot be forgotten in either.
+macro_rules! settings_group {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$field_meta:meta])* pub $field:ident: $ty:ty, )*
+        }
+    ) => {
+        #[derive(Debug, Clone, Default, clap::Args, serde::Deserialize)]
+        $(#[$meta])*
+        #[serde(default)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// The TOML keys of this group.
+            pub const KEYS: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            /// `self` where set, else `fallback` (flags and env over the file).
+            pub fn or(self, fallback: Self) -> Self {
+                Self { $( $field: self.$field.or(fallback.$field), )* }
+            }
+        }
+    };
+}
+
+settings_group! {
+    /// What loading a model needs: `kiln serve` and every command that loads a model
+    /// (`compile`, `bench-load`, `embed`, `bench`) take these.
+    #[command(next_help_heading = "Model")]
+    pub struct RawModelSettings {
+        /// Model folder in the Hugging Face layout, as `PATH` or `PATH=ID` (the name clients
+        /// use). `kiln serve` takes it several times to serve several models (in a config file:
+        /// a string or a list of strings).
+        #[arg(long, env = "KILN_MODEL", value_name = "PATH[=ID]")]
+        #[serde(default, deserialize_with = "one_or_many")]
+        pub model: Option<Vec<String>>,
+        /// Name clients see, for a single model (default: the model folder's name).
+        #[arg(long, env = "KILN_MODEL_ID")]
+        pub model_id: Option<String>,
+        /// Where to run: `auto` (a GPU that passes a self-test, else the CPU), `cpu` (kiln's
+        /// kernels), `wgpu` / `wgpu:N` (a GPU adapter; `kiln devices` lists them) or `burn-flex`
+        /// (burn's CPU backend). [default: auto]
+        #[arg(long, env = "KILN_DEVICE")]
+        pub device: Option<String>,
+        /// Attention kernel: `auto` (the selector picks per input), `flash`, `mem_efficient` or
+        /// `math`; a forced kernel that cannot run the model fails at load. [default: auto]
+        #[arg(long, env = "KILN_SDPA_KERNEL")]
+        pub sdpa_kernel: Option<String>,
+        /// Engine batches: `packed` (padding-free, varlen attention) or `padded`.
+        /// [default: packed]
+        #[arg(long, env = "KILN_BATCH_LAYOUT")]
+        pub batch_layout: Option<String>,
+        /// Most sequences in one engine call; larger batches are split into length-sorted ones.
+        /// [default: 64]
+        #[arg(long, env = "KILN_MAX_BATCH_SEQUENCES")]
+        pub max_batch_sequences: Option<usize>,
+        /// Longest input in tokens (default: the model's max_seq_length).
+        #[arg(long, env = "KILN_MAX_INPUT_TOKENS", alias = "max-seq-length")]
+        pub max_input_tokens: Option<usize>,
+        /// Linear layers in int8: `none`, `int8-dynamic` (per-token activation scales at run
+        /// time) or `int8-static` (per-tensor scales from `kiln quantize`). [default: none]
+        #[arg(long, env = "KILN_QUANTIZE")]
+        pub quantize: Option<String>,
+        /// The calibration file for int8-static. [default: <model>/kiln-quant.json]
+        #[arg(long, env = "KILN_QUANTIZE_SCALES")]
+        pub quantize_scales: Option<PathBuf>,
+        /// Only these layers are quantized (comma-separated globs on layer names, e.g.
+        /// `encoder.layer.*`). [default: all]
+        #[arg(long, env = "KILN_QUANTIZE_LAYERS", value_delimiter = ',')]
+        pub quantize_layers: Option<Vec<String>>,
+        /// Layers kept in f32 (comma-separated globs, e.g. `*.output.dense,classifier`).
+        #[arg(long, env = "KILN_QUANTIZE_SKIP", value_delimiter = ',')]
+        pub quantize_skip: Option<Vec<String>>,
+        /// `precise` (f32) or `bf16-fast` (linear weights in bf16, inputs rounded to bf16, f32
+        /// accumulation). [default: precise]
+        #[arg(long, env = "KILN_MATH_MODE")]
+        pub math_mode: Option<String>,
+        /// Plan-cache folder [default: $KILN_CACHE_DIR, else the per-user cache folder].
+        #[arg(long, env = "KILN_CACHE_DIR")]
+        pub cache_dir: Option<PathBuf>,
+        /// `false` compiles at every load and never reads or writes the plan cache (the flag is
+        /// `--no-plan-cache`).
+        #[arg(skip)]
+        pub plan_cache: Option<bool>,
+        /// Turn the compiler's fusion passes off (sdpa, qkv, bias-act, add-norm), to measure
+        /// what they do.
+        #[arg(
+            long,
+            env = "KILN_NO_FUSE",
+            num_args = 0..=1,
+            require_equals = true,
+            default_missing_value = "true",
+            value_name = "BOOL",
+            value_parser = BoolishValueParser::new()
+        )]
+        pub no_fuse: Option<bool>,
+        /// Compiler passes to turn off, comma-separated: dce, fold, sdpa, qkv, bias-act,
+        /// add-norm, kernels, prepack (or `all`, `fuse`).
+        #[arg(long = "disable-pass", env = "KILN_DISABLE_PASS", value_name = "PASSES")]
+        pub disable_passes: Option<String>,
+    }
+}
+
+settings_group! {
+    /// What only `kiln serve` needs: addresses, batching, limits, keys, generation.
+    #[command(next_help_heading = "Serving")]
+    pub struct RawServerSettings {
+        /// Serve every model folder in DIR (each subfolder with a config.json; its name is the
+        /// model's id). A `kiln.toml` inside a model's folder holds that model's own settings
+        /// (model settings only: quantization, device, batching, max tokens, `model_id`), which
+        /// win over the server-wide ones.
+        #[arg(long, env = "KILN_MODEL_REPOSITORY", value_name = "DIR")]
+        pub model_repository: Option<PathBuf>,
+        /// The model that routes without a `model` field or `X-Model` header use when more than
+        /// one served model could answer them.
+        #[arg(long, env = "KILN_DEFAULT_MODEL", value_name = "ID")]
+        pub default_model: Option<String>,
+        /// [default: 0.0.0.0]
+        #[arg(long, env = "KILN_HOST")]
+        pub host: Option<String>,
+        /// HTTP port. [default: 8080]
+        #[arg(long, env = "KILN_PORT")]
+        pub port: Option<u16>,
+        /// gRPC port (KServe v2 `inference.GRPCInferenceService`, grpc.health.v1, reflection),
+        /// on the same host address. [default: 8081]
+        #[arg(long, env = "KILN_GRPC_PORT")]
+        pub grpc_port: Option<u16>,
+        /// Largest gRPC message received or sent, in bytes (RESOURCE_EXHAUSTED beyond; at most
+        /// 2147483647). [default: 67108864]
+        #[arg(long, env = "KILN_GRPC_MAX_MESSAGE_SIZE")]
+        pub grpc_max_message_size: Option<usize>,
+        /// Token budget of one batch (requests join a batch while their tokens fit).
+        /// [default: 8192]
+        #[arg(long, env = "KILN_MAX_BATCH_TOKENS")]
+        pub max_batch_tokens: Option<usize>,
+        /// Most requests in one batch. [default: 64]
+        #[arg(long, env = "KILN_MAX_BATCH_REQUESTS")]
+        pub max_batch_requests: Option<usize>,
+        /// Requests in progress at once; beyond, 429 with Retry-After at once. [default: 512]
+        #[arg(long, env = "KILN_MAX_CONCURRENT_REQUESTS")]
+        pub max_concurrent_requests: Option<usize>,
+        /// Longest wait for more requests before an idle backend runs a batch that is not full,
+        /// e.g. `2ms`, `0`. [default: 2ms]
+        #[arg(long, env = "KILN_MAX_QUEUE_DELAY")]
+        pub max_queue_delay: Option<String>,
+        /// Most inputs in one request (413 beyond). [default: 256]
+        #[arg(long, env = "KILN_MAX_CLIENT_BATCH_SIZE")]
+        pub max_client_batch_size: Option<usize>,
+        /// Truncate inputs over --max-input-tokens (`true`) or refuse them with 422 (`false`); a
+        /// request's `truncate` wins. [default: true]
+        #[arg(long, env = "KILN_TRUNCATE", value_name = "BOOL")]
+        pub truncate: Option<bool>,
+        /// A request not answered by then gets 504, e.g. `30s`. [default: 60s]
+        #[arg(long, env = "KILN_REQUEST_TIMEOUT")]
+        pub request_timeout: Option<String>,
+        /// After SIGTERM, how long in-flight requests may run before the server exits anyway
+        /// (what is left is answered 503 or cut off), e.g. `10s`. [default: 30s]
+        #[arg(long, env = "KILN_SHUTDOWN_TIMEOUT")]
+        pub shutdown_timeout: Option<String>,
+        /// Largest request body in bytes, after gzip decompression (413 beyond).
+        /// [default: 2097152]
+        #[arg(long, env = "KILN_PAYLOAD_LIMIT")]
+        pub payload_limit: Option<usize>,
+        /// API key required as `Authorization: Bearer <key>` (repeatable; comma-separated in the
+        /// env var). Health and metrics stay open.
+        #[arg(
+            long = "api-key",
+            env = "KILN_API_KEY",
+            value_delimiter = ',',
+            hide_env_values = true
+        )]
+        pub api_keys: Option<Vec<String>>,
+        /// File with one API key per line (`#` comments), re-read when it changes.
+        #[arg(long, env = "KILN_API_KEYS_FILE")]
+        pub api_keys_file: Option<PathBuf>,
+        /// Causal LMs: tokens the paged KV cache holds across running requests (each reserves
+        /// its prompt plus max_tokens when it joins the batch). [default: 16384]
+        #[arg(long, env = "KILN_MAX_BATCH_TOTAL_TOKENS")]
+        pub max_batch_total_tokens: Option<usize>,
+        /// Causal LMs: prompt tokens prefilled per step; longer prompts run in chunks.
+        /// [default: 4096]
+        #[arg(long, env = "KILN_MAX_BATCH_PREFILL_TOKENS")]
+        pub max_batch_prefill_tokens: Option<usize>,
+        /// Causal LMs: steps a waiting request may be held back while a batch runs.
+        /// [default: 20]
+        #[arg(long, env = "KILN_MAX_WAITING_TOKENS")]
+        pub max_waiting_tokens: Option<usize>,
+        /// Causal LMs: waiting requests join at once when they reach this many times the
+        /// running ones. [default: 1.2]
+        #[arg(long, env = "KILN_WAITING_SERVED_RATIO")]
+        pub waiting_served_ratio: Option<f32>,
+        /// Causal LMs: tokens per KV cache block. [default: 16]
+        #[arg(long, env = "KILN_KV_BLOCK_SIZE")]
+        pub kv_block_size: Option<usize>,
+        /// Causal LMs: a Jinja chat template file (overrides the model folder's).
+        #[arg(long, env = "KILN_CHAT_TEMPLATE")]
+        pub chat_template: Option<PathBuf>,
+        /// Log format: `text` or `json` (one object per line). [default: text]
+        #[arg(long, env = "KILN_LOG_FORMAT")]
+        pub log_format: Option<String>,
+    }
+}
+
+/// Flags that are shorthands for a setting's negative value (kept because users type them).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PlanCacheSwitch {
+    /// Compile at every load; never read or write the plan cache (`plan_cache = false`).
+    #[arg(long, env = "KILN_NO_PLAN_CACHE", help_heading = "Model")]
+    pub no_plan_cache: bool,
+}
+
+impl PlanCacheSwitch {
+    /// `settings` with the switch applied.
+    pub fn apply(&self, mut settings: RawModelSettings) -> RawModelSettings {
+        if self.no_plan_cache {
+            settings.plan_cache = Some(false);
+        }
+        settings
+    }
+}
+
+/// Every setting from one source: one TOML file, or the flags and environment.
+#[derive(Debug, Clone, Default)]
 pub struct RawServeConfig {
-    pub model: Option<PathBuf>,
-    pub model_id: Option<String>,
-    pub device: Option<String>,
-    pub sdpa_kernel: Option<String>,
-    pub batch_layout: Option<String>,
-    /// `none`, `int8-dynamic` or `int8-static`.
-    pub quantize: Option<String>,
-    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
-    pub quantize_scales: Option<PathBuf>,
-    /// Layers to quantize (globs on layer names; default all).
-    pub quantize_layers: Option<Vec<String>>,
-    /// Layers to keep in f32 (globs on layer names).
-    pub quantize_skip: Option<Vec<String>>,
-    /// `precise` or `bf16-fast`.
-    pub math_mode: Option<String>,
-    pub host: Option<String>,
-    pub port: Option<u16>,
-    pub grpc_port: Option<u16>,
-    pub grpc_max_message_size: Option<usize>,
-    pub max_batch_tokens: Option<usize>,
-    pub max_batch_requests: Option<usize>,
-    pub max_batch_sequences: Option<usize>,
-    pub max_concurrent_requests: Option<usize>,
-    /// A duration such as `"2ms"`.
-    pub max_queue_delay: Option<String>,
-    pub max_client_batch_size: Option<usize>,
-    pub max_input_tokens: Option<usize>,
-    pub truncate: Option<bool>,
-    /// A duration such as `"30s"`.
-    pub request_timeout: Option<String>,
-    pub shutdown_timeout: Option<String>,
-    pub payload_limit: Option<usize>,
-    pub api_keys: Option<Vec<String>>,
-    pub api_keys_file: Option<PathBuf>,
-    /// The plan-cache folder (default: `$KILN_CACHE_DIR`, else the per-user cache folder).
-    pub cache_dir: Option<PathBuf>,
-    /// `false` compiles at every start and never touches the cache.
-    pub plan_cache: Option<bool>,
-    /// `true` turns the fusion passes off.
-    pub no_fuse: Option<bool>,
-    /// Compiler passes to turn off, comma-separated (e.g. `"qkv,bias-act"`).
-    pub disable_passes: Option<String>,
-    // Generation (causal LMs).
-    pub max_batch_total_tokens: Option<usize>,
-    pub max_batch_prefill_tokens: Option<usize>,
-    pub max_waiting_tokens: Option<usize>,
-    pub waiting_served_ratio: Option<f32>,
-    pub kv_block_size: Option<usize>,
-    pub chat_template: Option<PathBuf>,
+    pub model: RawModelSettings,
+    pub server: RawServerSettings,
 }
 
 impl RawServeConfig {
+    /// Every key a config file may hold.
+    pub fn keys() -> impl Iterator<Item = &'static str> {
+        RawModelSettings::KEYS
+            .iter()
+            .chain(RawServerSettings::KEYS)
+            .copied()
+    }
+
     /// Reads a TOML config file; unknown keys are errors (a typo must not be silently ignored).
     pub fn from_toml_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        Self::from_toml_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses TOML text: both groups read the same top-level table (each ignoring the other's
+    /// keys), and a key neither knows is refused, with the nearest known key as a hint.
+    pub fn from_toml_str(text: &str) -> Result<Self, String> {
+        let table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+        if let Some(unknown) = table
+            .keys()
+            .find(|k| !Self::keys().any(|known| known == *k))
+        {
+            let hint = Self::keys()
+                .map(|known| (edit_distance(known, unknown), known))
+                .min()
+                .filter(|(d, _)| *d <= 3)
+                .map_or(String::new(), |(_, k)| format!(" (did you mean `{k}`?)"));
+            return Err(format!("unknown key `{unknown}`{hint}"));
+        }
+        Ok(Self {
+            model: toml::from_str(text).map_err(|e| e.to_string())?,
+            server: toml::from_str(text).map_err(|e| e.to_string())?,
+        })
     }
 
     /// `self` where set, else `fallback` (flags and env over the file).
     pub fn or(self, fallback: RawServeConfig) -> RawServeConfig {
         RawServeConfig {
             model: self.model.or(fallback.model),
-            model_id: self.model_id.or(fallback.model_id),
-            device: self.device.or(fallback.device),
-            sdpa_kernel: self.sdpa_kernel.or(fallback.sdpa_kernel),
-            batch_layout: self.batch_layout.or(fallback.batch_layout),
-            quantize: self.quantize.or(fallback.quantize),
-            quantize_scales: self.quantize_scales.or(fallback.quantize_scales),
-            quantize_layers: self.quantize_layers.or(fallback.quantize_layers),
-            quantize_skip: self.quantize_skip.or(fallback.quantize_skip),
-            math_mode: self.math_mode.or(fallback.math_mode),
-            host: self.host.or(fallback.host),
-            port: self.port.or(fallback.port),
-            grpc_port: self.grpc_port.or(fallback.grpc_port),
-            grpc_max_message_size: self
-                .grpc_max_message_size
-                .or(fallback.grpc_max_message_size),
-            max_batch_tokens: self.max_batch_tokens.or(fallback.max_batch_tokens),
-            max_batch_requests: self.max_batch_requests.or(fallback.max_batch_requests),
-            max_batch_sequences: self.max_batch_sequences.or(fallback.max_batch_sequences),
-            max_concurrent_requests: self
-                .max_concurrent_requests
-                .or(fallback.max_concurrent_requests),
-            max_queue_delay: self.max_queue_delay.or(fallback.max_queue_delay),
-            max_client_batch_size: self
-                .max_client_batch_size
-                .or(fallback.max_client_batch_size),
-            max_input_tokens: self.max_input_tokens.or(fallback.max_input_tokens),
-            truncate: self.truncate.or(fallback.truncate),
-            request_timeout: self.request_timeout.or(fallback.request_timeout),
-            shutdown_timeout: self.shutdown_timeout.or(fallback.shutdown_timeout),
-            payload_limit: self.payload_limit.or(fallback.payload_limit),
-            api_keys: self.api_keys.or(fallback.api_keys),
-            api_keys_file: self.api_keys_file.or(fallback.api_keys_file),
-            cache_dir: self.cache_dir.or(fallback.cache_dir),
-            plan_cache: self.plan_cache.or(fallback.plan_cache),
-            no_fuse: self.no_fuse.or(fallback.no_fuse),
-            disable_passes: self.disable_passes.or(fallback.disable_passes),
-            max_batch_total_tokens: self
-                .max_batch_total_tokens
-                .or(fallback.max_batch_total_tokens),
-            max_batch_prefill_tokens: self
-                .max_batch_prefill_tokens
-                .or(fallback.max_batch_prefill_tokens),
-            max_waiting_tokens: self.max_waiting_tokens.or(fallback.max_waiting_tokens),
-            waiting_served_ratio: self.waiting_served_ratio.or(fallback.waiting_served_ratio),
-            kv_block_size: self.kv_block_size.or(fallback.kv_block_size),
-            chat_template: self.chat_template.or(fallback.chat_template),
+            server: self.server.or(fallback.server),
         }
     }
 
     /// Applies defaults and validates: the second stage.
     pub fn resolve(self) -> Result<ServeConfig, String> {
-        let model_dir = self
-            .model
-            .ok_or("--model (KILN_MODEL, or `model` in the config file) is required")?;
-        let mut config = ServeConfig::for_model(model_dir);
-        if let Some(id) = self.model_id {
-            config.model_id = id;
+        let s = self.server;
+        let mut models = self.model.clone().resolve_all()?;
+        if let Some(repo) = &s.model_repository {
+            // The server-wide model settings are every repository model's defaults.
+            let shared = RawModelSettings {
+                model: None,
+                model_id: None,
+                ..self.model
+            };
+            for dir in repository_folders(repo)? {
+                let own = dir.join("kiln.toml");
+                let own = if own.is_file() {
+                    RawModelSettings::from_model_folder(&own)?
+                } else {
+                    RawModelSettings::default()
+                };
+                let id = own.model_id.clone();
+                models.push(own.or(shared.clone()).resolve_for(dir, id)?);
+            }
+            if models.is_empty() {
+                return Err(format!(
+                    "--model-repository {}: no model folders (subfolders with a config.json)",
+                    repo.display()
+                ));
+            }
         }
-        if let Some(d) = self.device {
-            config.device = DeviceChoice::from_str(&d).map_err(|e| format!("--device: {e}"))?;
+        if models.is_empty() {
+            return Err(MODEL_REQUIRED.into());
         }
-        if let Some(k) = self.sdpa_kernel {
-            config.sdpa_kernel = parse_sdpa(&k).map_err(|e| format!("--sdpa-kernel: {e}"))?;
-        }
-        if let Some(l) = self.batch_layout {
-            config.batch_layout =
-                BatchLayout::from_str(&l).map_err(|e| format!("--batch-layout: {e}"))?;
-        }
-        if let Some(q) = self.quantize {
-            config.quant.quantize =
-                Quantize::from_str(&q).map_err(|e| format!("--quantize: {e}"))?;
-        }
-        if let Some(m) = self.math_mode {
-            config.quant.math_mode =
-                MathMode::from_str(&m).map_err(|e| format!("--math-mode: {e}"))?;
-        }
-        config.quant.layers = LayerFilter {
-            allow: self.quantize_layers.unwrap_or_default(),
-            deny: self.quantize_skip.unwrap_or_default(),
-        };
-        config.quantize_scales = self.quantize_scales;
-        if let Some(h) = self.host {
+        let mut config = ServeConfig::with_models(models);
+        config.default_model = s.default_model;
+        if let Some(h) = s.host {
             config.host = h;
         }
-        if let Some(p) = self.port {
-            config.port = p;
-        }
-        if let Some(p) = self.grpc_port {
-            config.grpc_port = p;
-        }
         macro_rules! take {
-            ($($field:ident),*) => { $( if let Some(v) = self.$field { config.$field = v; } )* };
+            ($($field:ident),*) => { $( if let Some(v) = s.$field { config.$field = v; } )* };
         }
         take!(
+            port,
+            grpc_port,
             max_batch_tokens,
             max_batch_requests,
-            max_batch_sequences,
             max_concurrent_requests,
             max_client_batch_size,
             payload_limit,
@@ -191,25 +351,96 @@ impl RawServeConfig {
             kv_block_size,
             grpc_max_message_size
         );
-        config.chat_template = self.chat_template;
-        config.max_input_tokens = self.max_input_tokens;
-        if let Some(t) = self.truncate {
+        config.chat_template = s.chat_template;
+        if let Some(t) = s.truncate {
             config.auto_truncate = t;
         }
-        if let Some(d) = self.max_queue_delay {
+        if let Some(d) = s.max_queue_delay {
             config.max_queue_delay =
                 parse_duration(&d).map_err(|e| format!("--max-queue-delay: {e}"))?;
         }
-        if let Some(d) = self.request_timeout {
+        if let Some(d) = s.request_timeout {
             config.request_timeout =
                 parse_duration(&d).map_err(|e| format!("--request-timeout: {e}"))?;
         }
-        if let Some(d) = self.shutdown_timeout {
+        if let Some(d) = s.shutdown_timeout {
             config.shutdown_timeout =
                 parse_duration(&d).map_err(|e| format!("--shutdown-timeout: {e}"))?;
         }
-        config.api_keys = self.api_keys.unwrap_or_default();
-        config.api_keys_file = self.api_keys_file;
+        config.api_keys = s.api_keys.unwrap_or_default();
+        config.api_keys_file = s.api_keys_file;
+        if let Some(f) = s.log_format {
+            config.log_format =
+                LogFormat::from_str(&f).map_err(|e| format!("--log-format: {e}"))?;
+        }
+        config.validate()
+    }
+}
+
+impl RawModelSettings {
+    /// The one model a command loads (`compile`, `bench-load`, `embed`, `bench`).
+    pub fn resolve(self) -> Result<ModelConfig, String> {
+        let mut models = self.resolve_all()?;
+        match models.len() {
+            1 => Ok(models.remove(0)),
+            0 => Err(MODEL_REQUIRED.into()),
+            n => Err(format!(
+                "this command loads one model; --model was given {n} times"
+            )),
+        }
+    }
+
+    /// Every `--model` given, each with these settings.
+    fn resolve_all(self) -> Result<Vec<ModelConfig>, String> {
+        let specs = self.model.clone().unwrap_or_default();
+        if specs.len() > 1 && self.model_id.is_some() {
+            return Err(
+                "--model-id names a single model; with several, name each as --model PATH=ID"
+                    .into(),
+            );
+        }
+        specs
+            .iter()
+            .map(|spec| {
+                let (dir, id) = parse_model_spec(spec);
+                self.resolve_for(dir, id.or(self.model_id.clone()))
+            })
+            .collect()
+    }
+
+    /// These settings for the model folder `dir`, named `id` (default: the folder's name).
+    fn resolve_for(&self, dir: PathBuf, id: Option<String>) -> Result<ModelConfig, String> {
+        let mut config = ModelConfig::for_dir(dir);
+        if let Some(id) = id {
+            config.id = id;
+        }
+        if let Some(d) = &self.device {
+            config.device = DeviceChoice::from_str(d).map_err(|e| format!("--device: {e}"))?;
+        }
+        if let Some(k) = &self.sdpa_kernel {
+            config.sdpa_kernel = parse_sdpa(k).map_err(|e| format!("--sdpa-kernel: {e}"))?;
+        }
+        if let Some(l) = &self.batch_layout {
+            config.batch_layout =
+                BatchLayout::from_str(l).map_err(|e| format!("--batch-layout: {e}"))?;
+        }
+        if let Some(n) = self.max_batch_sequences {
+            config.max_batch_sequences = n;
+        }
+        config.max_input_tokens = self.max_input_tokens;
+        if let Some(q) = &self.quantize {
+            config.quant.quantize =
+                Quantize::from_str(q).map_err(|e| format!("--quantize: {e}"))?;
+        }
+        if let Some(m) = &self.math_mode {
+            config.quant.math_mode =
+                MathMode::from_str(m).map_err(|e| format!("--math-mode: {e}"))?;
+        }
+        config.quant.layers = LayerFilter {
+            allow: self.quantize_layers.clone().unwrap_or_default(),
+            deny: self.quantize_skip.clone().unwrap_or_default(),
+        };
+        config.quantize_scales = self.quantize_scales.clone();
         if self.no_fuse == Some(true) {
             config.compile = CompileOptions::no_fuse();
         }
@@ -221,9 +452,205 @@ impl RawServeConfig {
         }
         config.cache_dir = match self.plan_cache {
             Some(false) => None,
-            _ => self.cache_dir.or_else(kiln_engine::cache::default_dir),
+            _ => self
+                .cache_dir
+                .clone()
+                .or_else(kiln_engine::cache::default_dir),
         };
-        config.validate()
+        config
+            .validate()
+            .map_err(|e| format!("model `{}`: {e}", config.id))?;
+        Ok(config)
+    }
+
+    /// A model folder's own `kiln.toml`: model settings only (the folder is the model, so no
+    /// `model` key either).
+    pub fn from_model_folder(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let table: toml::Table =
+            toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for key in table.keys() {
+            if key == "model" || !Self::KEYS.contains(&key.as_str()) {
+                let why = if RawServerSettings::KEYS.contains(&key.as_str()) {
+                    "is a server setting; it belongs in the server's config file".to_string()
+                } else if key == "model" {
+                    "cannot be set here: the folder is the model".to_string()
+                } else {
+                    "is not a model setting".to_string()
+                };
+                return Err(format!("{}: `{key}` {why}", path.display()));
+            }
+        }
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+const MODEL_REQUIRED: &str =
+    "--model (KILN_MODEL, or `model` in the config file) or --model-repository is required";
+
+/// `PATH=ID` → (PATH, ID); a plain path (or one whose `=` is followed by something that is no
+/// id, such as a path) → (PATH, None).
+fn parse_model_spec(spec: &str) -> (PathBuf, Option<String>) {
+    match spec.rsplit_once('=') {
+        Some((path, id)) if !path.is_empty() && !id.is_empty() && !id.contains('/') => {
+            (PathBuf::from(path), Some(id.to_string()))
+        }
+        _ => (PathBuf::from(spec), None),
+    }
+}
+
+/// A config-file value that may be one string or a list of them.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(Some(
+        match <OneOrMany as serde::Deserialize>::deserialize(d)? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        },
+    ))
+}
+
+/// The model folders of a repository: every subfolder holding a `config.json`, sorted by name.
+pub fn repository_folders(dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| format!("--model-repository {}: {e}", dir.display()))?;
+    let mut folders: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").is_file())
+        .collect();
+    folders.sort();
+    Ok(folders)
+}
+
+/// Levenshtein distance, for "did you mean" hints on config keys.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitute = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitute.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// How the server logs: human-readable lines, or one JSON object per line (for log shippers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("`{other}` is not `text` or `json`")),
+        }
+    }
+}
+
+/// One model's resolved settings: where it is, what it is called, and how it is loaded.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub dir: PathBuf,
+    /// The name clients see in `/v1/models`, `/v2/models/{name}`, responses and `/info`.
+    pub id: String,
+    pub device: DeviceChoice,
+    pub sdpa_kernel: SdpaKernelChoice,
+    /// Packed (padding-free, varlen attention) or padded engine batches.
+    pub batch_layout: BatchLayout,
+    /// Most sequences in one engine call.
+    pub max_batch_sequences: usize,
+    /// Longest input in tokens (special tokens included); `None`: the model's own limit.
+    pub max_input_tokens: Option<usize>,
+    /// int8 quantization, its layer filter, and the math mode.
+    pub quant: QuantOptions,
+    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
+    pub quantize_scales: Option<PathBuf>,
+    /// Which compiler passes run.
+    pub compile: CompileOptions,
+    /// The plan-cache folder; `None`: compile at every load.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl ModelConfig {
+    /// The given model folder with every default (the plan cache off).
+    pub fn for_dir(dir: PathBuf) -> Self {
+        let id = dir
+            .file_name()
+            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        Self {
+            dir,
+            id,
+            device: DeviceChoice::Auto,
+            sdpa_kernel: SdpaKernelChoice::Auto,
+            batch_layout: BatchLayout::Packed,
+            max_batch_sequences: 64,
+            max_input_tokens: None,
+            quant: QuantOptions::default(),
+            quantize_scales: None,
+            compile: CompileOptions::default(),
+            cache_dir: None,
+        }
+    }
+
+    /// What the loader takes.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            device: self.device,
+            exec: kiln_engine::ExecOptions {
+                sdpa_kernel: self.sdpa_kernel,
+                quant: self.quant.clone(),
+            },
+            max_batch_sequences: self.max_batch_sequences,
+            max_seq_length: self.max_input_tokens,
+            layout: self.batch_layout,
+            compile: self.compile.clone(),
+            cache_dir: self.cache_dir.clone(),
+            quantize_scales: self.quantize_scales.clone(),
+        }
+    }
+
+    /// The rules between the model's own settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch_sequences == 0 {
+            return Err("--max-batch-sequences must be at least 1".into());
+        }
+        if let Some(n) = self.max_input_tokens
+            && n < 2
+        {
+            return Err("--max-input-tokens must be at least 2 (room for [CLS] and [SEP])".into());
+        }
+        if self.id.trim().is_empty() || self.id.contains('/') {
+            return Err("--model-id must be non-empty and contain no `/`".into());
+        }
+        if self.quant.is_f32()
+            && !(self.quant.layers.allow.is_empty() && self.quant.layers.deny.is_empty())
+        {
+            return Err(
+                "--quantize-layers / --quantize-skip need --quantize or --math-mode bf16-fast"
+                    .into(),
+            );
+        }
+        if self.quantize_scales.is_some() && self.quant.quantize != Quantize::Int8Static {
+            return Err("--quantize-scales needs --quantize int8-static".into());
+        }
+        Ok(())
     }
 }
 
@@ -233,17 +660,10 @@ pub const MAX_GRPC_MESSAGE_SIZE: usize = i32::MAX as usize;
 /// The resolved, validated configuration the server runs with.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    pub model_dir: PathBuf,
-    /// The name clients see in `/v1/models`, `/v2/models/{name}`, responses and `/info`.
-    pub model_id: String,
-    pub device: DeviceChoice,
-    pub sdpa_kernel: SdpaKernelChoice,
-    /// Packed (padding-free, varlen attention) or padded engine batches.
-    pub batch_layout: BatchLayout,
-    /// int8 quantization, its layer filter, and the math mode.
-    pub quant: QuantOptions,
-    /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
-    pub quantize_scales: Option<PathBuf>,
+    /// The served models and how each is loaded (at least one; ids unique).
+    pub models: Vec<ModelConfig>,
+    /// What routes without a model name use when several models could answer them.
+    pub default_model: Option<String>,
     pub host: String,
     /// The HTTP port.
     pub port: u16,
@@ -256,8 +676,6 @@ pub struct ServeConfig {
     pub max_batch_tokens: usize,
     /// Most requests gathered into one batch.
     pub max_batch_requests: usize,
-    /// Most sequences in one engine call.
-    pub max_batch_sequences: usize,
     /// Requests admitted at once (tokenizing, queued or running); beyond this, 429 at once.
     pub max_concurrent_requests: usize,
     /// How long the queue waits for more requests before it runs a batch that is not full
@@ -265,8 +683,6 @@ pub struct ServeConfig {
     pub max_queue_delay: Duration,
     /// Most inputs one request may carry (413 beyond).
     pub max_client_batch_size: usize,
-    /// Longest input in tokens (special tokens included); `None`: the model's own limit.
-    pub max_input_tokens: Option<usize>,
     /// Cut inputs longer than `max_input_tokens` (sentence-transformers' behaviour) unless a
     /// request says `truncate: false`; when false, such inputs are refused with 422.
     pub auto_truncate: bool,
@@ -280,10 +696,6 @@ pub struct ServeConfig {
     pub api_keys: Vec<String>,
     /// A file with one key per line, re-read when it changes.
     pub api_keys_file: Option<PathBuf>,
-    /// Which compiler passes run.
-    pub compile: CompileOptions,
-    /// The plan-cache folder; `None`: compile at every start.
-    pub cache_dir: Option<PathBuf>,
     /// Causal LMs: tokens the paged KV cache holds across every running request (prompt plus
     /// `max_tokens` of each is reserved when it joins the batch).
     pub max_batch_total_tokens: usize,
@@ -297,15 +709,34 @@ pub struct ServeConfig {
     pub kv_block_size: usize,
     /// Causal LMs: a Jinja chat template file overriding the model folder's.
     pub chat_template: Option<PathBuf>,
+    pub log_format: LogFormat,
 }
 
 impl ServeConfig {
     /// Checks the cross-field rules that flags alone cannot express.
     pub fn validate(self) -> Result<Self, String> {
+        if self.models.is_empty() {
+            return Err(MODEL_REQUIRED.into());
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            m.validate().map_err(|e| format!("model `{}`: {e}", m.id))?;
+            if self.models[..i].iter().any(|other| other.id == m.id) {
+                return Err(format!(
+                    "two models are named `{}`; give each its own id (--model PATH=ID, or `model_id` in the folder's kiln.toml)",
+                    m.id
+                ));
+            }
+        }
+        if let Some(d) = &self.default_model
+            && !self.models.iter().any(|m| &m.id == d)
+        {
+            return Err(format!(
+                "--default-model `{d}` is not one of the served models"
+            ));
+        }
         for (name, v) in [
             ("max-batch-tokens", self.max_batch_tokens),
             ("max-batch-requests", self.max_batch_requests),
-            ("max-batch-sequences", self.max_batch_sequences),
             ("max-concurrent-requests", self.max_concurrent_requests),
             ("max-client-batch-size", self.max_client_batch_size),
             ("payload-limit", self.payload_limit),
@@ -318,16 +749,13 @@ impl ServeConfig {
                 return Err(format!("--{name} must be at least 1"));
             }
         }
-        if let Some(n) = self.max_input_tokens {
-            if n < 2 {
-                return Err(
-                    "--max-input-tokens must be at least 2 (room for [CLS] and [SEP])".into(),
-                );
-            }
-            if n > self.max_batch_tokens {
+        for m in &self.models {
+            if let Some(n) = m.max_input_tokens
+                && n > self.max_batch_tokens
+            {
                 return Err(format!(
-                    "--max-batch-tokens ({}) must be at least --max-input-tokens ({n}): a batch must hold the longest input",
-                    self.max_batch_tokens
+                    "--max-batch-tokens ({}) must be at least --max-input-tokens ({n}) of model `{}`: a batch must hold the longest input",
+                    self.max_batch_tokens, m.id
                 ));
             }
         }
@@ -354,64 +782,44 @@ impl ServeConfig {
         if self.max_queue_delay >= self.request_timeout {
             return Err("--max-queue-delay must be shorter than --request-timeout".into());
         }
-        if self.model_id.trim().is_empty() || self.model_id.contains('/') {
-            return Err("--model-id must be non-empty and contain no `/`".into());
-        }
-        if self.quant.is_f32()
-            && !(self.quant.layers.allow.is_empty() && self.quant.layers.deny.is_empty())
-        {
-            return Err(
-                "--quantize-layers / --quantize-skip need --quantize or --math-mode bf16-fast"
-                    .into(),
-            );
-        }
-        if self.quantize_scales.is_some() && self.quant.quantize != Quantize::Int8Static {
-            return Err("--quantize-scales needs --quantize int8-static".into());
-        }
         if self.api_keys.iter().any(|k| k.trim().is_empty()) {
             return Err("--api-key must not be empty".into());
         }
         Ok(self)
     }
 
-    /// A config for tests: the given model folder with every default.
+    /// A config for tests: the given model folder with every default (the plan cache off).
     pub fn for_model(model_dir: PathBuf) -> Self {
-        let model_id = model_dir
-            .file_name()
-            .map_or_else(|| "model".into(), |n| n.to_string_lossy().into_owned());
+        Self::with_models(vec![ModelConfig::for_dir(model_dir)])
+    }
+
+    /// The server's defaults around resolved models.
+    pub fn with_models(models: Vec<ModelConfig>) -> Self {
         Self {
-            model_dir,
-            model_id,
-            device: DeviceChoice::Auto,
-            sdpa_kernel: SdpaKernelChoice::Auto,
-            batch_layout: BatchLayout::Packed,
-            quant: QuantOptions::default(),
-            quantize_scales: None,
+            models,
+            default_model: None,
             host: "0.0.0.0".into(),
             port: 8080,
             grpc_port: 8081,
             grpc_max_message_size: 64 * 1024 * 1024,
             max_batch_tokens: 8192,
             max_batch_requests: 64,
-            max_batch_sequences: 64,
             max_concurrent_requests: 512,
             max_queue_delay: Duration::from_millis(2),
             max_client_batch_size: 256,
-            max_input_tokens: None,
             auto_truncate: true,
             request_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(30),
             payload_limit: 2 * 1024 * 1024,
             api_keys: Vec::new(),
             api_keys_file: None,
-            compile: CompileOptions::default(),
-            cache_dir: None,
             max_batch_total_tokens: 16384,
             max_batch_prefill_tokens: 4096,
             max_waiting_tokens: 20,
             waiting_served_ratio: 1.2,
             kv_block_size: 16,
             chat_template: None,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -459,14 +867,24 @@ mod tests {
         assert!(parse_duration("ms").is_err());
     }
 
+    fn model(dir: &str) -> RawModelSettings {
+        RawModelSettings {
+            model: Some(vec![dir.into()]),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn flags_win_over_the_file_and_the_file_over_defaults() {
-        let file: RawServeConfig = toml::from_str(
-            "model = \"m\"\nmax_batch_tokens = 1000\nmax_queue_delay = \"5ms\"\nport = 9000\n",
+        let file = RawServeConfig::from_toml_str(
+            "model = \"m\"\nmax_batch_tokens = 1000\nmax_queue_delay = \"5ms\"\nport = 9000\nmax_batch_sequences = 8\n",
         )
         .unwrap();
         let flags = RawServeConfig {
-            port: Some(7000),
+            server: RawServerSettings {
+                port: Some(7000),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = flags.or(file).resolve().unwrap();
@@ -474,6 +892,9 @@ mod tests {
         assert_eq!(c.max_batch_tokens, 1000);
         assert_eq!(c.max_queue_delay, Duration::from_millis(5));
         assert_eq!(c.max_batch_requests, 64);
+        assert_eq!(c.models[0].max_batch_sequences, 8);
+        assert_eq!(c.models[0].dir, Path::new("m"));
+        assert_eq!(c.models[0].id, "m");
     }
 
     #[test]
@@ -483,50 +904,91 @@ mod tests {
             .unwrap()
             .resolve()
             .unwrap();
-        assert_eq!(c.model_id, "all-MiniLM-L6-v2");
+        assert_eq!(c.models[0].id, "all-MiniLM-L6-v2");
         assert_eq!(c.max_queue_delay, Duration::from_millis(2));
+    }
+
+    /// `configs/kiln.toml` is where users look up the keys: each one is there, set or commented
+    /// out, so a new setting cannot be added without showing it.
+    #[test]
+    fn the_example_config_file_shows_every_key() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/kiln.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let shown: Vec<&str> = text
+            .lines()
+            .filter_map(|line| {
+                let line = line.trim_start().trim_start_matches('#').trim_start();
+                let (key, _) = line.split_once('=')?;
+                Some(key.trim())
+            })
+            .collect();
+        let missing: Vec<&str> = RawServeConfig::keys()
+            .filter(|k| !shown.contains(k))
+            .collect();
+        assert!(missing.is_empty(), "configs/kiln.toml lacks {missing:?}");
     }
 
     #[test]
     fn plan_cache_and_pass_settings_resolve() {
-        let file: RawServeConfig = toml::from_str(
+        let file = RawServeConfig::from_toml_str(
             "model = \"m\"\ncache_dir = \"/tmp/kiln-plans\"\ndisable_passes = \"qkv\"\n",
         )
         .unwrap();
         let c = file.clone().resolve().unwrap();
-        assert_eq!(c.cache_dir.as_deref(), Some(Path::new("/tmp/kiln-plans")));
-        assert!(!c.compile.enabled(kiln_engine::compile::PassId::QkvMerge));
-        assert!(c.compile.enabled(kiln_engine::compile::PassId::BiasAct));
+        assert_eq!(
+            c.models[0].cache_dir.as_deref(),
+            Some(Path::new("/tmp/kiln-plans"))
+        );
+        assert!(
+            !c.models[0]
+                .compile
+                .enabled(kiln_engine::compile::PassId::QkvMerge)
+        );
+        assert!(
+            c.models[0]
+                .compile
+                .enabled(kiln_engine::compile::PassId::BiasAct)
+        );
         let flags = RawServeConfig {
-            plan_cache: Some(false),
-            no_fuse: Some(true),
+            model: RawModelSettings {
+                plan_cache: Some(false),
+                no_fuse: Some(true),
+                ..Default::default()
+            },
             ..Default::default()
         };
         let c = flags.or(file).resolve().unwrap();
-        assert_eq!(c.cache_dir, None, "plan_cache = false turns the cache off");
-        assert!(!c.compile.enabled(kiln_engine::compile::PassId::BiasAct));
-        let bad = RawServeConfig {
-            model: Some("m".into()),
+        assert_eq!(
+            c.models[0].cache_dir, None,
+            "plan_cache = false turns the cache off"
+        );
+        assert!(
+            !c.models[0]
+                .compile
+                .enabled(kiln_engine::compile::PassId::BiasAct)
+        );
+        let bad = RawModelSettings {
             disable_passes: Some("qkv,nope".into()),
-            ..Default::default()
+            ..model("m")
         };
         assert!(bad.resolve().unwrap_err().contains("unknown pass `nope`"));
     }
 
     #[test]
     fn quantization_settings_from_the_file_and_flags() {
-        let file: RawServeConfig = toml::from_str(
+        let file = RawServeConfig::from_toml_str(
             "model = \"m\"\nquantize = \"int8-dynamic\"\nquantize_skip = [\"*.output.dense\"]\nmath_mode = \"bf16-fast\"\n",
         )
-        .unwrap();
-        let c = RawServeConfig::default()
+        .unwrap()
+        .model;
+        let c = RawModelSettings::default()
             .or(file.clone())
             .resolve()
             .unwrap();
         assert_eq!(c.quant.quantize, Quantize::Int8Dynamic);
         assert_eq!(c.quant.math_mode, MathMode::Bf16Fast);
         assert_eq!(c.quant.layers.deny, vec!["*.output.dense".to_string()]);
-        let flags = RawServeConfig {
+        let flags = RawModelSettings {
             quantize: Some("int8-static".into()),
             quantize_scales: Some("s.json".into()),
             ..Default::default()
@@ -534,7 +996,7 @@ mod tests {
         let c = flags.or(file.clone()).resolve().unwrap();
         assert_eq!(c.quant.quantize, Quantize::Int8Static);
         assert_eq!(c.quantize_scales, Some(PathBuf::from("s.json")));
-        let bad = RawServeConfig {
+        let bad = RawModelSettings {
             quantize: Some("int4".into()),
             ..Default::default()
         };
@@ -544,7 +1006,7 @@ mod tests {
                 .unwrap_err()
                 .contains("--quantize")
         );
-        let skip_alone = RawServeConfig {
+        let skip_alone = RawModelSettings {
             quantize: Some("none".into()),
             math_mode: Some("precise".into()),
             ..Default::default()
@@ -560,26 +1022,166 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
-        assert!(toml::from_str::<RawServeConfig>("max_batch_tokenz = 3").is_err());
+        let typo = RawServeConfig::from_toml_str("max_batch_tokenz = 3").unwrap_err();
+        assert!(
+            typo.contains("unknown key `max_batch_tokenz` (did you mean `max_batch_tokens`?)"),
+            "{typo}"
+        );
+        let far = RawServeConfig::from_toml_str("colour = \"blue\"").unwrap_err();
+        assert_eq!(far, "unknown key `colour`");
+        let wrong_type = RawServeConfig::from_toml_str("port = \"eighty\"").unwrap_err();
+        assert!(wrong_type.contains("port"), "{wrong_type}");
+        let server = |s: RawServerSettings| RawServeConfig {
+            model: model("m"),
+            server: s,
+        };
         let raw = RawServeConfig {
-            model: Some("m".into()),
-            max_input_tokens: Some(512),
-            max_batch_tokens: Some(256),
-            ..Default::default()
+            model: RawModelSettings {
+                max_input_tokens: Some(512),
+                ..model("m")
+            },
+            server: RawServerSettings {
+                max_batch_tokens: Some(256),
+                ..Default::default()
+            },
         };
         assert!(raw.resolve().unwrap_err().contains("--max-batch-tokens"));
-        let same_ports = RawServeConfig {
-            model: Some("m".into()),
+        let same_ports = server(RawServerSettings {
             port: Some(9000),
             grpc_port: Some(9000),
             ..Default::default()
-        };
+        });
         assert!(same_ports.resolve().unwrap_err().contains("--grpc-port"));
-        let huge = RawServeConfig {
-            model: Some("m".into()),
+        let huge = server(RawServerSettings {
             grpc_max_message_size: Some(MAX_GRPC_MESSAGE_SIZE + 1),
             ..Default::default()
-        };
+        });
         assert!(huge.resolve().unwrap_err().contains("2 GiB"));
+        let log = server(RawServerSettings {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        });
+        assert!(log.resolve().unwrap_err().contains("--log-format"));
+        let no_model = RawServeConfig::default().resolve().unwrap_err();
+        assert!(no_model.contains("--model"), "{no_model}");
+    }
+
+    #[test]
+    fn several_models_by_flag_each_with_its_id() {
+        let raw = RawServeConfig {
+            model: RawModelSettings {
+                model: Some(vec!["a/minilm=embedder".into(), "b/gpt2".into()]),
+                quantize: Some("int8-dynamic".into()),
+                ..Default::default()
+            },
+            server: RawServerSettings {
+                default_model: Some("gpt2".into()),
+                ..Default::default()
+            },
+        };
+        let c = raw.resolve().unwrap();
+        let ids: Vec<&str> = c.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, ["embedder", "gpt2"]);
+        assert_eq!(c.models[0].dir, Path::new("a/minilm"));
+        assert!(
+            c.models
+                .iter()
+                .all(|m| m.quant.quantize == Quantize::Int8Dynamic)
+        );
+        assert_eq!(c.default_model.as_deref(), Some("gpt2"));
+        // A path whose `=` is followed by a path is a plain path.
+        assert_eq!(
+            parse_model_spec("dir=with/slash"),
+            (PathBuf::from("dir=with/slash"), None)
+        );
+    }
+
+    #[test]
+    fn several_models_need_unique_ids_and_a_real_default() {
+        let two = |specs: [&str; 2], default: Option<&str>, id: Option<&str>| RawServeConfig {
+            model: RawModelSettings {
+                model: Some(specs.map(String::from).to_vec()),
+                model_id: id.map(String::from),
+                ..Default::default()
+            },
+            server: RawServerSettings {
+                default_model: default.map(String::from),
+                ..Default::default()
+            },
+        };
+        let same = two(["x/m", "y/m"], None, None).resolve().unwrap_err();
+        assert!(same.contains("two models are named `m`"), "{same}");
+        let default = two(["x/a", "y/b"], Some("c"), None).resolve().unwrap_err();
+        assert!(default.contains("--default-model `c`"), "{default}");
+        let id = two(["x/a", "y/b"], None, Some("z")).resolve().unwrap_err();
+        assert!(id.contains("--model-id names a single model"), "{id}");
+        let one = RawModelSettings {
+            model: Some(vec!["x/a".into(), "y/b".into()]),
+            ..Default::default()
+        };
+        assert!(one.resolve().unwrap_err().contains("loads one model"));
+    }
+
+    #[test]
+    fn a_repository_folder_with_per_model_settings() {
+        let repo = std::env::temp_dir().join(format!("kiln-repo-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&repo);
+        for name in ["embedder", "lm", "not-a-model"] {
+            std::fs::create_dir_all(repo.join(name)).unwrap();
+        }
+        std::fs::write(repo.join("embedder/config.json"), "{}").unwrap();
+        std::fs::write(repo.join("lm/config.json"), "{}").unwrap();
+        std::fs::write(
+            repo.join("lm/kiln.toml"),
+            "model_id = \"small-lm\"\nquantize = \"none\"\nmax_batch_sequences = 4\n",
+        )
+        .unwrap();
+        let file = RawServeConfig::from_toml_str(&format!(
+            "model_repository = {:?}\nquantize = \"int8-dynamic\"\n",
+            repo.display().to_string()
+        ))
+        .unwrap();
+        let c = file.resolve().unwrap();
+        let ids: Vec<&str> = c.models.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(
+            ids,
+            ["embedder", "small-lm"],
+            "folders without config.json are skipped"
+        );
+        assert_eq!(
+            c.models[0].quant.quantize,
+            Quantize::Int8Dynamic,
+            "server-wide default"
+        );
+        assert_eq!(
+            c.models[1].quant.quantize,
+            Quantize::None,
+            "the folder's own wins"
+        );
+        assert_eq!(c.models[1].max_batch_sequences, 4);
+        std::fs::write(repo.join("lm/kiln.toml"), "port = 9000\n").unwrap();
+        let server_key = RawServeConfig {
+            server: RawServerSettings {
+                model_repository: Some(repo.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err();
+        assert!(
+            server_key.contains("`port` is a server setting"),
+            "{server_key}"
+        );
+        std::fs::remove_dir_all(&repo).unwrap();
+    }
+
+    #[test]
+    fn keys_are_unique_across_groups() {
+        let mut keys: Vec<&str> = RawServeConfig::keys().collect();
+        let n = keys.len();
+        keys.sort_unstable();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "a key in both groups would be read twice");
     }
 }

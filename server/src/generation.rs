@@ -28,7 +28,7 @@ use kiln_models::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::app::Aborted;
-use crate::config::ServeConfig;
+use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::supervise::{self, Exit, Workers};
@@ -68,6 +68,7 @@ pub struct GenerationService {
     model: Arc<CausalLm>,
     commands: mpsc::UnboundedSender<Command>,
     admission: Arc<Semaphore>,
+    model_config: Arc<ModelConfig>,
     config: Arc<ServeConfig>,
     aborted: Aborted,
 }
@@ -115,6 +116,7 @@ impl GenerationService {
     /// runtime (for nothing but the channel types; the thread is a plain OS thread).
     pub fn start(
         model: Arc<CausalLm>,
+        model_config: Arc<ModelConfig>,
         config: Arc<ServeConfig>,
         metrics: Metrics,
         workers: &Workers,
@@ -135,7 +137,7 @@ impl GenerationService {
         metrics.kv_cache_blocks_total.set(total as i64);
         metrics.kv_cache_blocks_used.set(used as i64);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let up = workers.register(WORKER);
+        let worker = workers.register(WORKER, &model_config.id);
         let scheduler_model = model.clone();
         std::thread::Builder::new()
             .name("kiln-generation".into())
@@ -143,7 +145,7 @@ impl GenerationService {
                 let mut first = Some(first);
                 // Ids given out so far, so that a restarted scheduler never reuses one.
                 let mut issued: RequestId = 0;
-                supervise::run(WORKER, &up, &metrics, |started| {
+                supervise::run(&worker, &metrics, |started| {
                     let mut generator = match first.take() {
                         Some(g) => g,
                         None => match Generator::new(scheduler_model.clone(), limits) {
@@ -163,6 +165,7 @@ impl GenerationService {
             model,
             commands: tx,
             admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            model_config,
             config,
             aborted,
         })
@@ -170,6 +173,11 @@ impl GenerationService {
 
     pub fn model(&self) -> &Arc<CausalLm> {
         &self.model
+    }
+
+    /// The name clients use for this model.
+    pub fn id(&self) -> &str {
+        &self.model_config.id
     }
 
     /// Tokenizes on the blocking pool.

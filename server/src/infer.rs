@@ -12,7 +12,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::app::Aborted;
 use crate::batcher::{BatchLimits, Batcher};
-use crate::config::ServeConfig;
+use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::supervise::Workers;
@@ -66,6 +66,7 @@ pub struct Infer {
     batcher: Batcher,
     admission: Arc<Semaphore>,
     metrics: Metrics,
+    model_config: Arc<ModelConfig>,
     config: Arc<ServeConfig>,
     aborted: Aborted,
 }
@@ -74,6 +75,7 @@ impl Infer {
     /// Starts the batcher for a loaded model. Must run inside the tokio runtime.
     pub fn start(
         model: Arc<EncoderModel>,
+        model_config: Arc<ModelConfig>,
         config: Arc<ServeConfig>,
         metrics: Metrics,
         workers: &Workers,
@@ -82,15 +84,23 @@ impl Infer {
         let limits = BatchLimits {
             max_batch_tokens: config.max_batch_tokens,
             max_batch_requests: config.max_batch_requests,
-            max_batch_sequences: config.max_batch_sequences,
+            max_batch_sequences: model_config.max_batch_sequences,
             max_queue_delay: config.max_queue_delay,
         };
         let admission = Arc::new(Semaphore::new(config.max_concurrent_requests));
         let (slots, capacity) = (admission.clone(), config.max_concurrent_requests);
         let admitted = Box::new(move || capacity - slots.available_permits());
-        let batcher = Batcher::spawn(model.clone(), limits, metrics.clone(), admitted, workers)?;
+        let batcher = Batcher::spawn(
+            model.clone(),
+            limits,
+            metrics.clone(),
+            admitted,
+            workers,
+            &model_config.id,
+        )?;
         Ok(Self {
             model,
+            model_config,
             batcher,
             admission,
             metrics,
@@ -173,7 +183,7 @@ impl Infer {
         } else {
             Err(AppError::validation(format!(
                 "model `{}` is a classifier; it does not produce embeddings (use /predict)",
-                self.config.model_id
+                self.model_config.id
             )))
         }
     }
@@ -182,7 +192,7 @@ impl Infer {
         if self.is_embedding() {
             Err(AppError::validation(format!(
                 "model `{}` is an embedding model; this route needs a sequence classifier",
-                self.config.model_id
+                self.model_config.id
             )))
         } else {
             Ok(())

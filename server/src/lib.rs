@@ -22,9 +22,13 @@ pub mod healthcheck;
 pub mod infer;
 pub mod json;
 pub mod metrics;
+pub mod registry;
 pub mod request_id;
 pub mod routes;
 pub mod supervise;
 
 pub use app::{AppState, app};
-pub use config::{RawServeConfig, ServeConfig};
+pub use config::{
+    LogFormat, ModelConfig, PlanCacheSwitch, RawModelSettings, RawServeConfig, RawServerSettings,
+    ServeConfig,
+};

@@ -241,15 +241,15 @@ impl Metrics {
             .expect("valid gauge"),
             worker_restarts: counter_vec(
                 "kiln_worker_restarts_total",
-                "Times a worker thread died (a panic outside any one request's engine call) and was restarted, by worker.",
-                &["worker"],
+                "Times a worker thread died (a panic outside any one request's engine call) and was restarted, by worker and model.",
+                &["worker", "model"],
             ),
             worker_up: prometheus::IntGaugeVec::new(
                 Opts::new(
                     "kiln_worker_up",
-                    "1 while the worker thread runs, 0 while it is dead or restarting (readiness is false then).",
+                    "1 while the worker thread runs, 0 while it is dead or restarting (readiness is false then), by worker and model.",
                 ),
-                &["worker"],
+                &["worker", "model"],
             )
             .expect("valid gauge"),
             registry,

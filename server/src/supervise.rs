@@ -18,34 +18,54 @@ use std::time::{Duration, Instant};
 
 use crate::metrics::Metrics;
 
-/// Each worker's name and whether it is up.
-type UpFlags = Vec<(&'static str, Arc<AtomicBool>)>;
+/// One worker thread: what it does (`encoder-backend`, `generation-scheduler`), for which
+/// model, and whether it is up.
+#[derive(Clone)]
+pub struct Worker {
+    pub kind: &'static str,
+    pub model: String,
+    up: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn set_up(&self, up: bool, metrics: &Metrics) {
+        self.up.store(up, Ordering::Release);
+        metrics
+            .worker_up
+            .with_label_values(&[self.kind, &self.model])
+            .set(i64::from(up));
+    }
+}
 
 /// Whether each worker of the server is up; readiness needs every one.
 #[derive(Clone, Default)]
 pub struct Workers {
-    all: Arc<std::sync::Mutex<UpFlags>>,
+    all: Arc<std::sync::Mutex<Vec<Worker>>>,
 }
 
 impl Workers {
     /// Registers a worker, up until [`run`] says otherwise.
-    pub fn register(&self, name: &'static str) -> Arc<AtomicBool> {
-        let up = Arc::new(AtomicBool::new(true));
+    pub fn register(&self, kind: &'static str, model: &str) -> Worker {
+        let worker = Worker {
+            kind,
+            model: model.to_string(),
+            up: Arc::new(AtomicBool::new(true)),
+        };
         self.all
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push((name, up.clone()));
-        up
+            .push(worker.clone());
+        worker
     }
 
-    /// The workers that are down now.
-    pub fn down(&self) -> Vec<&'static str> {
+    /// The workers that are down now, as `kind (model)`.
+    pub fn down(&self) -> Vec<String> {
         self.all
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
-            .filter(|(_, up)| !up.load(Ordering::Acquire))
-            .map(|(name, _)| *name)
+            .filter(|w| !w.up.load(Ordering::Acquire))
+            .map(|w| format!("{} ({})", w.kind, w.model))
             .collect()
     }
 }
@@ -61,31 +81,26 @@ pub enum Exit {
 /// Runs `body` on the calling thread until it returns [`Exit::Done`], restarting it after
 /// panics and failures (see the module docs). `body` gets a callback to call once its state is
 /// built: only then is the worker up again.
-pub fn run(
-    name: &'static str,
-    up: &AtomicBool,
-    metrics: &Metrics,
-    mut body: impl FnMut(&dyn Fn()) -> Exit,
-) {
+pub fn run(worker: &Worker, metrics: &Metrics, mut body: impl FnMut(&dyn Fn()) -> Exit) {
     let mut backoff = Duration::from_millis(100);
-    metrics.worker_up.with_label_values(&[name]).set(1);
+    let name = worker.kind;
+    worker.set_up(true, metrics);
     loop {
         let started = Instant::now();
-        let mark_up = || {
-            up.store(true, Ordering::Release);
-            metrics.worker_up.with_label_values(&[name]).set(1);
-        };
+        let mark_up = || worker.set_up(true, metrics);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(&mark_up)));
-        up.store(false, Ordering::Release);
-        metrics.worker_up.with_label_values(&[name]).set(0);
+        worker.set_up(false, metrics);
         match outcome {
             Ok(Exit::Done) => return,
             Ok(Exit::Failed(why)) => {
-                tracing::error!(worker = name, error = %why, retry_in = ?backoff, "worker could not start; readiness is false until it does");
+                tracing::error!(worker = name, model = %worker.model, error = %why, retry_in = ?backoff, "worker could not start; readiness is false until it does");
             }
             Err(panic) => {
-                metrics.worker_restarts.with_label_values(&[name]).inc();
-                tracing::error!(worker = name, panic = %kiln_models::panic_message(&*panic), restart_in = ?backoff, "worker thread panicked; readiness is false until it restarts");
+                metrics
+                    .worker_restarts
+                    .with_label_values(&[name, &worker.model])
+                    .inc();
+                tracing::error!(worker = name, model = %worker.model, panic = %kiln_models::panic_message(&*panic), restart_in = ?backoff, "worker thread panicked; readiness is false until it restarts");
             }
         }
         if started.elapsed() > Duration::from_secs(60) {

@@ -259,7 +259,9 @@ fn hostile_generation_requests_get_4xx_while_honest_ones_all_succeed() {
         .sum();
     assert!(checked >= 8, "honest answers checked: {checked}");
     assert_eq!(
-        server.metric("kiln_worker_restarts_total{worker=\"generation-scheduler\"}"),
+        server.metric(
+            "kiln_worker_restarts_total{model=\"gpt2-tiny\",worker=\"generation-scheduler\"}"
+        ),
         0.0
     );
     kv_blocks_return(&server);
@@ -390,10 +392,12 @@ async fn a_dead_generation_worker_turns_health_not_serving_and_is_restarted() {
     }
     tokio::task::block_in_place(|| {
         assert!(
-            server.metric("kiln_worker_restarts_total{worker=\"generation-scheduler\"}") >= 1.0
+            server.metric(
+                "kiln_worker_restarts_total{model=\"gpt2-tiny\",worker=\"generation-scheduler\"}"
+            ) >= 1.0
         );
         assert_eq!(
-            server.metric("kiln_worker_up{worker=\"generation-scheduler\"}"),
+            server.metric("kiln_worker_up{model=\"gpt2-tiny\",worker=\"generation-scheduler\"}"),
             0.0
         );
         std::fs::remove_file(dir.join("generation-scheduler")).unwrap();

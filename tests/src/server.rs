@@ -77,6 +77,34 @@ impl Server {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> Server {
+        let mut args: Vec<std::ffi::OsString> = vec!["--model".into(), model.into()];
+        args.extend(extra.iter().map(Into::into));
+        let server = Self::spawn(wrapper, bin, &args, env);
+        server.wait_healthy();
+        server
+    }
+
+    /// `kiln serve ARGS...` (the models given in `args`: `--model-repository`, several
+    /// `--model`), waited on until `/health` is 200.
+    pub fn start_args(bin: &Path, args: &[&str]) -> Server {
+        let server = Self::start_args_unready(bin, args);
+        server.wait_healthy();
+        server
+    }
+
+    /// [`Server::start_args`] without waiting for `/health` (only for the listening ports), for
+    /// servers that are not meant to become ready.
+    pub fn start_args_unready(bin: &Path, args: &[&str]) -> Server {
+        let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        Self::spawn(&[], bin, &args, &[])
+    }
+
+    fn spawn(
+        wrapper: &[&str],
+        bin: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &Path)],
+    ) -> Server {
         let mut command = match wrapper.split_first() {
             None => Command::new(bin),
             Some((program, args)) => {
@@ -95,9 +123,7 @@ impl Server {
                 "--grpc-port",
                 "0",
             ])
-            .arg("--model")
-            .arg(model)
-            .args(extra)
+            .args(args)
             .env("NO_COLOR", "1")
             .env("KILN_LOG", "info")
             .env("KILN_CACHE_DIR", test_cache_dir())
@@ -131,13 +157,18 @@ impl Server {
         let (addr, grpc_addr) = rx
             .recv_timeout(Duration::from_secs(60))
             .expect("kiln did not report its address");
-        let server = Server {
+        Server {
             child,
             log,
             base: format!("http://{addr}"),
             addr,
             grpc_url: format!("http://{grpc_addr}"),
-        };
+        }
+    }
+
+    /// Waits for `/health` to answer 200 (503s on the way must be JSON errors).
+    pub fn wait_healthy(&self) {
+        let server = self;
         // Generous: a first start on a software GPU (lavapipe) autotunes its kernels.
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
@@ -155,7 +186,6 @@ impl Server {
             assert!(Instant::now() < deadline, "kiln never became healthy");
             std::thread::sleep(Duration::from_millis(100));
         }
-        server
     }
 
     /// The server's log lines so far (stderr; `KILN_LOG=info`).

@@ -46,11 +46,11 @@ impl InferenceService {
         // The message's sizes were checked against the same limits before it was decoded
         // (`wire.rs`); its tensors are expanded only once the request holds a slot.
         let max_batch = self.state.config().max_client_batch_size;
-        let limits = tensor_limits(ready, max_batch);
+        let limits = tensor_limits(&ready, max_batch);
         let slot = ready.infer.admit()?;
         let inputs = decode_inputs(req.inputs, req.raw_input_contents, limits)?;
         let answer = execute(
-            ready,
+            &ready,
             slot,
             max_batch,
             inputs,
@@ -85,7 +85,7 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(ServerLiveResponse { live: true }))
     }
 
-    /// Open, like `/v2/health/ready`: true once the model is loaded and warmed up.
+    /// Open, like `/v2/health/ready`: true once every model is loaded and warmed up.
     async fn server_ready(
         &self,
         _: Request<ServerReadyRequest>,
@@ -126,7 +126,7 @@ impl GrpcInferenceService for InferenceService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let ready = model(&self.state, &r.name, version(&r.version)).map_err(|e| status_of(&e))?;
-        let inputs = inputs_of(ready)
+        let inputs = inputs_of(&ready)
             .into_iter()
             .map(|t| TensorMetadata {
                 name: t.name.into(),
@@ -134,7 +134,7 @@ impl GrpcInferenceService for InferenceService {
                 shape: t.shape,
             })
             .collect();
-        let outputs = outputs_of(ready)
+        let outputs = outputs_of(&ready)
             .0
             .into_iter()
             .map(|(name, width)| TensorMetadata {

@@ -287,11 +287,8 @@ impl Decoder for InferDecoder {
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<ModelInferRequest>, Status> {
         use prost::bytes::Buf;
         let max_batch = self.state.config().max_client_batch_size;
-        // Before the model is ready every call is refused anyway, with the reason.
-        let checked = self
-            .state
-            .ready()
-            .map(|ready| tensor_limits(ready, max_batch))
+        // Before any encoder is ready every call is refused anyway, with the reason.
+        let checked = widest_limits(&self.state, max_batch)
             // tonic hands the decoder one whole message in one contiguous buffer.
             .and_then(|limits| check_infer_request(buf.chunk(), limits));
         if let Err(e) = checked {
@@ -308,6 +305,30 @@ impl Decoder for InferDecoder {
 
     fn buffer_settings(&self) -> BufferSettings {
         self.inner.buffer_settings()
+    }
+}
+
+/// The loosest tensor limits among the ready encoders. The message is checked before it is
+/// decoded, so before its model name is known; the handler checks the tensors against its own
+/// model's limits again as it decodes them.
+fn widest_limits(state: &AppState, max_batch: usize) -> Result<TensorLimits, AppError> {
+    let width = state
+        .models()
+        .all()
+        .iter()
+        .filter_map(|m| m.encoder().ok())
+        .map(|ready| tensor_limits(&ready, max_batch).width)
+        .max();
+    match width {
+        Some(width) => Ok(TensorLimits {
+            rows: max_batch,
+            width,
+        }),
+        // No encoder is ready: the reason the handler would give (loading, a causal LM).
+        None => Err(state
+            .encoder(None, crate::registry::Want::Encoder)
+            .err()
+            .unwrap_or_else(|| AppError::unavailable("no encoder model is ready"))),
     }
 }
 

@@ -201,7 +201,7 @@ async fn completions_inner(
     body: Result<ApiJson<CompletionRequest>, AppError>,
 ) -> Result<Response, AppError> {
     let ApiJson(req) = body?;
-    let service = state.generation()?;
+    let service = &state.causal_lm(req.common.model.as_deref())?;
     let deadline = Deadline::starting_now(service);
     let prompt = match &req.prompt {
         Value::String(s) => s.clone(),
@@ -237,7 +237,7 @@ async fn completions_inner(
     let request = params.into_request(service, ids)?;
     let generation = service.start_generation(request, slot).await?;
     let id = request_id("cmpl");
-    let model = state.config().model_id.clone();
+    let model = service.id().to_string();
     let created = now();
     if req.common.stream {
         let include_usage = req
@@ -359,7 +359,7 @@ async fn chat_inner(
     body: Result<ApiJson<ChatRequest>, AppError>,
 ) -> Result<Response, AppError> {
     let ApiJson(req) = body?;
-    let service = state.generation()?;
+    let service = &state.causal_lm(req.common.model.as_deref())?;
     let deadline = Deadline::starting_now(service);
     if req.messages.is_empty() {
         return Err(AppError::validation("`messages` must not be empty"));
@@ -374,7 +374,7 @@ async fn chat_inner(
         AppError::validation(format!(
             "model `{}` has no chat template (tokenizer_config.json has no `chat_template`); \
              start kiln with --chat-template FILE, or use /v1/completions",
-            state.config().model_id
+            service.id()
         ))
     })?;
     let params = req.common.params()?;
@@ -385,7 +385,7 @@ async fn chat_inner(
     let request = params.into_request(service, ids)?;
     let generation = service.start_generation(request, slot).await?;
     let id = request_id("chatcmpl");
-    let model = state.config().model_id.clone();
+    let model = service.id().to_string();
     let created = now();
     if req.common.stream {
         let include_usage = req

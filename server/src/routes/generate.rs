@@ -19,6 +19,7 @@ use crate::app::AppState;
 use crate::error::AppError;
 use crate::generation::{Generation, GenerationService, Piece};
 use crate::json::ApiJson;
+use crate::routes::ModelHeader;
 
 /// Sampling and stopping settings common to every generation API (each spells them its own
 /// way and fills this).
@@ -366,6 +367,9 @@ pub struct TgiParameters {
 #[serde(deny_unknown_fields)]
 pub struct TgiRequest {
     inputs: String,
+    /// Which served model (TGI has no such field; an `X-Model` header works too).
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     parameters: TgiParameters,
     /// `/generate_stream` only (ignored by `/generate`, as in TGI).
@@ -403,11 +407,22 @@ pub(crate) fn check_body(body: &[u8]) -> Result<(), AppError> {
         .map(drop)
 }
 
+/// A TGI request started on its model: the generation, its deadline, the request's parameters
+/// and prompt, and the model's service.
+type Started = (
+    Generation,
+    Deadline,
+    TgiParameters,
+    String,
+    GenerationService,
+);
+
 async fn tgi_generation(
     state: &AppState,
+    header: ModelHeader,
     req: TgiRequest,
-) -> Result<(Generation, Deadline, TgiParameters, String), AppError> {
-    let service = state.generation()?;
+) -> Result<Started, AppError> {
+    let service = &state.causal_lm(header.or_field(req.model.as_deref()).as_deref())?;
     let deadline = Deadline::starting_now(service);
     if req.inputs.is_empty() {
         return Err(AppError::validation("`inputs` must not be empty"));
@@ -418,7 +433,7 @@ async fn tgi_generation(
     let prompt = service.encode(req.inputs.clone(), true).await?;
     let request = params.into_request(service, prompt)?;
     let generation = service.start_generation(request, slot).await?;
-    Ok((generation, deadline, p, req.inputs))
+    Ok((generation, deadline, p, req.inputs, service.clone()))
 }
 
 fn details(finish: FinishReason, generated: usize, seed: Option<u64>) -> Value {
@@ -435,9 +450,10 @@ fn details(finish: FinishReason, generated: usize, seed: Option<u64>) -> Value {
 /// `POST /generate`: `{"inputs": "...", "parameters": {...}}` → `{"generated_text": "..."}`.
 pub async fn generate(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<TgiRequest>,
 ) -> Result<Json<Value>, AppError> {
-    let (generation, deadline, p, inputs) = tgi_generation(&state, req).await?;
+    let (generation, deadline, p, inputs, _) = tgi_generation(&state, header, req).await?;
     let done = collect(generation, deadline).await?;
     let text = if p.return_full_text == Some(true) {
         inputs + &done.text
@@ -455,10 +471,11 @@ pub async fn generate(
 /// `generated_text` and `details`.
 pub async fn generate_stream(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<TgiRequest>,
 ) -> Result<Response, AppError> {
-    let (generation, deadline, p, inputs) = tgi_generation(&state, req).await?;
-    let special = state.generation()?.model().eos_token_ids();
+    let (generation, deadline, p, inputs, service) = tgi_generation(&state, header, req).await?;
+    let special = service.model().eos_token_ids();
     let mut text = if p.return_full_text == Some(true) {
         inputs
     } else {
@@ -510,7 +527,7 @@ pub fn info(state: &AppState, g: &GenerationService) -> Value {
     let cpu = kiln_engine::CpuCaps::detect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "model_id": c.model_id,
+        "model_id": g.id(),
         "architecture": i.architecture,
         "model_type": "causal_lm",
         "vocab_size": i.vocab_size,

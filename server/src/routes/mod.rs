@@ -7,9 +7,36 @@ pub mod native;
 pub mod openai;
 pub mod openapi;
 
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use serde_json::Value;
 
 use crate::error::AppError;
+
+/// The `X-Model` header: which served model a request is for, on routes whose body has no
+/// `model` field or leaves it out (a body's `model` wins).
+pub struct ModelHeader(pub Option<String>);
+
+impl ModelHeader {
+    /// The body's `model` if it has one, else the header's.
+    pub fn or_field(self, field: Option<&str>) -> Option<String> {
+        field.map(str::to_string).or(self.0)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ModelHeader {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .headers
+                .get("x-model")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        ))
+    }
+}
 
 /// A list of texts from a JSON value that must be a string or an array of strings.
 /// `field` names the request field in error messages.

@@ -9,14 +9,18 @@ use kiln_models::{ModelKind, TextInput};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{check_batch, kind_of, texts_from};
+use super::{ModelHeader, check_batch, kind_of, texts_from};
 use crate::app::AppState;
 use crate::error::AppError;
 use crate::infer::EmbeddingKind;
 use crate::json::ApiJson;
+use crate::registry::{Kind, Served, Want};
 
 #[derive(Deserialize)]
 pub struct EmbedRequest {
+    /// Which served model (default: see `Registry::pick`); an `X-Model` header works too.
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     inputs: Value,
     /// TEI's default: normalised embeddings.
@@ -32,10 +36,14 @@ fn yes() -> bool {
 
 pub async fn embed(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<EmbedRequest>,
 ) -> Result<Json<Vec<Vec<f32>>>, AppError> {
     let texts = texts_from(&req.inputs, "inputs", state.config().max_client_batch_size)?;
-    let ready = state.ready()?;
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Embeddings,
+    )?;
     let _slot = ready.infer.admit()?;
     let out = ready
         .infer
@@ -50,6 +58,9 @@ pub async fn embed(
 
 #[derive(Deserialize)]
 pub struct PredictRequest {
+    /// Which served model (default: see `Registry::pick`); an `X-Model` header works too.
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     inputs: Value,
     /// Return logits instead of probabilities.
@@ -111,10 +122,14 @@ fn predict_inputs(v: &Value, max: usize) -> Result<(Vec<TextInput>, bool), AppEr
 
 pub async fn predict(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<PredictRequest>,
 ) -> Result<Json<Value>, AppError> {
     let (inputs, batch) = predict_inputs(&req.inputs, state.config().max_client_batch_size)?;
-    let ready = state.ready()?;
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Classification,
+    )?;
     let ModelKind::Classifier { labels } = &ready.info.kind else {
         return Err(AppError::validation(format!(
             "model `{}` is an embedding model; /predict needs a sequence classifier",
@@ -150,20 +165,49 @@ pub async fn predict(
     }))
 }
 
-/// 200 once the model is loaded and warmed up, 503 before.
+/// 200 once every model is loaded and warmed up (and every worker up), 503 with the reasons
+/// before.
 pub async fn health(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response()
-    } else {
-        AppError::unavailable("the model is still loading").into_response()
+    match state.readiness() {
+        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ok" }))).into_response(),
+        Err(why) => AppError::unavailable(why).into_response(),
     }
 }
 
-pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError> {
-    if let Some(g) = state.generation_service() {
-        return Ok(Json(super::generate::info(&state, g)));
+/// `/info`: the model named by `X-Model`, or the only one; with several and none named, every
+/// model's info (or its state and the reason while it is not ready).
+pub async fn info(
+    State(state): State<AppState>,
+    header: ModelHeader,
+) -> Result<Json<Value>, AppError> {
+    let models = state.models();
+    let chosen = match (header.0.as_deref(), models.all()) {
+        (Some(name), _) => Some(models.by_name(name)?),
+        (None, [only]) => Some(only),
+        (None, _) => None,
+    };
+    if let Some(served) = chosen {
+        return model_info(&state, served).map(Json);
     }
-    let ready = state.ready()?;
+    let each: Vec<Value> = models
+        .all()
+        .iter()
+        .map(|m| {
+            model_info(&state, m).unwrap_or_else(
+                |e| json!({ "model_id": m.id(), "state": m.state().name(), "reason": e.message }),
+            )
+        })
+        .collect();
+    Ok(Json(
+        json!({ "version": env!("CARGO_PKG_VERSION"), "models": each }),
+    ))
+}
+
+fn model_info(state: &AppState, served: &Served) -> Result<Value, AppError> {
+    if served.kind() == Ok(Kind::CausalLm) {
+        return Ok(super::generate::info(state, &served.causal_lm()?));
+    }
+    let ready = served.encoder()?;
     let i = &ready.info;
     let (kind, extra) = match &i.kind {
         ModelKind::Embedding { pooling, normalize } => (
@@ -173,7 +217,7 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError
         ModelKind::Classifier { labels } => ("classifier", json!({ "labels": labels })),
     };
     let cpu = kiln_engine::CpuCaps::detect();
-    Ok(Json(json!({
+    Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "model_id": i.id,
         "architecture": i.architecture,
@@ -188,18 +232,21 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<Value>, AppError
         "max_client_batch_size": state.config().max_client_batch_size,
         "max_batch_tokens": state.config().max_batch_tokens,
         "max_batch_requests": state.config().max_batch_requests,
-        "max_batch_sequences": state.config().max_batch_sequences,
+        "max_batch_sequences": served.config.max_batch_sequences,
         "max_concurrent_requests": state.config().max_concurrent_requests,
         "max_queue_delay_ms": state.config().max_queue_delay.as_secs_f64() * 1e3,
         "request_timeout_ms": state.config().request_timeout.as_millis() as u64,
         "auto_truncate": state.config().auto_truncate,
         "load_time_ms": i.load_time.as_millis() as u64,
         "plan": crate::routes::plan_json(&i.plan),
-    })))
+    }))
 }
 
 #[derive(Deserialize)]
 pub struct RerankRequest {
+    /// Which served model (default: see `Registry::pick`); an `X-Model` header works too.
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     query: Value,
     #[serde(default)]
@@ -217,6 +264,7 @@ pub struct RerankRequest {
 /// label) and returns them best first as `[{"index", "score", "text"?}]`.
 pub async fn rerank(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<RerankRequest>,
 ) -> Result<Json<Value>, AppError> {
     let query = match &req.query {
@@ -230,7 +278,10 @@ pub async fn rerank(
         }
     };
     let texts = texts_from(&req.texts, "texts", state.config().max_client_batch_size)?;
-    let ready = state.ready()?;
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Classification,
+    )?;
     match &ready.info.kind {
         ModelKind::Classifier { labels } if labels.len() == 1 => {}
         ModelKind::Classifier { labels } => {
@@ -307,6 +358,9 @@ pub(crate) fn check_body(route: &str, body: &[u8], max: usize) -> Result<(), App
 
 #[derive(Deserialize)]
 pub struct TokenizeRequest {
+    /// Which served model (default: see `Registry::pick`); an `X-Model` header works too.
+    #[serde(default)]
+    model: Option<String>,
     #[serde(default)]
     inputs: Value,
     #[serde(default)]
@@ -317,10 +371,14 @@ pub struct TokenizeRequest {
 /// included), one list per input (a single string is a batch of one, as in TEI).
 pub async fn tokenize(
     State(state): State<AppState>,
+    header: ModelHeader,
     ApiJson(req): ApiJson<TokenizeRequest>,
 ) -> Result<Json<Value>, AppError> {
     let texts = texts_from(&req.inputs, "inputs", state.config().max_client_batch_size)?;
-    let ready = state.ready()?;
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Encoder,
+    )?;
     let _slot = ready.infer.admit()?;
     let inputs = texts.into_iter().map(TextInput::Single).collect();
     let encoded = ready.infer.tokenize(inputs, req.truncate).await?;

@@ -11,15 +11,15 @@ use crate::app::AppState;
 use crate::error::AppError;
 use crate::infer::EmbeddingKind;
 use crate::json::ApiJson;
+use crate::registry::Want;
 
 #[derive(Deserialize)]
 pub struct EmbeddingsRequest {
     #[serde(default)]
     input: Value,
-    /// Accepted and echoed as the served model's id: kiln serves one model per process, and
-    /// clients ported from OpenAI often keep their old model name.
+    /// Which served model. A server with one model answers to any name (clients ported from
+    /// OpenAI often keep their old model name) and echoes its own id.
     #[serde(default)]
-    #[allow(dead_code)]
     model: Option<String>,
     #[serde(default)]
     encoding_format: Option<String>,
@@ -64,7 +64,7 @@ async fn handle(
 ) -> Result<Json<Value>, AppError> {
     let ApiJson(req) = body?;
     let (base64, texts) = checked(&req, state.config().max_client_batch_size)?;
-    let ready = state.ready()?;
+    let ready = state.encoder(req.model.as_deref(), Want::Embeddings)?;
     if let Some(d) = req.dimensions
         && d != ready.info.hidden_size as u64
     {
@@ -97,10 +97,23 @@ async fn handle(
     })))
 }
 
+/// Every served model, with its kind (`embedding`, `classifier`, `causal_lm`; `encoder` while
+/// one loads) and its state (`READY`, `LOADING`, `UNAVAILABLE`).
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
-    let id = state.config().model_id.clone();
-    Json(json!({
-        "object": "list",
-        "data": [{ "id": id, "object": "model", "created": 0, "owned_by": "kiln" }],
-    }))
+    let data: Vec<Value> = state
+        .models()
+        .all()
+        .iter()
+        .map(|m| {
+            json!({
+                "id": m.id(),
+                "object": "model",
+                "created": 0,
+                "owned_by": "kiln",
+                "kind": m.kind_name(),
+                "state": m.state().name(),
+            })
+        })
+        .collect();
+    Json(json!({ "object": "list", "data": data }))
 }

@@ -32,19 +32,23 @@ pub fn document() -> Value {
             "dimensions": { "type": "integer" }, "user": { "type": "string" },
         },
     });
+    // Which served model; an `X-Model` header works too. Optional where only one model can
+    // answer the route (or `--default-model` names one).
+    let model = json!({ "type": "string" });
     let embed_req = json!({
         "type": "object", "required": ["inputs"],
-        "properties": { "inputs": texts, "normalize": { "type": "boolean", "default": true }, "truncate": { "type": "boolean" } },
+        "properties": { "inputs": texts, "normalize": { "type": "boolean", "default": true }, "truncate": { "type": "boolean" }, "model": model },
     });
     let predict_req = json!({
         "type": "object", "required": ["inputs"],
-        "properties": { "inputs": {}, "raw_scores": { "type": "boolean" }, "truncate": { "type": "boolean" } },
+        "properties": { "inputs": {}, "raw_scores": { "type": "boolean" }, "truncate": { "type": "boolean" }, "model": model },
     });
     let rerank_req = json!({
         "type": "object", "required": ["query", "texts"],
         "properties": {
             "query": { "type": "string" }, "texts": { "type": "array", "items": { "type": "string" } },
             "raw_scores": { "type": "boolean" }, "return_text": { "type": "boolean" }, "truncate": { "type": "boolean" },
+            "model": model,
         },
     });
     let tensor = json!({
@@ -76,8 +80,8 @@ pub fn document() -> Value {
             "/predict": post("Sequence classification (TEI)", predict_req, json!({ "type": "array" })),
             "/rerank": post("Rerank texts against a query with a cross-encoder (TEI)", rerank_req, json!({ "type": "array" })),
             "/tokenize": post("Tokens the model sees (TEI)", embed_req, json!({ "type": "array" })),
-            "/info": get("Model and server settings"),
-            "/health": get("200 once the model is loaded and warmed up, 503 before"),
+            "/info": get("Model and server settings (the model named by X-Model; every model's when several are served and none is named)"),
+            "/health": get("200 once every model is loaded and warmed up, 503 (with the reasons) before"),
             "/metrics": get("Prometheus metrics (text format)"),
             "/openapi.json": get("This document"),
             "/v2": get("KServe v2 server metadata"),
@@ -87,6 +91,7 @@ pub fn document() -> Value {
             "/v2/models/{model}/ready": get("KServe v2 model readiness"),
             "/v2/models/{model}/config": get("Triton model configuration"),
             "/v2/models/{model}/stats": get("Triton model statistics"),
+            "/v2/repository/index": post("Triton model repository index: every model with its state (READY, LOADING, UNAVAILABLE and the reason)", json!({ "type": "object", "properties": { "ready": { "type": "boolean" } } }), json!({ "type": "array" })),
             "/v2/models/{model}/infer": post("KServe v2 inference (JSON, or binary tensor data with Inference-Header-Content-Length; gzip with Content-Encoding)", infer_req, json!({ "type": "object" })),
         },
         "components": { "schemas": { "Error": { "type": "object", "required": ["error"] } } },

@@ -36,7 +36,7 @@ pub fn config(state: &AppState, g: &GenerationService) -> Json<Value> {
     let c = state.config();
     let i = g.model().info();
     Json(json!({
-        "name": c.model_id,
+        "name": g.id(),
         "platform": "kiln",
         "backend": "kiln",
         "max_batch_size": c.max_client_batch_size,
@@ -102,7 +102,7 @@ pub async fn infer(
         if t.name != TEXT_INPUT {
             return Err(bad(format!(
                 "model `{}` has no input `{}` (a causal LM takes `{TEXT_INPUT}`)",
-                state.config().model_id,
+                g.id(),
                 t.name
             )));
         }
@@ -139,7 +139,7 @@ pub async fn infer(
             if o.name != TEXT_OUTPUT {
                 return Err(bad(format!(
                     "model `{}` has no output `{}` (outputs: {TEXT_OUTPUT})",
-                    state.config().model_id,
+                    g.id(),
                     o.name
                 )));
             }
@@ -175,7 +175,7 @@ pub async fn infer(
         entry["data"] = json!(texts);
     }
     let mut answer = json!({
-        "model_name": state.config().model_id,
+        "model_name": g.id(),
         "model_version": MODEL_VERSION,
         "outputs": [entry],
     });

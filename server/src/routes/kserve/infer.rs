@@ -94,7 +94,7 @@ async fn run_infer(
     // form type, binary requests may say octet-stream. The body's own structure is checked.
     let _ = headers.get(header::CONTENT_TYPE);
     if let Some(g) = super::generation_model(&state, name, version)? {
-        return super::generate::infer(&state, g, headers, body).await;
+        return super::generate::infer(&state, &g, headers, body).await;
     }
     let ready = model(&state, name, version)?;
     let header_length = headers
@@ -108,7 +108,7 @@ async fn run_infer(
     // The slot is taken before any tensor data is decoded, so --max-concurrent-requests also
     // bounds how many requests are expanding their inputs at once.
     let max_batch = state.config().max_client_batch_size;
-    let limits = tensor_limits(ready, max_batch);
+    let limits = tensor_limits(&ready, max_batch);
     let slot = ready.infer.admit()?;
     let inputs = decode_all(req.inputs, binary, limits)?;
     // Each requested output may ask for binary or JSON data; the rest follow the request.
@@ -127,7 +127,7 @@ async fn run_infer(
         }
     };
     let answer = execute(
-        ready,
+        &ready,
         slot,
         max_batch,
         inputs,

@@ -17,10 +17,14 @@ use kiln_models::bert::names;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use std::sync::Arc;
+
 use crate::app::{AppState, Ready};
 use crate::error::AppError;
+use crate::generation::GenerationService;
+use crate::registry::{Kind, Served};
 
-/// The one version kiln serves of its one model.
+/// The one version kiln serves of each model.
 pub const MODEL_VERSION: &str = "1";
 
 mod execute;
@@ -54,12 +58,9 @@ pub async fn live() -> Json<Value> {
 }
 
 pub async fn ready(State(state): State<AppState>) -> Response {
-    if state.is_ready() {
-        Json(json!({ "ready": true })).into_response()
-    } else {
-        AppError::unavailable("the model is still loading")
-            .kserve()
-            .into_response()
+    match state.readiness() {
+        Ok(()) => Json(json!({ "ready": true })).into_response(),
+        Err(why) => AppError::unavailable(why).kserve().into_response(),
     }
 }
 
@@ -67,8 +68,59 @@ pub async fn server_metadata() -> Json<Value> {
     Json(json!({
         "name": "kiln",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "model_configuration", "statistics"],
+        "extensions": ["binary_tensor_data", "model_configuration", "statistics", "model_repository"],
     }))
+}
+
+/// The body of `POST /v2/repository/index` (optional): `{"ready": true}` lists only the ready
+/// models.
+#[derive(Deserialize, Default)]
+pub struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+/// Triton's model repository extension: every model with its state (`READY`, `LOADING`,
+/// `UNAVAILABLE` with the reason), as `tritonclient`'s `get_model_repository_index` reads it.
+pub async fn repository_index(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, AppError> {
+    let req: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| bad(format!("invalid index request: {e}")).kserve())?
+    };
+    let models: Vec<Value> = state
+        .models()
+        .all()
+        .iter()
+        .filter(|m| !req.ready || m.is_ready())
+        .map(|m| {
+            let st = m.state();
+            let mut v = json!({ "name": m.id(), "version": MODEL_VERSION, "state": st.name() });
+            if let crate::registry::ModelState::Unavailable(why) = st {
+                v["reason"] = Value::String(why);
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(models)))
+}
+
+/// `POST /v2/repository/models/{model}/load` and `/unload`. kiln loads the models it is given
+/// at start and keeps them (Triton's `none` control mode), so both are refused with the reason;
+/// an unknown model is 404 first.
+pub async fn repository_control(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, AppError> {
+    state.models().by_name(&model).map_err(kserve_error)?;
+    Err(bad(format!(
+        "model `{model}` cannot be loaded or unloaded at run time: this server loads its models at start and keeps them (model control mode `none`)"
+    ))
+    .kserve())
 }
 
 /// `/v2/models/{model}` and `/v2/models/{model}/versions/{version}` share their handlers.
@@ -79,14 +131,13 @@ pub struct ModelPath {
     version: Option<String>,
 }
 
-/// 404 unless the path names the served model (and its one version).
-fn check_name(state: &AppState, name: &str, version: Option<&str>) -> Result<(), AppError> {
-    let id = &state.config().model_id;
-    if name != id {
-        return Err(AppError::not_found(format!(
-            "model `{name}` is not served here (this server serves `{id}`)"
-        )));
-    }
+/// The served model the path names, or 404 (an unknown model or version).
+pub(crate) fn served<'a>(
+    state: &'a AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<&'a Arc<Served>, AppError> {
+    let served = state.models().by_name(name)?;
     if let Some(v) = version
         && v != MODEL_VERSION
     {
@@ -94,44 +145,29 @@ fn check_name(state: &AppState, name: &str, version: Option<&str>) -> Result<(),
             "model `{name}` has no version `{v}` (versions: [\"{MODEL_VERSION}\"])"
         )));
     }
-    Ok(())
+    Ok(served)
 }
 
-/// The causal LM, when that is what is served and the path names it.
-pub(crate) fn generation_model<'a>(
-    state: &'a AppState,
+/// The causal LM the path names (`None` when it names an encoder), or 404, or 503.
+pub(crate) fn generation_model(
+    state: &AppState,
     name: &str,
     version: Option<&str>,
-) -> Result<Option<&'a crate::generation::GenerationService>, AppError> {
-    match state.generation_service() {
-        Some(g) => {
-            check_name(state, name, version)?;
-            Ok(Some(g))
-        }
-        None => Ok(None),
+) -> Result<Option<GenerationService>, AppError> {
+    let served = served(state, name, version)?;
+    match served.kind() {
+        Ok(Kind::CausalLm) => served.causal_lm().map(Some),
+        _ => Ok(None),
     }
 }
 
-/// The model named in the path, or 404; 503 while it loads.
-pub(crate) fn model<'a>(
-    state: &'a AppState,
+/// The encoder the path names, or 404; 503 while it loads; 422 for a causal LM.
+pub(crate) fn model(
+    state: &AppState,
     name: &str,
     version: Option<&str>,
-) -> Result<&'a Ready, AppError> {
-    let id = &state.config().model_id;
-    if name != id {
-        return Err(AppError::not_found(format!(
-            "model `{name}` is not served here (this server serves `{id}`)"
-        )));
-    }
-    if let Some(v) = version
-        && v != MODEL_VERSION
-    {
-        return Err(AppError::not_found(format!(
-            "model `{name}` has no version `{v}` (versions: [\"{MODEL_VERSION}\"])"
-        )));
-    }
-    state.ready()
+) -> Result<Arc<Ready>, AppError> {
+    served(state, name, version)?.encoder()
 }
 
 pub(crate) struct TensorSpec {
@@ -192,11 +228,11 @@ fn metadata(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<
         return Ok(generate::metadata(name));
     }
     let ready = model(state, name, version)?;
-    let inputs: Vec<Value> = inputs_of(ready)
+    let inputs: Vec<Value> = inputs_of(&ready)
         .into_iter()
         .map(|t| json!({ "name": t.name, "datatype": t.datatype, "shape": t.shape }))
         .collect();
-    let outputs: Vec<Value> = outputs_of(ready)
+    let outputs: Vec<Value> = outputs_of(&ready)
         .0
         .into_iter()
         .map(|(n, w)| json!({ "name": n, "datatype": "FP32", "shape": [-1, w] }))
@@ -234,7 +270,7 @@ pub async fn model_ready(
 /// Triton's model configuration extension, describing what kiln actually does.
 fn config(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
     if let Some(g) = generation_model(state, name, version)? {
-        return Ok(generate::config(state, g));
+        return Ok(generate::config(state, &g));
     }
     let ready = model(state, name, version)?;
     let c = state.config();
@@ -245,7 +281,7 @@ fn config(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Va
             "TYPE_INT64"
         }
     };
-    let inputs: Vec<Value> = inputs_of(ready)
+    let inputs: Vec<Value> = inputs_of(&ready)
         .into_iter()
         .map(|t| {
             json!({
@@ -256,7 +292,7 @@ fn config(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Va
             })
         })
         .collect();
-    let outputs: Vec<Value> = outputs_of(ready)
+    let outputs: Vec<Value> = outputs_of(&ready)
         .0
         .into_iter()
         .map(|(n, w)| json!({ "name": n, "data_type": "TYPE_FP32", "dims": [w] }))
@@ -307,7 +343,7 @@ fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Val
     let (ok_secs, fail_secs) = m.outcome_seconds();
     Ok(Json(json!({
         "model_stats": [{
-            "name": state.config().model_id,
+            "name": name,
             "version": MODEL_VERSION,
             "last_inference": m.last_inference_ms(),
             "inference_count": m.input_tokens.get_sample_count(),

@@ -1,0 +1,288 @@
+//! The served models: one registry for every route and both protocols.
+//!
+//! Each model has its resolved settings, its kind (read from its `config.json` before it loads,
+//! so routes can be chosen while it is still loading) and a state: loading, ready (an encoder
+//! with its batcher, or a causal LM with its scheduler: each model has its own worker thread and
+//! its own admission limit, so a flood on one does not queue behind another) or unavailable with
+//! the reason. Routes find their model by name, or by [`Registry::pick`]'s rules when the
+//! request names none.
+
+use std::sync::{Arc, RwLock};
+
+use kiln_models::ModelKind;
+
+use crate::app::Ready;
+use crate::config::ModelConfig;
+use crate::error::AppError;
+use crate::generation::GenerationService;
+
+/// What a model is, as far as routing is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// BERT-style: embeddings or classification (which one is known once it has loaded).
+    Encoder,
+    /// GPT-2, Llama: text generation.
+    CausalLm,
+}
+
+/// A loaded model, ready to serve.
+#[derive(Clone)]
+pub enum Loaded {
+    Encoder(Arc<Ready>),
+    CausalLm(GenerationService),
+}
+
+/// Where a model is in its life.
+#[derive(Clone)]
+pub enum ModelState {
+    Loading,
+    Ready(Loaded),
+    /// It could not be loaded (or its folder read): the reason, for clients and the index.
+    Unavailable(String),
+}
+
+impl ModelState {
+    /// The KServe/Triton repository state name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Loading => "LOADING",
+            Self::Ready(_) => "READY",
+            Self::Unavailable(_) => "UNAVAILABLE",
+        }
+    }
+}
+
+/// What a route needs of its model (for choosing one when the request names none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Embeddings,
+    Classification,
+    /// Any encoder (tokenizing, KServe inference).
+    Encoder,
+    Generation,
+}
+
+impl Want {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Embeddings => "embeddings",
+            Self::Classification => "classification",
+            Self::Encoder => "an encoder model",
+            Self::Generation => "text generation",
+        }
+    }
+}
+
+/// One served model.
+pub struct Served {
+    pub config: Arc<ModelConfig>,
+    /// `Err` when the folder's `config.json` could not be read (the model is then unavailable).
+    kind: Result<Kind, String>,
+    state: RwLock<ModelState>,
+}
+
+impl Served {
+    fn new(config: ModelConfig) -> Self {
+        let config_json = config.dir.join("config.json");
+        let kind = if !config_json.is_file() {
+            Err(format!(
+                "{} is not a model folder (no config.json)",
+                config.dir.display()
+            ))
+        } else {
+            match kiln_models::is_causal_lm(&config_json) {
+                Ok(true) => Ok(Kind::CausalLm),
+                Ok(false) => Ok(Kind::Encoder),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let state = match &kind {
+            Ok(_) => ModelState::Loading,
+            Err(why) => ModelState::Unavailable(why.clone()),
+        };
+        Self {
+            config: Arc::new(config),
+            kind,
+            state: RwLock::new(state),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.config.id
+    }
+
+    pub fn kind(&self) -> Result<Kind, &str> {
+        self.kind.as_ref().copied().map_err(String::as_str)
+    }
+
+    pub fn state(&self) -> ModelState {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    pub fn set_state(&self, state: ModelState) {
+        *self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = state;
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state(), ModelState::Ready(_))
+    }
+
+    /// `embedding`, `classifier`, `encoder` (still loading), `causal_lm` or `unknown`.
+    pub fn kind_name(&self) -> &'static str {
+        match (self.kind(), self.state()) {
+            (Ok(Kind::CausalLm), _) => "causal_lm",
+            (Ok(Kind::Encoder), ModelState::Ready(Loaded::Encoder(r))) => match r.info.kind {
+                ModelKind::Embedding { .. } => "embedding",
+                ModelKind::Classifier { .. } => "classifier",
+            },
+            (Ok(Kind::Encoder), _) => "encoder",
+            (Err(_), _) => "unknown",
+        }
+    }
+
+    /// Whether this model can answer a route that needs `want` (an encoder still loading may).
+    fn fits(&self, want: Want) -> bool {
+        match (want, self.kind_name()) {
+            (Want::Generation, kind) => kind == "causal_lm",
+            (Want::Encoder, kind) => matches!(kind, "embedding" | "classifier" | "encoder"),
+            (Want::Embeddings, kind) => matches!(kind, "embedding" | "encoder"),
+            (Want::Classification, kind) => matches!(kind, "classifier" | "encoder"),
+        }
+    }
+
+    /// 503 while loading or unavailable (with the reason).
+    fn loaded(&self) -> Result<Loaded, AppError> {
+        match self.state() {
+            ModelState::Ready(loaded) => Ok(loaded),
+            ModelState::Loading => Err(AppError::unavailable(format!(
+                "model `{}` is still loading",
+                self.id()
+            ))),
+            ModelState::Unavailable(why) => Err(AppError::unavailable(format!(
+                "model `{}` is unavailable: {why}",
+                self.id()
+            ))),
+        }
+    }
+
+    /// The encoder, or 503 while it loads, or 422 when this model is a causal LM.
+    pub fn encoder(&self) -> Result<Arc<Ready>, AppError> {
+        if self.kind() == Ok(Kind::CausalLm) {
+            return Err(AppError::validation(format!(
+                "model `{}` is a causal language model: it generates text (/v1/completions, /v1/chat/completions, /generate, /generate_stream); this route needs an embedding or classification model",
+                self.id()
+            )));
+        }
+        match self.loaded()? {
+            Loaded::Encoder(ready) => Ok(ready),
+            Loaded::CausalLm(_) => unreachable!("the kind was checked above"),
+        }
+    }
+
+    /// The causal LM, or 503 while it loads, or 422 when this model is an encoder.
+    pub fn causal_lm(&self) -> Result<GenerationService, AppError> {
+        if self.kind() == Ok(Kind::Encoder) {
+            return Err(AppError::validation(format!(
+                "model `{}` is an encoder (embeddings or classification); text generation needs a causal language model such as GPT-2 or Llama",
+                self.id()
+            )));
+        }
+        match self.loaded()? {
+            Loaded::CausalLm(g) => Ok(g),
+            Loaded::Encoder(_) => unreachable!("the kind was checked above"),
+        }
+    }
+}
+
+/// Every served model, in the order they were given (a repository's in name order).
+pub struct Registry {
+    models: Vec<Arc<Served>>,
+    default: Option<String>,
+}
+
+impl Registry {
+    pub fn new(configs: &[ModelConfig], default: Option<String>) -> Self {
+        Self {
+            models: configs
+                .iter()
+                .cloned()
+                .map(|c| Arc::new(Served::new(c)))
+                .collect(),
+            default,
+        }
+    }
+
+    pub fn all(&self) -> &[Arc<Served>] {
+        &self.models
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Served>> {
+        self.models.iter().find(|m| m.id() == name)
+    }
+
+    /// The model named `name`, or 404 listing the served ones.
+    pub fn by_name(&self, name: &str) -> Result<&Arc<Served>, AppError> {
+        self.get(name).ok_or_else(|| {
+            AppError::not_found(format!(
+                "model `{name}` is not served here (served: {})",
+                self.listing()
+            ))
+        })
+    }
+
+    /// The model a request is for. A name picks that model (a server with one model answers to
+    /// any name, as single-model servers do for clients that keep their old model name). No
+    /// name picks `--default-model` when it can answer the route, else the only model that can;
+    /// several candidates are an error that lists them.
+    pub fn pick(&self, name: Option<&str>, want: Want) -> Result<&Arc<Served>, AppError> {
+        if let [only] = self.models.as_slice() {
+            return Ok(only);
+        }
+        if let Some(name) = name {
+            return self.by_name(name);
+        }
+        if let Some(default) = self.default.as_deref().and_then(|d| self.get(d))
+            && default.fits(want)
+        {
+            return Ok(default);
+        }
+        let candidates: Vec<&Arc<Served>> = self.models.iter().filter(|m| m.fits(want)).collect();
+        match candidates.as_slice() {
+            [one] => Ok(one),
+            [] => Err(AppError::validation(format!(
+                "no served model does {} (served: {})",
+                want.describe(),
+                self.listing()
+            ))),
+            several => Err(AppError::validation(format!(
+                "several served models can do {}: name one with the request's `model` field or an `X-Model` header ({})",
+                want.describe(),
+                several
+                    .iter()
+                    .map(|m| format!("`{}`", m.id()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// Every model loaded and warmed up.
+    pub fn all_ready(&self) -> bool {
+        self.models.iter().all(|m| m.is_ready())
+    }
+
+    /// `a (embedding), b (causal_lm)`, for error messages.
+    pub fn listing(&self) -> String {
+        self.models
+            .iter()
+            .map(|m| format!("`{}` ({})", m.id(), m.kind_name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

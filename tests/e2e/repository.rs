@@ -1,0 +1,348 @@
+//! End to end: one `kiln serve --model-repository DIR` serving a model of every kind side by side
+//! (all-MiniLM-L6-v2 embeddings, the bert-tiny-cls classifier, the gpt2-tiny causal LM), each
+//! answering like its fixtures while the others are busy; requests choose their model by name
+//! (body `model`, `X-Model` header, KServe path) or by the routing rules; a model that cannot load
+//! is unavailable with its reason while the others serve.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use kiln_tests::server::{Server, gpt2_tiny, gpt2_tiny_cases, kiln_bin};
+use kiln_tests::{cosine, fixtures, flatten, minilm_dir, read_json, read_jsonl, read_npy};
+use serde_json::{Value, json};
+
+fn kiln() -> PathBuf {
+    kiln_bin(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// A repository folder of links to the fixture models (and a folder that is no model).
+fn repository(name: &str, models: &[(&str, &Path)]) -> PathBuf {
+    let repo = std::env::temp_dir().join(format!("kiln-repo-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&repo);
+    std::fs::create_dir_all(repo.join("notes")).unwrap();
+    for (id, dir) in models {
+        std::os::unix::fs::symlink(dir, repo.join(id)).unwrap();
+    }
+    repo
+}
+
+fn bert_tiny_cls() -> PathBuf {
+    fixtures().join("tiny/bert-tiny-cls")
+}
+
+fn post_with_model(server: &Server, path: &str, model: &str, body: &Value) -> (u16, Value) {
+    let r = server.request(
+        "POST",
+        path,
+        &[("content-type", "application/json"), ("x-model", model)],
+        Some(body.to_string().as_bytes()),
+    );
+    (r.status, r.json())
+}
+
+/// What each model must answer, from its fixtures.
+struct Expected {
+    texts: Vec<String>,
+    embeddings: Vec<f32>,
+    cls_batch: Vec<Value>,
+    cls_logits: Vec<f32>,
+    generations: Vec<(String, String)>,
+}
+
+impl Expected {
+    fn load() -> Self {
+        let r = read_json(&bert_tiny_cls().join("reference.json"));
+        Self {
+            texts: read_jsonl(&fixtures().join("minilm/inputs.jsonl"))
+                .iter()
+                .map(|v| v["text"].as_str().unwrap().to_string())
+                .collect(),
+            embeddings: read_npy(&fixtures().join("minilm/embeddings_normalized.npy")).1,
+            cls_batch: r["texts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| json!([t]))
+                .collect(),
+            cls_logits: flatten(&r["outputs"]["logits"]["data"]),
+            generations: gpt2_tiny_cases(),
+        }
+    }
+
+    fn check_embeddings(&self, body: &Value) {
+        let data = body["data"].as_array().unwrap();
+        assert_eq!(data.len(), self.texts.len());
+        for (i, d) in data.iter().enumerate() {
+            let got = flatten(&d["embedding"]);
+            let cos = cosine(&got, &self.embeddings[i * 384..(i + 1) * 384]);
+            assert!(cos >= 0.99999, "text {i}: cosine {cos}");
+        }
+    }
+
+    /// `/predict` with raw scores: each label's logit.
+    fn check_logits(&self, body: &Value) {
+        let labels = ["negative", "neutral", "positive"];
+        for (i, ranked) in body.as_array().unwrap().iter().enumerate() {
+            for entry in ranked.as_array().unwrap() {
+                let l = labels.iter().position(|l| *l == entry["label"]).unwrap();
+                let got = entry["score"].as_f64().unwrap() as f32;
+                let want = self.cls_logits[i * 3 + l];
+                assert!(
+                    (got - want).abs() <= 1e-4,
+                    "text {i} logit {l}: {got} vs {want}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_repository_serves_every_kind_of_model_side_by_side() {
+    let repo = repository(
+        "three",
+        &[
+            ("all-MiniLM-L6-v2", &minilm_dir()),
+            ("bert-tiny-cls", &bert_tiny_cls()),
+            ("gpt2-tiny", &gpt2_tiny()),
+        ],
+    );
+    let server = Server::start_args(&kiln(), &["--model-repository", repo.to_str().unwrap()]);
+    let want = Expected::load();
+
+    // Every model listed, with its kind, in name order ("notes" is no model folder).
+    let (status, models) = server.get("/v1/models");
+    assert_eq!(status, 200, "{models}");
+    let listed: Vec<(&str, &str, &str)> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap(),
+                m["kind"].as_str().unwrap(),
+                m["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("all-MiniLM-L6-v2", "embedding", "READY"),
+            ("bert-tiny-cls", "classifier", "READY"),
+            ("gpt2-tiny", "causal_lm", "READY")
+        ]
+    );
+
+    // All three at once, several rounds each: every answer matches its fixtures.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..4 {
+                let body = json!({ "input": want.texts, "model": "all-MiniLM-L6-v2" });
+                let (status, got) = server.post("/v1/embeddings", &body);
+                assert_eq!(status, 200, "{got}");
+                assert_eq!(got["model"], "all-MiniLM-L6-v2");
+                want.check_embeddings(&got);
+            }
+        });
+        s.spawn(|| {
+            for _ in 0..4 {
+                let body = json!({ "inputs": want.cls_batch, "raw_scores": true });
+                let (status, got) = post_with_model(&server, "/predict", "bert-tiny-cls", &body);
+                assert_eq!(status, 200, "{got}");
+                want.check_logits(&got);
+            }
+        });
+        s.spawn(|| {
+            for (prompt, text) in want.generations.iter().take(4) {
+                let body = json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+                let (status, got) = server.post("/v1/completions", &body);
+                assert_eq!(status, 200, "{got}");
+                assert_eq!(got["model"], "gpt2-tiny");
+                assert_eq!(got["choices"][0]["text"], text.as_str());
+            }
+        });
+    });
+
+    // No name: the only model that can answer the route.
+    let (status, got) = server.post("/embed", &json!({ "inputs": "kiln" }));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got[0].as_array().unwrap().len(), 384);
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": want.cls_batch, "raw_scores": true }),
+    );
+    assert_eq!(status, 200, "{got}");
+    want.check_logits(&got);
+    let (prompt, text) = &want.generations[0];
+    let (status, got) = server.post(
+        "/generate",
+        &json!({ "inputs": prompt, "parameters": { "max_new_tokens": 16 } }),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["generated_text"], text.as_str());
+    // Two encoders could tokenize: the request must say which.
+    let (status, got) = server.post("/tokenize", &json!({ "inputs": "kiln" }));
+    assert_eq!(status, 422, "{got}");
+    let message = got["error"].as_str().unwrap();
+    assert!(
+        message.contains("`all-MiniLM-L6-v2`") && message.contains("`bert-tiny-cls`"),
+        "{message}"
+    );
+    let (status, got) = post_with_model(
+        &server,
+        "/tokenize",
+        "bert-tiny-cls",
+        &json!({ "inputs": "kiln" }),
+    );
+    assert_eq!(status, 200, "{got}");
+
+    // An unknown name is 404 with the served models; a model of the wrong kind is 422.
+    let (status, got) = server.post("/v1/embeddings", &json!({ "input": "a", "model": "nope" }));
+    assert_eq!(status, 404, "{got}");
+    let message = got["error"]["message"]
+        .as_str()
+        .unwrap_or_else(|| got["error"].as_str().unwrap());
+    assert!(message.contains("`gpt2-tiny` (causal_lm)"), "{message}");
+    let (status, got) = server.post(
+        "/v1/completions",
+        &json!({ "model": "bert-tiny-cls", "prompt": "a", "max_tokens": 2 }),
+    );
+    assert_eq!(status, 422, "{got}");
+    let (status, got) =
+        post_with_model(&server, "/predict", "gpt2-tiny", &json!({ "inputs": "a" }));
+    assert_eq!(status, 422, "{got}");
+    assert!(
+        got["error"]
+            .as_str()
+            .unwrap()
+            .contains("causal language model")
+    );
+
+    // KServe: each model by its path, and the repository index.
+    let (status, got) = server.post_raw("/v2/repository/index", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let index: Vec<(&str, &str)> = got
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        index,
+        [
+            ("all-MiniLM-L6-v2", "READY"),
+            ("bert-tiny-cls", "READY"),
+            ("gpt2-tiny", "READY")
+        ]
+    );
+    for m in ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"] {
+        let (status, got) = server.get(&format!("/v2/models/{m}/ready"));
+        assert_eq!(status, 200, "{m}: {got}");
+    }
+    let (status, got) = server.post(
+        "/v2/models/bert-tiny-cls/infer",
+        &json!({ "inputs": [{ "name": "text", "datatype": "BYTES", "shape": [1], "data": ["Hello world!"] }],
+                 "outputs": [{ "name": "logits" }] }),
+    );
+    assert_eq!(status, 200, "{got}");
+    let logits = flatten(&got["outputs"][0]["data"]);
+    for (l, got) in logits.iter().enumerate() {
+        assert!((got - want.cls_logits[l]).abs() <= 1e-4);
+    }
+    let (status, _) = server.get("/v2/models/nope/ready");
+    assert_eq!(status, 404);
+    let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/unload", None, b"");
+    assert_eq!(status, 400, "{got}");
+    assert!(
+        got["error"]
+            .as_str()
+            .unwrap()
+            .contains("model control mode")
+    );
+
+    // /info names each model; the worker metrics carry the model.
+    let (status, info) = server.get("/info");
+    assert_eq!(status, 200, "{info}");
+    let ids: Vec<&str> = info["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["model_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"]);
+    let metrics = server.metrics();
+    for (worker, model) in [
+        ("encoder-backend", "all-MiniLM-L6-v2"),
+        ("encoder-backend", "bert-tiny-cls"),
+        ("generation-scheduler", "gpt2-tiny"),
+    ] {
+        let up = metrics.lines().any(|l| {
+            l.starts_with("kiln_worker_up{")
+                && l.contains(&format!("model=\"{model}\""))
+                && l.contains(&format!("worker=\"{worker}\""))
+                && l.ends_with(" 1")
+        });
+        assert!(up, "no kiln_worker_up for {worker} of {model}:\n{metrics}");
+    }
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn a_model_that_cannot_load_is_unavailable_while_the_others_serve() {
+    // A BERT config without weights: its kind is known, its load fails.
+    let broken = std::env::temp_dir().join(format!("kiln-broken-model-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&broken);
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        bert_tiny_cls().join("config.json"),
+        broken.join("config.json"),
+    )
+    .unwrap();
+    let repo = repository(
+        "broken",
+        &[("bert-tiny-cls", &bert_tiny_cls()), ("broken", &broken)],
+    );
+    let server =
+        Server::start_args_unready(&kiln(), &["--model-repository", repo.to_str().unwrap()]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let index = loop {
+        let (status, got) = server.post_raw("/v2/repository/index", None, b"");
+        assert_eq!(status, 200, "{got}");
+        let states: Vec<&str> = got
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["state"].as_str().unwrap())
+            .collect();
+        if states == ["READY", "UNAVAILABLE"] {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "index stayed {got}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let reason = index[1]["reason"].as_str().unwrap();
+    assert!(!reason.is_empty());
+    // Not ready as a whole (a model that should serve does not), with the reason.
+    let (status, health) = server.get("/health");
+    assert_eq!(status, 503, "{health}");
+    assert!(
+        health["error"]
+            .as_str()
+            .unwrap()
+            .contains("model `broken` is unavailable")
+    );
+    // The other model serves; the broken one answers 503 with its reason.
+    let r = read_json(&bert_tiny_cls().join("reference.json"));
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": r["texts"][0], "model": "bert-tiny-cls" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post("/predict", &json!({ "inputs": "a", "model": "broken" }));
+    assert_eq!(status, 503, "{got}");
+    assert!(got["error"].as_str().unwrap().contains(reason), "{got}");
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+    std::fs::remove_dir_all(&broken).unwrap();
+}
