@@ -2,7 +2,9 @@
 # Client conformance: the official `tritonclient[http,grpc]` and `openai` packages from PyPI, in a
 # venv, used unmodified against `kiln serve` with all-MiniLM-L6-v2 — HTTP (conformance.py) and the
 # gRPC port (conformance_grpc.py) of one server; every embedding must match the
-# sentence-transformers fixtures. Exits non-zero on any failure (CI runs it from .ci/run).
+# sentence-transformers fixtures. Then a causal LM with openai, and a repository of three models
+# with both tritonclient transports and openai (conformance_repository.py). Exits non-zero on
+# any failure (CI runs it from .ci/run).
 #
 # Env: KILN_BIN (default: the workspace's debug build), KILN_MODEL_DIR, KILN_FIXTURES,
 #      KILN_CONFORMANCE_VENV (default .venv-conformance).
@@ -30,5 +32,16 @@ stop_kiln
 start_kiln "$fixtures/tiny/gpt2-tiny" --model-id gpt2-tiny --chat-template tests/data/chatml.jinja
 "$venv/bin/python" scripts/openai-generation.py --url "$KILN_URL" --fixture "$fixtures/tiny/gpt2-tiny" --model gpt2-tiny
 stop_kiln
+
+# Several models (issue 20): one server over a repository folder of the three kinds; both
+# tritonclient transports read its index and infer by model name, openai routes by `model`.
+repo=$(mktemp -d)
+ln -s "$(cd "$model" && pwd)" "$repo/all-MiniLM-L6-v2"
+ln -s "$(cd "$fixtures/tiny/bert-tiny-cls" && pwd)" "$repo/bert-tiny-cls"
+ln -s "$(cd "$fixtures/tiny/gpt2-tiny" && pwd)" "$repo/gpt2-tiny"
+start_kiln_args --model-repository "$repo"
+"$venv/bin/python" scripts/conformance_repository.py --url "$KILN_URL" --grpc "$KILN_GRPC" --fixtures "$fixtures"
+stop_kiln
+rm -rf "$repo"
 trap - EXIT
 echo "conformance: OK"

@@ -1,6 +1,7 @@
 # Sourced by scripts that need a running `kiln serve`: start_kiln MODEL [FLAGS...] starts it on
 # free loopback ports, sets KILN_URL, KILN_GRPC (host:port of gRPC) and KILN_PID and waits until
-# /health is 200;
+# /health is 200 (start_kiln_args FLAGS... the same with the models in FLAGS, e.g.
+# --model-repository DIR);
 # stop_kiln sends SIGTERM and fails unless kiln exits 0.
 #
 # The binary is $KILN_BIN, else the debug build that `cargo test --workspace` (scripts/test.sh)
@@ -20,10 +21,14 @@ kiln_bin() {
 start_kiln() {
   local model=$1
   shift
+  start_kiln_args --model "$model" "$@"
+}
+
+start_kiln_args() {
   local bin
   bin=$(kiln_bin)
   KILN_LOG_FILE=$(mktemp)
-  NO_COLOR=1 "$bin" serve --host 127.0.0.1 --port 0 --grpc-port 0 --model "$model" "$@" 2>"$KILN_LOG_FILE" &
+  NO_COLOR=1 "$bin" serve --host 127.0.0.1 --port 0 --grpc-port 0 "$@" 2>"$KILN_LOG_FILE" &
   KILN_PID=$!
   local addr="" i
   for i in $(seq 1 600); do

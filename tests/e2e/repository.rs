@@ -26,6 +26,26 @@ fn repository(name: &str, models: &[(&str, &Path)]) -> PathBuf {
     repo
 }
 
+/// `kiln models ls` against `server`: its table's rows, split on whitespace.
+fn models_ls(server: &Server) -> Vec<Vec<String>> {
+    let port = server.addr.rsplit(':').next().unwrap();
+    let out = std::process::Command::new(kiln())
+        .args(["models", "ls", "--port", port])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
+}
+
 fn bert_tiny_cls() -> PathBuf {
     fixtures().join("tiny/bert-tiny-cls")
 }
@@ -284,6 +304,16 @@ fn a_repository_serves_every_kind_of_model_side_by_side() {
         });
         assert!(up, "no kiln_worker_up for {worker} of {model}:\n{metrics}");
     }
+    let rows = models_ls(&server);
+    let rows: Vec<&[String]> = rows.iter().map(|r| &r[..3]).collect();
+    assert_eq!(
+        rows,
+        [
+            ["all-MiniLM-L6-v2", "embedding", "READY"],
+            ["bert-tiny-cls", "classifier", "READY"],
+            ["gpt2-tiny", "causal_lm", "READY"]
+        ]
+    );
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
 }
@@ -342,6 +372,12 @@ fn a_model_that_cannot_load_is_unavailable_while_the_others_serve() {
     let (status, got) = server.post("/predict", &json!({ "inputs": "a", "model": "broken" }));
     assert_eq!(status, 503, "{got}");
     assert!(got["error"].as_str().unwrap().contains(reason), "{got}");
+    let rows = models_ls(&server);
+    assert_eq!(rows[1][..3], ["broken", "encoder", "UNAVAILABLE"]);
+    assert_eq!(
+        rows[1][3..].join(" "),
+        reason.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
     std::fs::remove_dir_all(&broken).unwrap();

@@ -56,6 +56,11 @@ enum Command {
     /// Calibrate static int8 quantization on a set of texts and write the scales file that
     /// `--quantize int8-static` reads.
     Quantize(tools::QuantizeArgs),
+    /// Ask a running `kiln serve` about its models (`kiln models ls`).
+    Models {
+        #[command(subcommand)]
+        action: tools::ModelsAction,
+    },
     /// List the GPU adapters this kiln can use (`--device wgpu:N`), with their limits, and say
     /// what `--device auto` would pick and why.
     Devices,
@@ -80,6 +85,7 @@ fn main() -> Result<()> {
         Command::BenchGenerate(args) => bench::bench_generate(args),
         Command::Health(args) => tools::health(args),
         Command::Quantize(args) => tools::quantize(args),
+        Command::Models { action } => tools::models(action),
         Command::Devices => plans::devices(),
     }
 }

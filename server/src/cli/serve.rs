@@ -181,18 +181,7 @@ fn print_models(state: &AppState) {
             ]
         })
         .collect();
-    let header = ["MODEL", "KIND", "STATE", "FOLDER / REASON"].map(String::from);
-    let width = |k: usize| {
-        rows.iter()
-            .chain([&header])
-            .map(|r| r[k].chars().count())
-            .max()
-            .unwrap_or(0)
-    };
-    let (w0, w1, w2) = (width(0), width(1), width(2));
-    for r in std::iter::once(&header).chain(&rows) {
-        println!("{:w0$}  {:w1$}  {:w2$}  {}", r[0], r[1], r[2], r[3]);
-    }
+    crate::tools::print_table(&["MODEL", "KIND", "STATE", "FOLDER / REASON"], &rows);
 }
 
 async fn shutdown_signal() {

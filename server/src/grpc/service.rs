@@ -10,7 +10,10 @@ use super::tensors::{bool_param, decode_inputs, encode_outputs};
 use crate::app::AppState;
 use crate::auth::check_authorization;
 use crate::error::AppError;
-use crate::routes::kserve::{MODEL_VERSION, execute, inputs_of, model, outputs_of, tensor_limits};
+use crate::routes::kserve::{
+    MODEL_VERSION, TEXT_INPUT, TEXT_OUTPUT, execute, generation_model, index, inputs_of, model,
+    outputs_of, refuse_control, served, tensor_limits,
+};
 
 /// The protocol's methods over the same state as the HTTP API.
 pub struct InferenceService {
@@ -103,7 +106,7 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelReadyResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        let ready = model(&self.state, &r.name, version(&r.version)).is_ok();
+        let ready = served(&self.state, &r.name, version(&r.version)).is_ok_and(|m| m.is_ready());
         Ok(Response::new(ModelReadyResponse { ready }))
     }
 
@@ -125,7 +128,26 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        let ready = model(&self.state, &r.name, version(&r.version)).map_err(|e| status_of(&e))?;
+        let v = version(&r.version);
+        if generation_model(&self.state, &r.name, v)
+            .map_err(|e| status_of(&e))?
+            .is_some()
+        {
+            // A causal LM takes and gives one text per row, as over HTTP.
+            let text = |name: &str| TensorMetadata {
+                name: name.into(),
+                datatype: "BYTES".into(),
+                shape: vec![-1],
+            };
+            return Ok(Response::new(ModelMetadataResponse {
+                name: r.name,
+                versions: vec![MODEL_VERSION.into()],
+                platform: "kiln".into(),
+                inputs: vec![text(TEXT_INPUT)],
+                outputs: vec![text(TEXT_OUTPUT)],
+            }));
+        }
+        let ready = model(&self.state, &r.name, v).map_err(|e| status_of(&e))?;
         let inputs = inputs_of(&ready)
             .into_iter()
             .map(|t| TensorMetadata {
@@ -167,5 +189,43 @@ impl GrpcInferenceService for InferenceService {
             tracing::debug!(error = %e.message, "gRPC ModelInfer failed");
             status_of(&e)
         })
+    }
+
+    /// The repository extension's index, as `tritonclient.grpc`'s `get_model_repository_index`
+    /// reads it.
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        let models = index(&self.state, r.ready)
+            .into_iter()
+            .map(|e| repository_index_response::ModelIndex {
+                name: e.name,
+                version: MODEL_VERSION.into(),
+                state: e.state.into(),
+                reason: e.reason.unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        Err(status_of(&refuse_control(&self.state, &r.model_name)))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        self.authorize(&request)?;
+        let r = request.into_inner();
+        Err(status_of(&refuse_control(&self.state, &r.model_name)))
     }
 }

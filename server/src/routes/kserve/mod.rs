@@ -38,6 +38,7 @@ pub(crate) use tensors::{
     decode_binary, unsupported_type, utf8_text,
 };
 
+pub(crate) use generate::{TEXT_INPUT, TEXT_OUTPUT};
 pub use infer::infer;
 pub(crate) use infer::{decode_all, split_body};
 
@@ -92,15 +93,11 @@ pub async fn repository_index(
         serde_json::from_slice(&body)
             .map_err(|e| bad(format!("invalid index request: {e}")).kserve())?
     };
-    let models: Vec<Value> = state
-        .models()
-        .all()
-        .iter()
-        .filter(|m| !req.ready || m.is_ready())
-        .map(|m| {
-            let st = m.state();
-            let mut v = json!({ "name": m.id(), "version": MODEL_VERSION, "state": st.name() });
-            if let crate::registry::ModelState::Unavailable(why) = st {
+    let models: Vec<Value> = index(&state, req.ready)
+        .into_iter()
+        .map(|e| {
+            let mut v = json!({ "name": e.name, "version": MODEL_VERSION, "state": e.state });
+            if let Some(why) = e.reason {
                 v["reason"] = Value::String(why);
             }
             v
@@ -109,18 +106,52 @@ pub async fn repository_index(
     Ok(Json(Value::Array(models)))
 }
 
-/// `POST /v2/repository/models/{model}/load` and `/unload`. kiln loads the models it is given
-/// at start and keeps them (Triton's `none` control mode), so both are refused with the reason;
-/// an unknown model is 404 first.
+/// One repository index entry.
+pub(crate) struct IndexEntry {
+    pub name: String,
+    pub state: &'static str,
+    pub reason: Option<String>,
+}
+
+/// The repository index, for HTTP and gRPC alike: every model (or only the ready ones).
+pub(crate) fn index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
+    state
+        .models()
+        .all()
+        .iter()
+        .filter(|m| !ready_only || m.is_ready())
+        .map(|m| {
+            let st = m.state();
+            IndexEntry {
+                name: m.id().to_string(),
+                state: st.name(),
+                reason: match st {
+                    crate::registry::ModelState::Unavailable(why) => Some(why),
+                    _ => None,
+                },
+            }
+        })
+        .collect()
+}
+
+/// The answer to a load or unload of `model`, for HTTP and gRPC alike. kiln loads the models it
+/// is given at start and keeps them (Triton's `none` control mode), so both are refused with
+/// that reason; an unknown model is 404 first.
+pub(crate) fn refuse_control(state: &AppState, model: &str) -> AppError {
+    if let Err(e) = state.models().by_name(model) {
+        return e;
+    }
+    bad(format!(
+        "model `{model}` cannot be loaded or unloaded at run time: this server loads its models at start and keeps them (model control mode `none`)"
+    ))
+}
+
+/// `POST /v2/repository/models/{model}/load` and `/unload` (see [`refuse_control`]).
 pub async fn repository_control(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    state.models().by_name(&model).map_err(kserve_error)?;
-    Err(bad(format!(
-        "model `{model}` cannot be loaded or unloaded at run time: this server loads its models at start and keeps them (model control mode `none`)"
-    ))
-    .kserve())
+    Err(kserve_error(refuse_control(&state, &model)))
 }
 
 /// `/v2/models/{model}` and `/v2/models/{model}/versions/{version}` share their handlers.
