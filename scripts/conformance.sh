@@ -34,12 +34,14 @@ start_kiln "$fixtures/tiny/gpt2-tiny" --model-id gpt2-tiny --chat-template tests
 stop_kiln
 
 # Several models (issue 20): one server over a repository folder of the three kinds; both
-# tritonclient transports read its index and infer by model name, openai routes by `model`.
+# tritonclient transports read its index, infer by model name and unload and load a model;
+# openai routes by `model`.
 repo=$(mktemp -d)
 ln -s "$(cd "$model" && pwd)" "$repo/all-MiniLM-L6-v2"
 ln -s "$(cd "$fixtures/tiny/bert-tiny-cls" && pwd)" "$repo/bert-tiny-cls"
 ln -s "$(cd "$fixtures/tiny/gpt2-tiny" && pwd)" "$repo/gpt2-tiny"
-start_kiln_args --model-repository "$repo"
+start_kiln_args --model-repository "$repo" --model-control explicit \
+  --load-model all-MiniLM-L6-v2,bert-tiny-cls,gpt2-tiny
 "$venv/bin/python" scripts/conformance_repository.py --url "$KILN_URL" --grpc "$KILN_GRPC" --fixtures "$fixtures"
 stop_kiln
 rm -rf "$repo"

@@ -1,8 +1,9 @@
 """Repository conformance, run by scripts/conformance.sh: the unmodified PyPI `tritonclient[http]`,
 `tritonclient[grpc]` and `openai` against one kiln serving a repository folder of three models
 (all-MiniLM-L6-v2, bert-tiny-cls, gpt2-tiny): each transport's repository index, inference on each
-encoder by name (checked against the fixtures), load/unload refused with the reason (kiln's
-models are fixed at start), and the OpenAI model list and routing by `model`."""
+encoder by name (checked against the fixtures), unloading and loading back a model with each
+transport (`--model-control explicit`; it is refused while out and answers like its fixtures once
+back), and the OpenAI model list and routing by `model`."""
 import argparse
 import json
 import pathlib
@@ -80,10 +81,18 @@ for transport, module, client in [
     expect(f"{transport}: infer bert-tiny-cls matches PyTorch", err <= 1e-4, f"max abs error {err:.2e}")
     expect_error(f"{transport}: infer on an unknown model is refused",
                  lambda: client.infer("no-such-model", [text_input(module, ["a"])]), "no-such-model")
-    expect_error(f"{transport}: unload_model is refused with the reason",
-                 lambda: client.unload_model("gpt2-tiny"), "model control mode")
-    expect_error(f"{transport}: load_model is refused with the reason",
-                 lambda: client.load_model("bert-tiny-cls"), "model control mode")
+    client.unload_model("bert-tiny-cls")
+    expect(f"{transport}: unload_model(bert-tiny-cls)", not client.is_model_ready("bert-tiny-cls"))
+    expect_error(f"{transport}: infer on the unloaded model is refused",
+                 lambda: client.infer("bert-tiny-cls", [text_input(module, ["a"])]), "not loaded")
+    out = client.infer("all-MiniLM-L6-v2", [text_input(module, texts[:1])])
+    expect(f"{transport}: the other models serve meanwhile", out.as_numpy("sentence_embedding").shape == (1, 384))
+    client.load_model("bert-tiny-cls")
+    expect(f"{transport}: load_model(bert-tiny-cls)", client.is_model_ready("bert-tiny-cls"))
+    out = client.infer("bert-tiny-cls", [text_input(module, cls["texts"])],
+                       outputs=[module.InferRequestedOutput("logits")])
+    err = np.abs(out.as_numpy("logits") - want_logits).max()
+    expect(f"{transport}: bert-tiny-cls answers like PyTorch once back", err <= 1e-4, f"max abs error {err:.2e}")
 
 oa = OpenAI(base_url=f"{args.url}/v1", api_key="unused")
 listed = sorted(m.id for m in oa.models.list().data)

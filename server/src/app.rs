@@ -2,7 +2,7 @@
 //! tested with `tower::ServiceExt::oneshot`.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body;
@@ -18,7 +18,7 @@ use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::ApiKeys;
-use crate::config::ServeConfig;
+use crate::config::{ModelControl, ServeConfig};
 use crate::error::AppError;
 use crate::generation::GenerationService;
 use crate::infer::Infer;
@@ -62,6 +62,14 @@ impl AppState {
     pub fn new(config: ServeConfig) -> Result<Self, String> {
         let keys = ApiKeys::new(config.api_keys.clone(), config.api_keys_file.clone())?;
         let models = Registry::new(&config.models, config.default_model.clone());
+        // Explicit control: only the models asked for are loaded at start.
+        if config.model_control == ModelControl::Explicit {
+            for m in models.all() {
+                if !config.load_models.iter().any(|id| id == m.id()) && m.kind().is_ok() {
+                    m.set_state(ModelState::Unloaded);
+                }
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 config: Arc::new(config),
@@ -115,7 +123,7 @@ impl AppState {
             .all()
             .iter()
             .filter_map(|m| match m.state() {
-                ModelState::Ready(_) => None,
+                ModelState::Ready(_) | ModelState::Unloaded => None,
                 ModelState::Loading => Some(format!("model `{}` is still loading", m.id())),
                 ModelState::Unavailable(reason) => {
                     Some(format!("model `{}` is unavailable: {reason}", m.id()))
@@ -154,36 +162,107 @@ impl AppState {
     /// thread of the tokio runtime.
     pub fn load(&self) -> Result<(), String> {
         let mut failures = Vec::new();
+        let mut attempted = 0;
         for served in self.inner.models.all() {
-            if let ModelState::Unavailable(why) = served.state() {
-                tracing::error!(model = served.id(), error = %why, "model unavailable");
-                failures.push(format!("`{}`: {why}", served.id()));
-                continue;
-            }
-            let started = Instant::now();
-            match self.load_one(served) {
-                Ok(loaded) => {
-                    self.metrics()
-                        .model_load_seconds
-                        .set(started.elapsed().as_secs_f64());
-                    served.set_state(ModelState::Ready(loaded));
-                    tracing::info!(
-                        model = served.id(),
-                        kind = served.kind_name(),
-                        load_ms = started.elapsed().as_millis() as u64,
-                        "model ready"
-                    );
-                }
-                Err(why) => {
-                    tracing::error!(model = served.id(), error = %why, "cannot load the model; it is unavailable, the others serve");
+            match served.state() {
+                ModelState::Unloaded => continue,
+                ModelState::Unavailable(why) => {
+                    tracing::error!(model = served.id(), error = %why, "model unavailable");
                     failures.push(format!("`{}`: {why}", served.id()));
-                    served.set_state(ModelState::Unavailable(why));
+                    attempted += 1;
+                    continue;
                 }
+                _ => {}
+            }
+            attempted += 1;
+            if let Err(why) = self.load_and_mark(served) {
+                failures.push(format!("`{}`: {why}", served.id()));
             }
         }
-        if failures.len() == self.inner.models.all().len() {
+        if attempted > 0 && failures.len() == attempted {
             return Err(failures.join("; "));
         }
+        Ok(())
+    }
+
+    /// Loads one model and sets its state: ready, or unavailable with the reason.
+    fn load_and_mark(&self, served: &Served) -> Result<(), String> {
+        let started = Instant::now();
+        match self.load_one(served) {
+            Ok(loaded) => {
+                self.metrics()
+                    .model_load_seconds
+                    .set(started.elapsed().as_secs_f64());
+                served.set_state(ModelState::Ready(loaded));
+                tracing::info!(
+                    model = served.id(),
+                    kind = served.kind_name(),
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "model ready"
+                );
+                Ok(())
+            }
+            Err(why) => {
+                tracing::error!(model = served.id(), error = %why, "cannot load the model; it is unavailable, the others serve");
+                served.set_state(ModelState::Unavailable(why.clone()));
+                Err(why)
+            }
+        }
+    }
+
+    /// 400 unless models may be loaded and unloaded at run time (`--model-control explicit`);
+    /// an unknown model is 404 first.
+    fn controllable(&self, name: &str) -> Result<Arc<Served>, AppError> {
+        let served = self.inner.models.by_name(name)?.clone();
+        if self.config().model_control != ModelControl::Explicit {
+            return Err(AppError::bad_request(format!(
+                "model `{name}` cannot be loaded or unloaded at run time: this server loads its models at start and keeps them (model control mode `none`; start it with --model-control explicit)"
+            )));
+        }
+        Ok(served)
+    }
+
+    /// Loads a model at run time (the repository API's load). A model that is loaded already
+    /// stays as it is; one that fails is unavailable with the reason, which the caller gets.
+    pub async fn load_model(&self, name: &str) -> Result<(), AppError> {
+        let served = self.controllable(name)?;
+        if !served.begin_load()? {
+            return Ok(());
+        }
+        tracing::info!(model = name, "loading the model (repository API)");
+        let state = self.clone();
+        let loading = served.clone();
+        tokio::task::spawn_blocking(move || state.load_and_mark(&loading))
+            .await
+            .map_err(|_| AppError::internal())?
+            .map_err(|why| {
+                AppError::bad_request(format!("model `{name}` could not be loaded: {why}"))
+            })
+    }
+
+    /// Unloads a model at run time (the repository API's unload): new requests for it are
+    /// refused at once; the ones in flight finish; then its worker thread ends and its memory
+    /// (weights, plan, KV cache) is freed, before this returns.
+    pub async fn unload_model(&self, name: &str) -> Result<(), AppError> {
+        let served = self.controllable(name)?;
+        let Some(loaded) = served.begin_unload()? else {
+            return Ok(());
+        };
+        let memory = loaded.memory();
+        drop(loaded);
+        // Requests in flight hold the model; none outlives the request timeout by much.
+        let deadline = Instant::now() + self.config().request_timeout + Duration::from_secs(5);
+        while memory.held() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if memory.held() {
+            tracing::warn!(
+                model = name,
+                "unloaded, but requests still hold the model after the request timeout; its memory is freed when they end"
+            );
+        }
+        self.inner.workers.retire(name, self.metrics());
+        tracing::info!(model = name, "model unloaded");
         Ok(())
     }
 
@@ -338,11 +417,11 @@ pub fn app(state: AppState) -> Router {
         .route("/v2/repository/index", post(kserve::repository_index))
         .route(
             "/v2/repository/models/{model}/load",
-            post(kserve::repository_control),
+            post(kserve::repository_load),
         )
         .route(
             "/v2/repository/models/{model}/unload",
-            post(kserve::repository_control),
+            post(kserve::repository_unload),
         )
         .route("/v2/models/{model}/stats", get(kserve::model_stats))
         .route(

@@ -93,7 +93,9 @@ impl Batcher {
         let (tx, rx) = mpsc::unbounded_channel();
         // Room for one batch: the next one waits here while the backend runs the current one.
         let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Entry>>(1);
-        let done = tx.clone();
+        // Weak: the backend must not keep the queue owner alive. When the last handle to this
+        // batcher goes (the model is unloaded), the queue owner ends, which ends the backend.
+        let done = tx.downgrade();
         let backend_metrics = metrics.clone();
         let worker = workers.register(WORKER, model_id);
         std::thread::Builder::new()
@@ -264,7 +266,7 @@ fn take_batch(queue: &mut VecDeque<Entry>, limits: &BatchLimits) -> Vec<Entry> {
 fn backend_loop(
     model: &EncoderModel,
     batches: &mut mpsc::Receiver<Vec<Entry>>,
-    done: &mpsc::UnboundedSender<Msg>,
+    done: &mpsc::WeakUnboundedSender<Msg>,
     limits: BatchLimits,
     metrics: &Metrics,
 ) {
@@ -279,13 +281,15 @@ fn backend_loop(
 
 /// Tells the queue owner a batch is over when dropped, also while unwinding from a panic.
 struct BatchDone<'a> {
-    done: &'a mpsc::UnboundedSender<Msg>,
+    done: &'a mpsc::WeakUnboundedSender<Msg>,
     requests: usize,
 }
 
 impl Drop for BatchDone<'_> {
     fn drop(&mut self) {
-        let _ = self.done.send(Msg::BatchDone(self.requests));
+        if let Some(done) = self.done.upgrade() {
+            let _ = done.send(Msg::BatchDone(self.requests));
+        }
     }
 }
 

@@ -141,6 +141,14 @@ settings_group! {
         /// one served model could answer them.
         #[arg(long, env = "KILN_DEFAULT_MODEL", value_name = "ID")]
         pub default_model: Option<String>,
+        /// `none`: every model is loaded at start and kept; `explicit`: only the `--load-model`
+        /// ones are, and `POST /v2/repository/models/{m}/load` and `/unload` (or gRPC's
+        /// RepositoryModelLoad/Unload) load and unload models at run time. [default: none]
+        #[arg(long, env = "KILN_MODEL_CONTROL", value_name = "MODE")]
+        pub model_control: Option<String>,
+        /// With `--model-control explicit`: a model to load at start (repeatable).
+        #[arg(long, env = "KILN_LOAD_MODEL", value_name = "ID", value_delimiter = ',')]
+        pub load_model: Option<Vec<String>>,
         /// [default: 0.0.0.0]
         #[arg(long, env = "KILN_HOST")]
         pub host: Option<String>,
@@ -330,6 +338,11 @@ impl RawServeConfig {
         }
         let mut config = ServeConfig::with_models(models);
         config.default_model = s.default_model;
+        if let Some(mode) = s.model_control {
+            config.model_control =
+                ModelControl::from_str(&mode).map_err(|e| format!("--model-control: {e}"))?;
+        }
+        config.load_models = s.load_model.unwrap_or_default();
         if let Some(h) = s.host {
             config.host = h;
         }
@@ -545,6 +558,30 @@ fn edit_distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+/// Triton's model control modes, as far as kiln has them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ModelControl {
+    /// Every model loaded at start and kept.
+    #[default]
+    None,
+    /// Models loaded and unloaded on request (`--load-model` ones at start).
+    Explicit,
+}
+
+impl FromStr for ModelControl {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "explicit" => Ok(Self::Explicit),
+            "poll" => Err(
+                "`poll` (rescanning the repository) is not supported; use `none` or `explicit` and load new models with the repository API".into(),
+            ),
+            other => Err(format!("`{other}` is not `none` or `explicit`")),
+        }
+    }
+}
+
 /// How the server logs: human-readable lines, or one JSON object per line (for log shippers).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum LogFormat {
@@ -664,6 +701,10 @@ pub struct ServeConfig {
     pub models: Vec<ModelConfig>,
     /// What routes without a model name use when several models could answer them.
     pub default_model: Option<String>,
+    /// Whether models can be loaded and unloaded at run time.
+    pub model_control: ModelControl,
+    /// In explicit mode, the models loaded at start.
+    pub load_models: Vec<String>,
     pub host: String,
     /// The HTTP port.
     pub port: u16,
@@ -798,6 +839,8 @@ impl ServeConfig {
         Self {
             models,
             default_model: None,
+            model_control: ModelControl::None,
+            load_models: Vec::new(),
             host: "0.0.0.0".into(),
             port: 8080,
             grpc_port: 8081,

@@ -113,6 +113,11 @@ impl Infer {
         &self.model
     }
 
+    /// The model, shared with the backend thread.
+    pub fn model_arc(&self) -> &Arc<EncoderModel> {
+        &self.model
+    }
+
     /// A slot for one request, or 429 at once when `--max-concurrent-requests` are in progress.
     pub fn admit(&self) -> Result<Admission, AppError> {
         self.admission

@@ -29,6 +29,6 @@ pub mod supervise;
 
 pub use app::{AppState, app};
 pub use config::{
-    LogFormat, ModelConfig, PlanCacheSwitch, RawModelSettings, RawServeConfig, RawServerSettings,
-    ServeConfig,
+    LogFormat, ModelConfig, ModelControl, PlanCacheSwitch, RawModelSettings, RawServeConfig,
+    RawServerSettings, ServeConfig,
 };

@@ -39,6 +39,8 @@ pub enum ModelState {
     Ready(Loaded),
     /// It could not be loaded (or its folder read): the reason, for clients and the index.
     Unavailable(String),
+    /// Not loaded on purpose: unloaded, or not yet loaded in explicit control mode.
+    Unloaded,
 }
 
 impl ModelState {
@@ -47,7 +49,43 @@ impl ModelState {
         match self {
             Self::Loading => "LOADING",
             Self::Ready(_) => "READY",
-            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Unavailable(_) | Self::Unloaded => "UNAVAILABLE",
+        }
+    }
+
+    /// Why a model that is not ready is not.
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Self::Unavailable(why) => Some(why.clone()),
+            Self::Unloaded => Some("unloaded".into()),
+            Self::Loading | Self::Ready(_) => None,
+        }
+    }
+}
+
+impl Loaded {
+    /// A handle that lives as long as the model's memory: until the last request holding the
+    /// model and the model's worker thread have let go of it.
+    pub fn memory(&self) -> ModelMemory {
+        match self {
+            Self::Encoder(ready) => ModelMemory::Encoder(Arc::downgrade(ready.infer.model_arc())),
+            Self::CausalLm(g) => ModelMemory::CausalLm(Arc::downgrade(g.model())),
+        }
+    }
+}
+
+/// See [`Loaded::memory`].
+pub enum ModelMemory {
+    Encoder(std::sync::Weak<kiln_models::EncoderModel>),
+    CausalLm(std::sync::Weak<kiln_models::CausalLm>),
+}
+
+impl ModelMemory {
+    /// Whether the model is still held (by a request or its worker).
+    pub fn held(&self) -> bool {
+        match self {
+            Self::Encoder(w) => w.strong_count() > 0,
+            Self::CausalLm(w) => w.strong_count() > 0,
         }
     }
 }
@@ -133,6 +171,59 @@ impl Served {
         matches!(self.state(), ModelState::Ready(_))
     }
 
+    /// Marks the model loading. `Ok(false)`: it is loaded already; 409 while it is loading.
+    pub fn begin_load(&self) -> Result<bool, AppError> {
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &*state {
+            ModelState::Ready(_) => Ok(false),
+            ModelState::Loading => Err(self.busy("loading")),
+            ModelState::Unavailable(_) | ModelState::Unloaded => {
+                if let Err(why) = &self.kind {
+                    return Err(AppError::bad_request(format!(
+                        "model `{}` cannot be loaded: {why}",
+                        self.id()
+                    )));
+                }
+                *state = ModelState::Loading;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Marks the model unloaded (new requests for it are refused from now on) and hands back
+    /// what was loaded, to be let go of. `None`: nothing was loaded; 409 while it is loading.
+    pub fn begin_unload(&self) -> Result<Option<Loaded>, AppError> {
+        let mut state = self
+            .state
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match std::mem::replace(&mut *state, ModelState::Unloaded) {
+            ModelState::Ready(loaded) => Ok(Some(loaded)),
+            ModelState::Loading => {
+                *state = ModelState::Loading;
+                Err(self.busy("loading"))
+            }
+            other => {
+                *state = other;
+                Ok(None)
+            }
+        }
+    }
+
+    fn busy(&self, doing: &str) -> AppError {
+        AppError::new(
+            axum::http::StatusCode::CONFLICT,
+            "validation",
+            format!(
+                "model `{}` is {doing}; try again when it is done",
+                self.id()
+            ),
+        )
+    }
+
     /// `embedding`, `classifier`, `encoder` (still loading), `causal_lm` or `unknown`.
     pub fn kind_name(&self) -> &'static str {
         match (self.kind(), self.state()) {
@@ -167,6 +258,10 @@ impl Served {
             ModelState::Unavailable(why) => Err(AppError::unavailable(format!(
                 "model `{}` is unavailable: {why}",
                 self.id()
+            ))),
+            ModelState::Unloaded => Err(AppError::bad_request(format!(
+                "model `{id}` is not loaded; load it with POST /v2/repository/models/{id}/load",
+                id = self.id()
             ))),
         }
     }
@@ -272,9 +367,12 @@ impl Registry {
         }
     }
 
-    /// Every model loaded and warmed up.
+    /// Every model that should be loaded (all but the ones unloaded on purpose) is loaded and
+    /// warmed up.
     pub fn all_ready(&self) -> bool {
-        self.models.iter().all(|m| m.is_ready())
+        self.models
+            .iter()
+            .all(|m| matches!(m.state(), ModelState::Ready(_) | ModelState::Unloaded))
     }
 
     /// `a (embedding), b (causal_lm)`, for error messages.

@@ -58,6 +58,23 @@ impl Workers {
         worker
     }
 
+    /// Forgets the workers of an unloaded model (their threads have ended) and their metrics.
+    pub fn retire(&self, model: &str, metrics: &Metrics) {
+        self.all
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|w| {
+                if w.model != model {
+                    return true;
+                }
+                let _ = metrics.worker_up.remove_label_values(&[w.kind, model]);
+                let _ = metrics
+                    .worker_restarts
+                    .remove_label_values(&[w.kind, model]);
+                false
+            });
+    }
+
     /// The workers that are down now, as `kind (model)`.
     pub fn down(&self) -> Vec<String> {
         self.all

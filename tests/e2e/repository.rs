@@ -382,3 +382,129 @@ fn a_model_that_cannot_load_is_unavailable_while_the_others_serve() {
     std::fs::remove_dir_all(&repo).unwrap();
     std::fs::remove_dir_all(&broken).unwrap();
 }
+
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Resident memory of a process, from `/proc/PID/status`.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kib * 1024
+}
+
+#[test]
+fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
+    let repo = repository(
+        "explicit",
+        &[
+            ("all-MiniLM-L6-v2", &minilm_dir()),
+            ("bert-tiny-cls", &bert_tiny_cls()),
+            ("gpt2-tiny", &gpt2_tiny()),
+        ],
+    );
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "all-MiniLM-L6-v2,bert-tiny-cls",
+        ],
+    );
+    let want = Expected::load();
+    // gpt2-tiny is in the repository, not loaded; the server is ready without it.
+    let (status, got) = server.post_raw("/v2/repository/index", None, b"");
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got[2]["name"], "gpt2-tiny");
+    assert_eq!(got[2]["state"], "UNAVAILABLE");
+    assert_eq!(got[2]["reason"], "unloaded");
+    let (prompt, text) = &want.generations[0];
+    let completion =
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 400, "{got}");
+    assert!(got["error"].to_string().contains("not loaded"), "{got}");
+
+    // bert-tiny-cls is asked all along: none of its requests may fail while the others change.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let served = std::thread::scope(|s| {
+        let honest = s.spawn(|| {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" });
+                let (status, got) = server.post("/predict", &body);
+                assert_eq!(status, 200, "{got}");
+                want.check_logits(&got);
+                n += 1;
+            }
+            n
+        });
+        // Stops the honest client however this ends (a failed assertion too), so the scope can.
+        let _stop = StopOnDrop(&stop);
+        // Load gpt2-tiny: it answers like its fixture.
+        let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
+        assert_eq!(status, 200, "{got}");
+        let (status, got) = server.post("/v1/completions", &completion);
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"][0]["text"], text.as_str());
+
+        // Unload all-MiniLM-L6-v2 and load it back twice (the second load maps the plan cached
+        // by the first): its routes refuse it while it is out, its memory is returned, and it
+        // answers like its fixtures once back.
+        let embed = json!({ "input": want.texts, "model": "all-MiniLM-L6-v2" });
+        let mut freed = Vec::new();
+        for _ in 0..2 {
+            let (status, got) = server.post("/v1/embeddings", &embed);
+            assert_eq!(status, 200, "{got}");
+            want.check_embeddings(&got);
+            let before = rss_bytes(server.pid());
+            let (status, got) =
+                server.post_raw("/v2/repository/models/all-MiniLM-L6-v2/unload", None, b"");
+            assert_eq!(status, 200, "{got}");
+            freed.push(before as i64 - rss_bytes(server.pid()) as i64);
+            let (status, got) = server.post("/v1/embeddings", &embed);
+            assert_eq!(status, 400, "{got}");
+            let (status, _) = server.get("/v2/models/all-MiniLM-L6-v2/ready");
+            assert_ne!(status, 200);
+            let (status, got) =
+                server.post_raw("/v2/repository/models/all-MiniLM-L6-v2/load", None, b"");
+            assert_eq!(status, 200, "{got}");
+        }
+        let (status, got) = server.post("/v1/embeddings", &embed);
+        assert_eq!(status, 200, "{got}");
+        want.check_embeddings(&got);
+        eprintln!("unloading all-MiniLM-L6-v2 lowered RSS by {freed:?} bytes");
+        // The weights (87 MiB of f32) go with the model: at least half of them must.
+        assert!(
+            freed[1] > 40 << 20,
+            "RSS fell by only {} MiB on the second unload",
+            freed[1] >> 20
+        );
+        drop(_stop);
+        honest.join().unwrap()
+    });
+    assert!(served > 0);
+    // A causal LM unloads too (its scheduler thread ends with it).
+    let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/unload", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 400, "{got}");
+    // Unknown models are 404 for load and unload alike.
+    let (status, _) = server.post_raw("/v2/repository/models/nope/load", None, b"");
+    assert_eq!(status, 404);
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}

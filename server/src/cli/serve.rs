@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
-use kiln_server::registry::ModelState;
 use kiln_server::{
     AppState, PlanCacheSwitch, RawModelSettings, RawServeConfig, RawServerSettings, ServeConfig,
     app, grpc,
@@ -169,10 +168,9 @@ fn print_models(state: &AppState) {
         .iter()
         .map(|m| {
             let st = m.state();
-            let detail = match &st {
-                ModelState::Unavailable(why) => why.clone(),
-                _ => m.config.dir.display().to_string(),
-            };
+            let detail = st
+                .reason()
+                .unwrap_or_else(|| m.config.dir.display().to_string());
             [
                 m.id().to_string(),
                 m.kind_name().to_string(),

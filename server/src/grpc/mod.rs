@@ -120,6 +120,8 @@ pub fn status_of(e: &AppError) -> Status {
         401 => Code::Unauthenticated,
         403 => Code::PermissionDenied,
         404 => Code::NotFound,
+        // The model is loading or unloading: try again.
+        409 => Code::FailedPrecondition,
         // A request over a size limit, or the server at its concurrency limit.
         413 | 429 => Code::ResourceExhausted,
         501 => Code::Unimplemented,

@@ -12,7 +12,7 @@ use crate::auth::check_authorization;
 use crate::error::AppError;
 use crate::routes::kserve::{
     MODEL_VERSION, TEXT_INPUT, TEXT_OUTPUT, execute, generation_model, index, inputs_of, model,
-    outputs_of, refuse_control, served, tensor_limits,
+    outputs_of, served, tensor_limits,
 };
 
 /// The protocol's methods over the same state as the HTTP API.
@@ -217,7 +217,11 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        Err(status_of(&refuse_control(&self.state, &r.model_name)))
+        self.state
+            .load_model(&r.model_name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
     }
 
     async fn repository_model_unload(
@@ -226,6 +230,10 @@ impl GrpcInferenceService for InferenceService {
     ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
         self.authorize(&request)?;
         let r = request.into_inner();
-        Err(status_of(&refuse_control(&self.state, &r.model_name)))
+        self.state
+            .unload_model(&r.model_name)
+            .await
+            .map_err(|e| status_of(&e))?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
     }
 }

@@ -125,33 +125,29 @@ pub(crate) fn index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
             IndexEntry {
                 name: m.id().to_string(),
                 state: st.name(),
-                reason: match st {
-                    crate::registry::ModelState::Unavailable(why) => Some(why),
-                    _ => None,
-                },
+                reason: st.reason(),
             }
         })
         .collect()
 }
 
-/// The answer to a load or unload of `model`, for HTTP and gRPC alike. kiln loads the models it
-/// is given at start and keeps them (Triton's `none` control mode), so both are refused with
-/// that reason; an unknown model is 404 first.
-pub(crate) fn refuse_control(state: &AppState, model: &str) -> AppError {
-    if let Err(e) = state.models().by_name(model) {
-        return e;
-    }
-    bad(format!(
-        "model `{model}` cannot be loaded or unloaded at run time: this server loads its models at start and keeps them (model control mode `none`)"
-    ))
-}
-
-/// `POST /v2/repository/models/{model}/load` and `/unload` (see [`refuse_control`]).
-pub async fn repository_control(
+/// `POST /v2/repository/models/{model}/load`: answers once the model is loaded (or failed to).
+pub async fn repository_load(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Json<Value>, AppError> {
-    Err(kserve_error(refuse_control(&state, &model)))
+    state.load_model(&model).await.map_err(kserve_error)?;
+    Ok(Json(json!({})))
+}
+
+/// `POST /v2/repository/models/{model}/unload`: answers once its in-flight requests are done and
+/// its memory is freed.
+pub async fn repository_unload(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Json<Value>, AppError> {
+    state.unload_model(&model).await.map_err(kserve_error)?;
+    Ok(Json(json!({})))
 }
 
 /// `/v2/models/{model}` and `/v2/models/{model}/versions/{version}` share their handlers.
