@@ -39,6 +39,8 @@ struct Inner {
     metrics: Metrics,
     keys: ApiKeys,
     models: Registry,
+    /// Held by a run-time load (see [`AppState::load_model`]).
+    loading: tokio::sync::Mutex<()>,
     /// The worker threads, for readiness.
     workers: Workers,
     /// Set when a draining server's `--shutdown-timeout` has passed: requests still in flight
@@ -76,6 +78,7 @@ impl AppState {
                 metrics: Metrics::new(),
                 keys,
                 models,
+                loading: tokio::sync::Mutex::new(()),
                 workers: Workers::default(),
                 abort: tokio::sync::watch::Sender::new(false),
             }),
@@ -226,6 +229,14 @@ impl AppState {
     /// stays as it is; one that fails is unavailable with the reason, which the caller gets.
     pub async fn load_model(&self, name: &str) -> Result<(), AppError> {
         let served = self.controllable(name)?;
+        // One load at a time, so two cannot both take the last place under the limit.
+        let _one_at_a_time = self.inner.loading.lock().await;
+        if served.is_ready() {
+            return Ok(());
+        }
+        if let Some(max) = self.config().max_loaded_models {
+            self.make_room(max, &served).await?;
+        }
         if !served.begin_load()? {
             return Ok(());
         }
@@ -245,6 +256,45 @@ impl AppState {
     /// (weights, plan, KV cache) is freed, before this returns.
     pub async fn unload_model(&self, name: &str) -> Result<(), AppError> {
         let served = self.controllable(name)?;
+        self.unload(&served).await
+    }
+
+    /// Unloads the least recently used models with no request in flight until `target` fits
+    /// under `max` loaded models; 503 when every loaded model is busy.
+    async fn make_room(&self, max: usize, target: &Served) -> Result<(), AppError> {
+        loop {
+            let loaded: Vec<&Arc<Served>> = self
+                .inner
+                .models
+                .all()
+                .iter()
+                .filter(|m| m.id() != target.id() && m.is_ready())
+                .collect();
+            if loaded.len() < max {
+                return Ok(());
+            }
+            let Some(victim) = loaded
+                .into_iter()
+                .filter(|m| m.in_flight() == 0)
+                .min_by_key(|m| m.last_used())
+            else {
+                return Err(AppError::unavailable(format!(
+                    "cannot load model `{}`: all {max} loaded models (--max-loaded-models) have requests in flight; try again",
+                    target.id()
+                )));
+            };
+            tracing::info!(
+                model = victim.id(),
+                to_load = target.id(),
+                max_loaded_models = max,
+                "unloading the least recently used idle model to make room"
+            );
+            self.unload(victim).await?;
+        }
+    }
+
+    async fn unload(&self, served: &Served) -> Result<(), AppError> {
+        let name = served.id();
         let Some(loaded) = served.begin_unload()? else {
             return Ok(());
         };

@@ -146,6 +146,11 @@ settings_group! {
         /// RepositoryModelLoad/Unload) load and unload models at run time. [default: none]
         #[arg(long, env = "KILN_MODEL_CONTROL", value_name = "MODE")]
         pub model_control: Option<String>,
+        /// Most models loaded at once. In explicit mode, loading one more unloads the least
+        /// recently used model that has no request in flight (or is refused with 503 when every
+        /// loaded model is busy). [default: no limit]
+        #[arg(long, env = "KILN_MAX_LOADED_MODELS", value_name = "N")]
+        pub max_loaded_models: Option<usize>,
         /// With `--model-control explicit`: a model to load at start (repeatable).
         #[arg(long, env = "KILN_LOAD_MODEL", value_name = "ID", value_delimiter = ',')]
         pub load_model: Option<Vec<String>>,
@@ -343,6 +348,7 @@ impl RawServeConfig {
                 ModelControl::from_str(&mode).map_err(|e| format!("--model-control: {e}"))?;
         }
         config.load_models = s.load_model.unwrap_or_default();
+        config.max_loaded_models = s.max_loaded_models;
         if let Some(h) = s.host {
             config.host = h;
         }
@@ -705,6 +711,8 @@ pub struct ServeConfig {
     pub model_control: ModelControl,
     /// In explicit mode, the models loaded at start.
     pub load_models: Vec<String>,
+    /// Most models loaded at once (explicit mode evicts the least recently used idle one).
+    pub max_loaded_models: Option<usize>,
     pub host: String,
     /// The HTTP port.
     pub port: u16,
@@ -775,6 +783,29 @@ impl ServeConfig {
                 "--default-model `{d}` is not one of the served models"
             ));
         }
+        if !self.load_models.is_empty() && self.model_control != ModelControl::Explicit {
+            return Err("--load-model needs --model-control explicit".into());
+        }
+        if let Some(unknown) = self
+            .load_models
+            .iter()
+            .find(|id| !self.models.iter().any(|m| &m.id == *id))
+        {
+            return Err(format!(
+                "--load-model `{unknown}` is not one of the served models"
+            ));
+        }
+        if let Some(max) = self.max_loaded_models {
+            let at_start = match self.model_control {
+                ModelControl::None => self.models.len(),
+                ModelControl::Explicit => self.load_models.len(),
+            };
+            if max == 0 || max < at_start {
+                return Err(format!(
+                    "--max-loaded-models {max} is less than the {at_start} models loaded at start"
+                ));
+            }
+        }
         for (name, v) in [
             ("max-batch-tokens", self.max_batch_tokens),
             ("max-batch-requests", self.max_batch_requests),
@@ -841,6 +872,7 @@ impl ServeConfig {
             default_model: None,
             model_control: ModelControl::None,
             load_models: Vec::new(),
+            max_loaded_models: None,
             host: "0.0.0.0".into(),
             port: 8080,
             grpc_port: 8081,
@@ -1156,6 +1188,22 @@ mod tests {
         assert!(same.contains("two models are named `m`"), "{same}");
         let default = two(["x/a", "y/b"], Some("c"), None).resolve().unwrap_err();
         assert!(default.contains("--default-model `c`"), "{default}");
+        let mut max = two(["x/a", "y/b"], None, None);
+        max.server.max_loaded_models = Some(1);
+        let max = max.resolve().unwrap_err();
+        assert!(
+            max.contains("--max-loaded-models 1 is less than the 2"),
+            "{max}"
+        );
+        let mut load = two(["x/a", "y/b"], None, None);
+        load.server.load_model = Some(vec!["a".into()]);
+        let none_mode = load.clone().resolve().unwrap_err();
+        assert!(none_mode.contains("--load-model needs"), "{none_mode}");
+        load.server.model_control = Some("explicit".into());
+        load.server.max_loaded_models = Some(1);
+        assert_eq!(load.clone().resolve().unwrap().load_models, ["a"]);
+        load.server.load_model = Some(vec!["c".into()]);
+        assert!(load.resolve().unwrap_err().contains("--load-model `c`"));
         let id = two(["x/a", "y/b"], None, Some("z")).resolve().unwrap_err();
         assert!(id.contains("--model-id names a single model"), "{id}");
         let one = RawModelSettings {

@@ -175,6 +175,11 @@ impl GenerationService {
         &self.model
     }
 
+    /// Requests admitted and not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_concurrent_requests - self.admission.available_permits()
+    }
+
     /// The name clients use for this model.
     pub fn id(&self) -> &str {
         &self.model_config.id

@@ -113,6 +113,11 @@ impl Infer {
         &self.model
     }
 
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.config.max_concurrent_requests - self.admission.available_permits()
+    }
+
     /// The model, shared with the backend thread.
     pub fn model_arc(&self) -> &Arc<EncoderModel> {
         &self.model

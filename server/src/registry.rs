@@ -7,7 +7,9 @@
 //! the reason. Routes find their model by name, or by [`Registry::pick`]'s rules when the
 //! request names none.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use kiln_models::ModelKind;
 
@@ -64,6 +66,14 @@ impl ModelState {
 }
 
 impl Loaded {
+    /// Requests admitted and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Self::Encoder(ready) => ready.infer.in_flight(),
+            Self::CausalLm(g) => g.in_flight(),
+        }
+    }
+
     /// A handle that lives as long as the model's memory: until the last request holding the
     /// model and the model's worker thread have let go of it.
     pub fn memory(&self) -> ModelMemory {
@@ -117,6 +127,15 @@ pub struct Served {
     /// `Err` when the folder's `config.json` could not be read (the model is then unavailable).
     kind: Result<Kind, String>,
     state: RwLock<ModelState>,
+    /// When a request last picked this model (see [`clock_ms`]), for eviction.
+    last_used: AtomicU64,
+}
+
+/// Milliseconds on one process-wide clock, so models' last uses compare.
+fn clock_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
 impl Served {
@@ -142,6 +161,7 @@ impl Served {
             config: Arc::new(config),
             kind,
             state: RwLock::new(state),
+            last_used: AtomicU64::new(0),
         }
     }
 
@@ -169,6 +189,24 @@ impl Served {
 
     pub fn is_ready(&self) -> bool {
         matches!(self.state(), ModelState::Ready(_))
+    }
+
+    /// Requests in flight on this model (0 unless it is loaded).
+    pub fn in_flight(&self) -> usize {
+        match self.state() {
+            ModelState::Ready(loaded) => loaded.in_flight(),
+            _ => 0,
+        }
+    }
+
+    /// When a request last picked this model (ms on [`clock_ms`]; 0: never).
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    fn touch(&self) {
+        self.last_used
+            .fetch_max(clock_ms().max(1), Ordering::Relaxed);
     }
 
     /// Marks the model loading. `Ok(false)`: it is loaded already; 409 while it is loading.
@@ -274,6 +312,7 @@ impl Served {
                 self.id()
             )));
         }
+        self.touch();
         match self.loaded()? {
             Loaded::Encoder(ready) => Ok(ready),
             Loaded::CausalLm(_) => unreachable!("the kind was checked above"),
@@ -288,6 +327,7 @@ impl Served {
                 self.id()
             )));
         }
+        self.touch();
         match self.loaded()? {
             Loaded::CausalLm(g) => Ok(g),
             Loaded::Encoder(_) => unreachable!("the kind was checked above"),

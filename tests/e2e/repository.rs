@@ -508,3 +508,91 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
 }
+
+#[test]
+fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
+    let repo = repository(
+        "lru",
+        &[
+            ("all-MiniLM-L6-v2", &minilm_dir()),
+            ("bert-tiny-cls", &bert_tiny_cls()),
+            ("gpt2-tiny", &gpt2_tiny()),
+        ],
+    );
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "all-MiniLM-L6-v2,bert-tiny-cls",
+            "--max-loaded-models",
+            "2",
+        ],
+    );
+    let want = Expected::load();
+    let states = |server: &Server| -> Vec<(String, String)> {
+        let (status, got) = server.post_raw("/v2/repository/index", None, b"");
+        assert_eq!(status, 200, "{got}");
+        got.as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let reason = m["reason"].as_str().unwrap_or("");
+                (
+                    m["name"].as_str().unwrap().to_string(),
+                    format!("{}{reason}", m["state"].as_str().unwrap()),
+                )
+            })
+            .collect()
+    };
+    // bert-tiny-cls is used first, all-MiniLM-L6-v2 last: bert-tiny-cls is the one to go.
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    std::thread::sleep(Duration::from_millis(20));
+    let embed = json!({ "input": want.texts, "model": "all-MiniLM-L6-v2" });
+    let (status, got) = server.post("/v1/embeddings", &embed);
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(
+        states(&server),
+        [
+            s("all-MiniLM-L6-v2", "READY"),
+            s("bert-tiny-cls", "UNAVAILABLEunloaded"),
+            s("gpt2-tiny", "READY")
+        ]
+    );
+    let (prompt, text) = &want.generations[0];
+    std::thread::sleep(Duration::from_millis(20));
+    let completion =
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], text.as_str());
+    // Now all-MiniLM-L6-v2 is the least recently used: loading bert-tiny-cls back evicts it.
+    let (status, got) = server.post_raw("/v2/repository/models/bert-tiny-cls/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(
+        states(&server),
+        [
+            s("all-MiniLM-L6-v2", "UNAVAILABLEunloaded"),
+            s("bert-tiny-cls", "READY"),
+            s("gpt2-tiny", "READY")
+        ]
+    );
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    want.check_logits(&got);
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
