@@ -391,6 +391,15 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// How many of a process's memory mappings are of files under `dir` (from `/proc/PID/maps`).
+fn mappings_under(pid: u32, dir: &Path) -> usize {
+    let dir = dir.canonicalize().unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.contains(dir.to_str().unwrap()))
+        .count()
+}
+
 /// Resident memory of a process, from `/proc/PID/status`.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -413,6 +422,10 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
             ("gpt2-tiny", &gpt2_tiny()),
         ],
     );
+    // A plan cache of its own: the first load compiles and stores, every later one maps the
+    // stored plan (no other test's server can be writing the entry at that moment), so what an
+    // unload frees is the mapping, which RSS shows at once.
+    let cache = repo.with_extension("cache");
     let server = Server::start_args(
         &kiln(),
         &[
@@ -422,6 +435,8 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
             "explicit",
             "--load-model",
             "all-MiniLM-L6-v2,bert-tiny-cls",
+            "--cache-dir",
+            cache.to_str().unwrap(),
         ],
     );
     let want = Expected::load();
@@ -461,20 +476,33 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
         assert_eq!(status, 200, "{got}");
         assert_eq!(got["choices"][0]["text"], text.as_str());
 
-        // Unload all-MiniLM-L6-v2 and load it back twice (the second load maps the plan cached
-        // by the first): its routes refuse it while it is out, its memory is returned, and it
-        // answers like its fixtures once back.
+        // Unload all-MiniLM-L6-v2 and load it back, twice: its routes refuse it while it is out,
+        // its memory is returned (measured on the second round, whose model was mapped from the
+        // plan cache), and it answers like its fixtures once back.
         let embed = json!({ "input": want.texts, "model": "all-MiniLM-L6-v2" });
         let mut freed = Vec::new();
+        let mut mapped = Vec::new();
         for _ in 0..2 {
             let (status, got) = server.post("/v1/embeddings", &embed);
             assert_eq!(status, 200, "{got}");
             want.check_embeddings(&got);
             let before = rss_bytes(server.pid());
+            let mapped_before = mappings_under(server.pid(), &cache);
             let (status, got) =
                 server.post_raw("/v2/repository/models/all-MiniLM-L6-v2/unload", None, b"");
             assert_eq!(status, 200, "{got}");
+            // RSS as /proc reports it can lag a moment behind an unmap.
+            std::thread::sleep(Duration::from_millis(200));
             freed.push(before as i64 - rss_bytes(server.pid()) as i64);
+            if mapped_before > 0 {
+                // A plan mapped from the cache: after the unload no mapping of it is left.
+                assert_eq!(
+                    mappings_under(server.pid(), &cache),
+                    0,
+                    "the plan is still mapped"
+                );
+                mapped.push(mapped_before);
+            }
             let (status, got) = server.post("/v1/embeddings", &embed);
             assert_eq!(status, 400, "{got}");
             let (status, _) = server.get("/v2/models/all-MiniLM-L6-v2/ready");
@@ -487,6 +515,10 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
         assert_eq!(status, 200, "{got}");
         want.check_embeddings(&got);
         eprintln!("unloading all-MiniLM-L6-v2 lowered RSS by {freed:?} bytes");
+        assert!(
+            !mapped.is_empty(),
+            "the reloaded model was not mapped from the plan cache"
+        );
         // The weights (87 MiB of f32) go with the model: at least half of them must.
         assert!(
             freed[1] > 40 << 20,
@@ -507,6 +539,7 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
     assert_eq!(status, 404);
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
+    let _ = std::fs::remove_dir_all(&cache);
 }
 
 #[test]
