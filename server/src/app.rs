@@ -197,6 +197,10 @@ impl AppState {
                     .model_load_seconds
                     .set(started.elapsed().as_secs_f64());
                 served.set_state(ModelState::Ready(loaded));
+                self.metrics()
+                    .model_loads
+                    .with_label_values(&[served.id(), "ok"])
+                    .inc();
                 tracing::info!(
                     model = served.id(),
                     kind = served.kind_name(),
@@ -208,6 +212,10 @@ impl AppState {
             Err(why) => {
                 tracing::error!(model = served.id(), error = %why, "cannot load the model; it is unavailable, the others serve");
                 served.set_state(ModelState::Unavailable(why.clone()));
+                self.metrics()
+                    .model_loads
+                    .with_label_values(&[served.id(), "failed"])
+                    .inc();
                 Err(why)
             }
         }
@@ -312,6 +320,10 @@ impl AppState {
             );
         }
         self.inner.workers.retire(name, self.metrics());
+        self.metrics()
+            .model_unloads
+            .with_label_values(&[name])
+            .inc();
         tracing::info!(model = name, "model unloaded");
         Ok(())
     }

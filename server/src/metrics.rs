@@ -54,6 +54,13 @@ pub struct Inner {
     pub batch_tokens: prometheus::Histogram,
     pub queue_size: IntGauge,
     pub model_load_seconds: Gauge,
+    /// 1 for each model's current state (`READY`, `LOADING`, `UNAVAILABLE`), 0 for the others;
+    /// refreshed from the registry at each scrape.
+    pub model_state: prometheus::IntGaugeVec,
+    /// Loads at start and through the repository API, by model and outcome (`ok`, `failed`).
+    pub model_loads: IntCounterVec,
+    /// Unloads through the repository API (eviction included), by model.
+    pub model_unloads: IntCounterVec,
     pub plan_compile_seconds: Gauge,
     pub plan_cache_load_seconds: Gauge,
     pub plan_cache_hits: IntCounter,
@@ -239,6 +246,24 @@ impl Metrics {
                 "Generation requests waiting to join the batch.",
             )
             .expect("valid gauge"),
+            model_state: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "kiln_model_state",
+                    "1 for each served model's current state (READY, LOADING, UNAVAILABLE), 0 for the others.",
+                ),
+                &["model", "state"],
+            )
+            .expect("valid gauge"),
+            model_loads: counter_vec(
+                "kiln_model_loads_total",
+                "Model loads (at start and through the repository API), by model and outcome.",
+                &["model", "outcome"],
+            ),
+            model_unloads: counter_vec(
+                "kiln_model_unloads_total",
+                "Model unloads through the repository API (evictions included), by model.",
+                &["model"],
+            ),
             worker_restarts: counter_vec(
                 "kiln_worker_restarts_total",
                 "Times a worker thread died (a panic outside any one request's engine call) and was restarted, by worker and model.",
@@ -301,6 +326,9 @@ impl Metrics {
             Box::new(inner.device_info.clone()),
             Box::new(inner.generation_running.clone()),
             Box::new(inner.generation_waiting.clone()),
+            Box::new(inner.model_state.clone()),
+            Box::new(inner.model_loads.clone()),
+            Box::new(inner.model_unloads.clone()),
             Box::new(inner.worker_restarts.clone()),
             Box::new(inner.worker_up.clone()),
             Box::new(build_info),
@@ -408,7 +436,17 @@ impl std::ops::Deref for Metrics {
 }
 
 /// `GET /metrics`.
-pub async fn scrape(State(metrics): State<Metrics>) -> Response {
+pub async fn scrape(State(state): State<crate::app::AppState>) -> Response {
+    let metrics = state.metrics();
+    for m in state.models().all() {
+        let current = m.state().name();
+        for name in ["READY", "LOADING", "UNAVAILABLE"] {
+            metrics
+                .model_state
+                .with_label_values(&[m.id(), name])
+                .set(i64::from(name == current));
+        }
+    }
     let mut response = metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -304,6 +304,20 @@ fn a_repository_serves_every_kind_of_model_side_by_side() {
         });
         assert!(up, "no kiln_worker_up for {worker} of {model}:\n{metrics}");
     }
+    for m in ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"] {
+        let series = format!("kiln_model_state{{model=\"{m}\",state=\"READY\"}}");
+        assert_eq!(
+            kiln_tests::server::metric_value(&metrics, &series),
+            1.0,
+            "{series}"
+        );
+        let series = format!("kiln_model_loads_total{{model=\"{m}\",outcome=\"ok\"}}");
+        assert_eq!(
+            kiln_tests::server::metric_value(&metrics, &series),
+            1.0,
+            "{series}"
+        );
+    }
     let rows = models_ls(&server);
     let rows: Vec<&[String]> = rows.iter().map(|r| &r[..3]).collect();
     assert_eq!(
@@ -534,6 +548,21 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
     assert_eq!(status, 200, "{got}");
     let (status, got) = server.post("/v1/completions", &completion);
     assert_eq!(status, 400, "{got}");
+    let metrics = server.metrics();
+    assert_eq!(
+        kiln_tests::server::metric_value(
+            &metrics,
+            "kiln_model_unloads_total{model=\"all-MiniLM-L6-v2\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        kiln_tests::server::metric_value(
+            &metrics,
+            "kiln_model_state{model=\"gpt2-tiny\",state=\"UNAVAILABLE\"}"
+        ),
+        1.0
+    );
     // Unknown models are 404 for load and unload alike.
     let (status, _) = server.post_raw("/v2/repository/models/nope/load", None, b"");
     assert_eq!(status, 404);
