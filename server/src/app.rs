@@ -197,6 +197,8 @@ impl AppState {
                     .model_load_seconds
                     .set(started.elapsed().as_secs_f64());
                 served.set_state(ModelState::Ready(loaded));
+                // A model just loaded counts as just used (for eviction and the idle timeout).
+                served.touch();
                 self.metrics()
                     .model_loads
                     .with_label_values(&[served.id(), "ok"])
@@ -265,6 +267,26 @@ impl AppState {
     pub async fn unload_model(&self, name: &str) -> Result<(), AppError> {
         let served = self.controllable(name)?;
         self.unload(&served).await
+    }
+
+    /// Unloads every loaded model that has had no request in flight and none picked for
+    /// `timeout` (`--model-idle-timeout`); run periodically.
+    pub async fn unload_idle(&self, timeout: Duration) {
+        let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        // One at a time with the repository API's loads and unloads.
+        let _one_at_a_time = self.inner.loading.lock().await;
+        let now = crate::registry::clock_ms();
+        for served in self.inner.models.all() {
+            if served.is_ready()
+                && served.in_flight() == 0
+                && now.saturating_sub(served.last_used()) >= timeout_ms
+            {
+                tracing::info!(model = served.id(), idle_timeout = ?timeout, "unloading a model idle for longer than --model-idle-timeout");
+                if let Err(e) = self.unload(served).await {
+                    tracing::warn!(model = served.id(), error = %e.message, "could not unload the idle model");
+                }
+            }
+        }
     }
 
     /// Unloads the least recently used models with no request in flight until `target` fits

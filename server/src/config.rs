@@ -151,6 +151,10 @@ settings_group! {
         /// loaded model is busy). [default: no limit]
         #[arg(long, env = "KILN_MAX_LOADED_MODELS", value_name = "N")]
         pub max_loaded_models: Option<usize>,
+        /// With `--model-control explicit`: unload a model that has had no request for this long,
+        /// e.g. `10m` (as Ollama's keep_alive). [default: never]
+        #[arg(long, env = "KILN_MODEL_IDLE_TIMEOUT", value_name = "DURATION")]
+        pub model_idle_timeout: Option<String>,
         /// With `--model-control explicit`: a model to load at start (repeatable).
         #[arg(long, env = "KILN_LOAD_MODEL", value_name = "ID", value_delimiter = ',')]
         pub load_model: Option<Vec<String>>,
@@ -349,6 +353,10 @@ impl RawServeConfig {
         }
         config.load_models = s.load_model.unwrap_or_default();
         config.max_loaded_models = s.max_loaded_models;
+        if let Some(d) = s.model_idle_timeout {
+            config.model_idle_timeout =
+                Some(parse_duration(&d).map_err(|e| format!("--model-idle-timeout: {e}"))?);
+        }
         if let Some(h) = s.host {
             config.host = h;
         }
@@ -713,6 +721,8 @@ pub struct ServeConfig {
     pub load_models: Vec<String>,
     /// Most models loaded at once (explicit mode evicts the least recently used idle one).
     pub max_loaded_models: Option<usize>,
+    /// Explicit mode: unload a model after this long without a request.
+    pub model_idle_timeout: Option<Duration>,
     pub host: String,
     /// The HTTP port.
     pub port: u16,
@@ -795,6 +805,14 @@ impl ServeConfig {
                 "--load-model `{unknown}` is not one of the served models"
             ));
         }
+        if let Some(idle) = self.model_idle_timeout {
+            if self.model_control != ModelControl::Explicit {
+                return Err("--model-idle-timeout needs --model-control explicit".into());
+            }
+            if idle.is_zero() {
+                return Err("--model-idle-timeout must be more than 0".into());
+            }
+        }
         if let Some(max) = self.max_loaded_models {
             let at_start = match self.model_control {
                 ModelControl::None => self.models.len(),
@@ -873,6 +891,7 @@ impl ServeConfig {
             model_control: ModelControl::None,
             load_models: Vec::new(),
             max_loaded_models: None,
+            model_idle_timeout: None,
             host: "0.0.0.0".into(),
             port: 8080,
             grpc_port: 8081,
@@ -1137,6 +1156,15 @@ mod tests {
             ..Default::default()
         });
         assert!(log.resolve().unwrap_err().contains("--log-format"));
+        let idle = server(RawServerSettings {
+            model_idle_timeout: Some("1s".into()),
+            ..Default::default()
+        });
+        assert!(
+            idle.resolve()
+                .unwrap_err()
+                .contains("--model-idle-timeout needs")
+        );
         let no_model = RawServeConfig::default().resolve().unwrap_err();
         assert!(no_model.contains("--model"), "{no_model}");
     }

@@ -132,7 +132,7 @@ pub struct Served {
 }
 
 /// Milliseconds on one process-wide clock, so models' last uses compare.
-fn clock_ms() -> u64 {
+pub fn clock_ms() -> u64 {
     static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
     u64::try_from(ms).unwrap_or(u64::MAX)
@@ -204,7 +204,8 @@ impl Served {
         self.last_used.load(Ordering::Relaxed)
     }
 
-    fn touch(&self) {
+    /// Marks the model used now (a request picked it, or it has just been loaded).
+    pub fn touch(&self) {
         self.last_used
             .fetch_max(clock_ms().max(1), Ordering::Relaxed);
     }

@@ -658,3 +658,51 @@ fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
 }
+
+#[test]
+fn a_model_idle_past_the_timeout_is_unloaded() {
+    let repo = repository("idle", &[("bert-tiny-cls", &bert_tiny_cls())]);
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "bert-tiny-cls",
+            "--model-idle-timeout",
+            "1s",
+        ],
+    );
+    let predict = json!({ "inputs": "kiln", "model": "bert-tiny-cls" });
+    // Requests keep it loaded past the timeout.
+    for _ in 0..6 {
+        let (status, got) = server.post("/predict", &predict);
+        assert_eq!(status, 200, "{got}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Then, left alone, it goes (within the timeout and a check interval or two).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, got) = server.post_raw("/v2/repository/index", None, b"");
+        if got[0]["state"] == "UNAVAILABLE" {
+            assert_eq!(got[0]["reason"], "unloaded");
+            break;
+        }
+        assert!(Instant::now() < deadline, "still loaded: {got}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let unloads = kiln_tests::server::metric_value(
+        &server.metrics(),
+        "kiln_model_unloads_total{model=\"bert-tiny-cls\"}",
+    );
+    assert_eq!(unloads, 1.0);
+    // It loads again on request.
+    let (status, got) = server.post_raw("/v2/repository/models/bert-tiny-cls/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post("/predict", &predict);
+    assert_eq!(status, 200, "{got}");
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}

@@ -152,6 +152,19 @@ pub fn run(config: ServeConfig) -> Result<()> {
             tracing::error!(error = %e, "cannot load any model");
             return Err(anyhow!("cannot load any model: {e}"));
         }
+        if let Some(idle) = state.config().model_idle_timeout {
+            let watched = state.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval((idle / 4).clamp(
+                    std::time::Duration::from_millis(100),
+                    std::time::Duration::from_secs(10),
+                ));
+                loop {
+                    tick.tick().await;
+                    watched.unload_idle(idle).await;
+                }
+            });
+        }
         let (http, grpc) = tokio::join!(http, grpc);
         http?.context("HTTP server")?;
         grpc?.context("gRPC server")?;
