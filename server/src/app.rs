@@ -17,6 +17,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::decompression::{DecompressionBody, RequestDecompressionLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::admission::Gate;
 use crate::auth::ApiKeys;
 use crate::config::{ModelControl, ServeConfig};
 use crate::error::AppError;
@@ -113,12 +114,14 @@ impl AppState {
         self.inner.models.pick(name, Want::Generation)?.causal_lm()
     }
 
-    /// Every model loaded and warmed up, and every worker thread running.
+    /// Every model that should be loaded is loaded and warmed up, and every worker thread runs.
     pub fn is_ready(&self) -> bool {
-        self.inner.models.all_ready() && self.inner.workers.down().is_empty()
+        self.readiness().is_ok()
     }
 
-    /// Why the server is not ready (each model not ready, each worker down), or `Ok`.
+    /// Why the server is not ready, or `Ok`: each model that should be loaded and is not (the
+    /// ones unloaded on purpose do not count), with what a request for it would be told, and
+    /// each worker thread that is down.
     pub fn readiness(&self) -> Result<(), String> {
         let mut why: Vec<String> = self
             .inner
@@ -126,11 +129,8 @@ impl AppState {
             .all()
             .iter()
             .filter_map(|m| match m.state() {
-                ModelState::Ready(_) | ModelState::Unloaded => None,
-                ModelState::Loading => Some(format!("model `{}` is still loading", m.id())),
-                ModelState::Unavailable(reason) => {
-                    Some(format!("model `{}` is unavailable: {reason}", m.id()))
-                }
+                ModelState::Unloaded => None,
+                _ => m.loaded().err().map(|e| e.message),
             })
             .collect();
         let down = self.inner.workers.down();
@@ -198,7 +198,7 @@ impl AppState {
                     .set(started.elapsed().as_secs_f64());
                 served.set_state(ModelState::Ready(loaded));
                 // A model just loaded counts as just used (for eviction and the idle timeout).
-                served.touch();
+                served.last_use().touch();
                 self.metrics()
                     .model_loads
                     .with_label_values(&[served.id(), "ok"])
@@ -275,11 +275,11 @@ impl AppState {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         // One at a time with the repository API's loads and unloads.
         let _one_at_a_time = self.inner.loading.lock().await;
-        let now = crate::registry::clock_ms();
+        let now = crate::admission::clock_ms();
         for served in self.inner.models.all() {
             if served.is_ready()
                 && served.in_flight() == 0
-                && now.saturating_sub(served.last_used()) >= timeout_ms
+                && now.saturating_sub(served.last_use().get()) >= timeout_ms
             {
                 tracing::info!(model = served.id(), idle_timeout = ?timeout, "unloading a model idle for longer than --model-idle-timeout");
                 if let Err(e) = self.unload(served).await {
@@ -306,7 +306,7 @@ impl AppState {
             let Some(victim) = loaded
                 .into_iter()
                 .filter(|m| m.in_flight() == 0)
-                .min_by_key(|m| m.last_used())
+                .min_by_key(|m| m.last_use().get())
             else {
                 return Err(AppError::unavailable(format!(
                     "cannot load model `{}`: all {max} loaded models (--max-loaded-models) have requests in flight; try again",
@@ -350,6 +350,15 @@ impl AppState {
         Ok(())
     }
 
+    /// A newly loaded model's admission: its own `--max-concurrent-requests` slots, marking
+    /// its registry entry's last use.
+    fn gate(&self, served: &Served) -> Gate {
+        Gate::new(
+            self.config().max_concurrent_requests,
+            served.last_use().clone(),
+        )
+    }
+
     fn load_one(&self, served: &Served) -> Result<Loaded, String> {
         let c = &served.config;
         let opts = c.load_options();
@@ -365,6 +374,7 @@ impl AppState {
         let infer = Infer::start(
             Arc::new(model),
             c.clone(),
+            self.gate(served),
             self.inner.config.clone(),
             self.metrics().clone(),
             &self.inner.workers,
@@ -394,6 +404,7 @@ impl AppState {
         let service = GenerationService::start(
             model,
             served.config.clone(),
+            self.gate(served),
             self.inner.config.clone(),
             self.metrics().clone(),
             &self.inner.workers,

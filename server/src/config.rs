@@ -317,7 +317,7 @@ impl RawServeConfig {
     /// Applies defaults and validates: the second stage.
     pub fn resolve(self) -> Result<ServeConfig, String> {
         let s = self.server;
-        let mut models = self.model.clone().resolve_all()?;
+        let mut models = self.model.resolve_all()?;
         if let Some(repo) = &s.model_repository {
             // The server-wide model settings are every repository model's defaults.
             let shared = RawModelSettings {
@@ -418,8 +418,8 @@ impl RawModelSettings {
     }
 
     /// Every `--model` given, each with these settings.
-    fn resolve_all(self) -> Result<Vec<ModelConfig>, String> {
-        let specs = self.model.clone().unwrap_or_default();
+    fn resolve_all(&self) -> Result<Vec<ModelConfig>, String> {
+        let specs = self.model.as_deref().unwrap_or_default();
         if specs.len() > 1 && self.model_id.is_some() {
             return Err(
                 "--model-id names a single model; with several, name each as --model PATH=ID"

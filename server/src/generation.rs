@@ -8,8 +8,8 @@
 //! dropped (the client disconnected, or a non-streaming handler was cancelled), and the
 //! scheduler also cancels any request whose channel has closed before each step, so a
 //! disconnect returns its KV blocks to the pool at the next token boundary at the latest.
-//! Admission is the same semaphore as the encoder routes (`max_concurrent_requests`, 429 beyond),
-//! taken before the prompt is tokenized; inside it, a request that does not fit the KV cache
+//! Admission is the same kind of gate as an encoder's ([`crate::admission::Gate`]: the model's
+//! own `max_concurrent_requests` slots, 429 beyond), taken before the prompt is tokenized; inside it, a request that does not fit the KV cache
 //! waits for memory, never an OOM, and no longer than `--request-timeout` (the handlers' deadline
 //! covers the whole request: queue, KV wait and generation; when it passes, dropping the
 //! [`Generation`] cancels it and frees its blocks).
@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use kiln_models::{
     CausalLm, Event, FinishReason, GenerationLimits, GenerationRequest, Generator, RequestId,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
+use crate::admission::{Admission, Gate};
 use crate::app::Aborted;
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
@@ -67,7 +68,7 @@ enum Command {
 pub struct GenerationService {
     model: Arc<CausalLm>,
     commands: mpsc::UnboundedSender<Command>,
-    admission: Arc<Semaphore>,
+    gate: Gate,
     model_config: Arc<ModelConfig>,
     config: Arc<ServeConfig>,
     aborted: Aborted,
@@ -80,7 +81,7 @@ pub struct Generation {
     id: RequestId,
     commands: mpsc::UnboundedSender<Command>,
     done: bool,
-    _slot: OwnedSemaphorePermit,
+    _slot: Admission,
 }
 
 impl Generation {
@@ -117,6 +118,7 @@ impl GenerationService {
     pub fn start(
         model: Arc<CausalLm>,
         model_config: Arc<ModelConfig>,
+        gate: Gate,
         config: Arc<ServeConfig>,
         metrics: Metrics,
         workers: &Workers,
@@ -164,7 +166,7 @@ impl GenerationService {
         Ok(Self {
             model,
             commands: tx,
-            admission: Arc::new(Semaphore::new(config.max_concurrent_requests)),
+            gate,
             model_config,
             config,
             aborted,
@@ -177,7 +179,7 @@ impl GenerationService {
 
     /// Requests admitted and not yet finished.
     pub fn in_flight(&self) -> usize {
-        self.config.max_concurrent_requests - self.admission.available_permits()
+        self.gate.in_flight()
     }
 
     /// The name clients use for this model.
@@ -216,17 +218,8 @@ impl GenerationService {
 
     /// A slot among `--max-concurrent-requests`, or 429 at once: taken before any work on the
     /// request (tokenization included), held until its generation ends.
-    pub fn admit(&self) -> Result<Slot, AppError> {
-        self.admission
-            .clone()
-            .try_acquire_owned()
-            .map(Slot)
-            .map_err(|_| {
-                AppError::overloaded(format!(
-                    "the server is at its limit of {} concurrent requests; retry later",
-                    self.config.max_concurrent_requests
-                ))
-            })
+    pub fn admit(&self) -> Result<Admission, AppError> {
+        self.gate.admit()
     }
 
     /// Resolves when the server stops draining and answers what is left with 503.
@@ -243,7 +236,7 @@ impl GenerationService {
     pub async fn start_generation(
         &self,
         req: GenerationRequest,
-        slot: Slot,
+        slot: Admission,
     ) -> Result<Generation, AppError> {
         let prompt_tokens = req.prompt.len();
         let (pieces_tx, pieces) = mpsc::unbounded_channel();
@@ -266,13 +259,10 @@ impl GenerationService {
             id,
             commands: self.commands.clone(),
             done: false,
-            _slot: slot.0,
+            _slot: slot,
         })
     }
 }
-
-/// An admission slot (see [`GenerationService::admit`]).
-pub struct Slot(OwnedSemaphorePermit);
 
 /// Per-request bookkeeping on the scheduler thread.
 struct Route {

@@ -8,18 +8,14 @@ use std::time::Instant;
 use axum::http::StatusCode;
 use kiln_models::bert::names;
 use kiln_models::{Encoded, EncoderModel, ModelKind, TextInput};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::admission::{Admission, Gate};
 use crate::app::Aborted;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
 use crate::metrics::Metrics;
 use crate::supervise::Workers;
-
-/// A slot among `--max-concurrent-requests`; dropping it (answer sent, client gone) frees it.
-#[must_use]
-pub struct Admission(#[allow(dead_code)] OwnedSemaphorePermit);
 
 /// Which embedding the caller wants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,7 +60,7 @@ pub struct Classified {
 pub struct Infer {
     model: Arc<EncoderModel>,
     batcher: Batcher,
-    admission: Arc<Semaphore>,
+    gate: Gate,
     metrics: Metrics,
     model_config: Arc<ModelConfig>,
     config: Arc<ServeConfig>,
@@ -76,6 +72,7 @@ impl Infer {
     pub fn start(
         model: Arc<EncoderModel>,
         model_config: Arc<ModelConfig>,
+        gate: Gate,
         config: Arc<ServeConfig>,
         metrics: Metrics,
         workers: &Workers,
@@ -87,9 +84,10 @@ impl Infer {
             max_batch_sequences: model_config.max_batch_sequences,
             max_queue_delay: config.max_queue_delay,
         };
-        let admission = Arc::new(Semaphore::new(config.max_concurrent_requests));
-        let (slots, capacity) = (admission.clone(), config.max_concurrent_requests);
-        let admitted = Box::new(move || capacity - slots.available_permits());
+        let admitted = {
+            let gate = gate.clone();
+            Box::new(move || gate.in_flight())
+        };
         let batcher = Batcher::spawn(
             model.clone(),
             limits,
@@ -102,7 +100,7 @@ impl Infer {
             model,
             model_config,
             batcher,
-            admission,
+            gate,
             metrics,
             config,
             aborted,
@@ -115,7 +113,7 @@ impl Infer {
 
     /// Requests admitted and not yet answered.
     pub fn in_flight(&self) -> usize {
-        self.config.max_concurrent_requests - self.admission.available_permits()
+        self.gate.in_flight()
     }
 
     /// The model, shared with the backend thread.
@@ -125,16 +123,7 @@ impl Infer {
 
     /// A slot for one request, or 429 at once when `--max-concurrent-requests` are in progress.
     pub fn admit(&self) -> Result<Admission, AppError> {
-        self.admission
-            .clone()
-            .try_acquire_owned()
-            .map(Admission)
-            .map_err(|_| {
-                AppError::overloaded(format!(
-                    "the server is at its limit of {} concurrent requests; retry later",
-                    self.config.max_concurrent_requests
-                ))
-            })
+        self.gate.admit()
     }
 
     /// Tokenizes on the blocking pool (tokenization is CPU work; the async workers must stay

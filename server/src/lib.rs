@@ -10,6 +10,7 @@
 //! the whole router without a socket, so it is tested in-process. The gRPC API ([`grpc`]) runs
 //! on its own port over the same state, batcher, limits, keys and metrics.
 
+pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod batcher;

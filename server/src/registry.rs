@@ -7,12 +7,11 @@
 //! the reason. Routes find their model by name, or by [`Registry::pick`]'s rules when the
 //! request names none.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
 
 use kiln_models::ModelKind;
 
+use crate::admission::LastUse;
 use crate::app::Ready;
 use crate::config::ModelConfig;
 use crate::error::AppError;
@@ -127,15 +126,9 @@ pub struct Served {
     /// `Err` when the folder's `config.json` could not be read (the model is then unavailable).
     kind: Result<Kind, String>,
     state: RwLock<ModelState>,
-    /// When a request last picked this model (see [`clock_ms`]), for eviction.
-    last_used: AtomicU64,
-}
-
-/// Milliseconds on one process-wide clock, so models' last uses compare.
-pub fn clock_ms() -> u64 {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
-    u64::try_from(ms).unwrap_or(u64::MAX)
+    /// When a request was last admitted to this model, for eviction and the idle timeout;
+    /// its admission gate marks it.
+    last_use: LastUse,
 }
 
 impl Served {
@@ -161,7 +154,7 @@ impl Served {
             config: Arc::new(config),
             kind,
             state: RwLock::new(state),
-            last_used: AtomicU64::new(0),
+            last_use: LastUse::default(),
         }
     }
 
@@ -199,15 +192,9 @@ impl Served {
         }
     }
 
-    /// When a request last picked this model (ms on [`clock_ms`]; 0: never).
-    pub fn last_used(&self) -> u64 {
-        self.last_used.load(Ordering::Relaxed)
-    }
-
-    /// Marks the model used now (a request picked it, or it has just been loaded).
-    pub fn touch(&self) {
-        self.last_used
-            .fetch_max(clock_ms().max(1), Ordering::Relaxed);
+    /// When a request was last admitted to this model (see [`LastUse`]).
+    pub fn last_use(&self) -> &LastUse {
+        &self.last_use
     }
 
     /// Marks the model loading. `Ok(false)`: it is loaded already; 409 while it is loading.
@@ -286,8 +273,8 @@ impl Served {
         }
     }
 
-    /// 503 while loading or unavailable (with the reason).
-    fn loaded(&self) -> Result<Loaded, AppError> {
+    /// What is loaded, or 503 while loading or unavailable (with the reason), 400 when unloaded.
+    pub(crate) fn loaded(&self) -> Result<Loaded, AppError> {
         match self.state() {
             ModelState::Ready(loaded) => Ok(loaded),
             ModelState::Loading => Err(AppError::unavailable(format!(
@@ -313,7 +300,6 @@ impl Served {
                 self.id()
             )));
         }
-        self.touch();
         match self.loaded()? {
             Loaded::Encoder(ready) => Ok(ready),
             Loaded::CausalLm(_) => unreachable!("the kind was checked above"),
@@ -328,7 +314,6 @@ impl Served {
                 self.id()
             )));
         }
-        self.touch();
         match self.loaded()? {
             Loaded::CausalLm(g) => Ok(g),
             Loaded::Encoder(_) => unreachable!("the kind was checked above"),
@@ -406,14 +391,6 @@ impl Registry {
                     .join(", ")
             ))),
         }
-    }
-
-    /// Every model that should be loaded (all but the ones unloaded on purpose) is loaded and
-    /// warmed up.
-    pub fn all_ready(&self) -> bool {
-        self.models
-            .iter()
-            .all(|m| matches!(m.state(), ModelState::Ready(_) | ModelState::Unloaded))
     }
 
     /// `a (embedding), b (causal_lm)`, for error messages.
