@@ -46,6 +46,25 @@ fn models_ls(server: &Server) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// A repository of one model of each kind: all-MiniLM-L6-v2, bert-tiny-cls and gpt2-tiny.
+fn every_kind(name: &str) -> PathBuf {
+    repository(
+        name,
+        &[
+            ("all-MiniLM-L6-v2", &minilm_dir()),
+            ("bert-tiny-cls", &bert_tiny_cls()),
+            ("gpt2-tiny", &gpt2_tiny()),
+        ],
+    )
+}
+
+/// `POST /v2/repository/index`: each model's entry.
+fn index(server: &Server) -> Vec<Value> {
+    let (status, got) = server.post_raw("/v2/repository/index", None, b"");
+    assert_eq!(status, 200, "{got}");
+    got.as_array().unwrap().clone()
+}
+
 fn bert_tiny_cls() -> PathBuf {
     fixtures().join("tiny/bert-tiny-cls")
 }
@@ -118,14 +137,7 @@ impl Expected {
 
 #[test]
 fn a_repository_serves_every_kind_of_model_side_by_side() {
-    let repo = repository(
-        "three",
-        &[
-            ("all-MiniLM-L6-v2", &minilm_dir()),
-            ("bert-tiny-cls", &bert_tiny_cls()),
-            ("gpt2-tiny", &gpt2_tiny()),
-        ],
-    );
+    let repo = every_kind("three");
     let server = Server::start_args(&kiln(), &["--model-repository", repo.to_str().unwrap()]);
     let want = Expected::load();
 
@@ -239,16 +251,13 @@ fn a_repository_serves_every_kind_of_model_side_by_side() {
     );
 
     // KServe: each model by its path, and the repository index.
-    let (status, got) = server.post_raw("/v2/repository/index", None, b"");
-    assert_eq!(status, 200, "{got}");
-    let index: Vec<(&str, &str)> = got
-        .as_array()
-        .unwrap()
+    let entries = index(&server);
+    let states: Vec<(&str, &str)> = entries
         .iter()
         .map(|m| (m["name"].as_str().unwrap(), m["state"].as_str().unwrap()))
         .collect();
     assert_eq!(
-        index,
+        states,
         [
             ("all-MiniLM-L6-v2", "READY"),
             ("bert-tiny-cls", "READY"),
@@ -350,22 +359,16 @@ fn a_model_that_cannot_load_is_unavailable_while_the_others_serve() {
     let server =
         Server::start_args_unready(&kiln(), &["--model-repository", repo.to_str().unwrap()]);
     let deadline = Instant::now() + Duration::from_secs(300);
-    let index = loop {
-        let (status, got) = server.post_raw("/v2/repository/index", None, b"");
-        assert_eq!(status, 200, "{got}");
-        let states: Vec<&str> = got
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["state"].as_str().unwrap())
-            .collect();
+    let entries = loop {
+        let got = index(&server);
+        let states: Vec<&str> = got.iter().map(|m| m["state"].as_str().unwrap()).collect();
         if states == ["READY", "UNAVAILABLE"] {
             break got;
         }
-        assert!(Instant::now() < deadline, "index stayed {got}");
+        assert!(Instant::now() < deadline, "index stayed {got:?}");
         std::thread::sleep(Duration::from_millis(100));
     };
-    let reason = index[1]["reason"].as_str().unwrap();
+    let reason = entries[1]["reason"].as_str().unwrap();
     assert!(!reason.is_empty());
     // Not ready as a whole (a model that should serve does not), with the reason.
     let (status, health) = server.get("/health");
@@ -428,14 +431,7 @@ fn rss_bytes(pid: u32) -> u64 {
 
 #[test]
 fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
-    let repo = repository(
-        "explicit",
-        &[
-            ("all-MiniLM-L6-v2", &minilm_dir()),
-            ("bert-tiny-cls", &bert_tiny_cls()),
-            ("gpt2-tiny", &gpt2_tiny()),
-        ],
-    );
+    let repo = every_kind("explicit");
     // A plan cache of its own: the first load compiles and stores, every later one maps the
     // stored plan (no other test's server can be writing the entry at that moment), so what an
     // unload frees is the mapping, which RSS shows at once.
@@ -455,8 +451,7 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
     );
     let want = Expected::load();
     // gpt2-tiny is in the repository, not loaded; the server is ready without it.
-    let (status, got) = server.post_raw("/v2/repository/index", None, b"");
-    assert_eq!(status, 200, "{got}");
+    let got = index(&server);
     assert_eq!(got[2]["name"], "gpt2-tiny");
     assert_eq!(got[2]["state"], "UNAVAILABLE");
     assert_eq!(got[2]["reason"], "unloaded");
@@ -573,14 +568,7 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
 
 #[test]
 fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
-    let repo = repository(
-        "lru",
-        &[
-            ("all-MiniLM-L6-v2", &minilm_dir()),
-            ("bert-tiny-cls", &bert_tiny_cls()),
-            ("gpt2-tiny", &gpt2_tiny()),
-        ],
-    );
+    let repo = every_kind("lru");
     let server = Server::start_args(
         &kiln(),
         &[
@@ -596,10 +584,7 @@ fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
     );
     let want = Expected::load();
     let states = |server: &Server| -> Vec<(String, String)> {
-        let (status, got) = server.post_raw("/v2/repository/index", None, b"");
-        assert_eq!(status, 200, "{got}");
-        got.as_array()
-            .unwrap()
+        index(server)
             .iter()
             .map(|m| {
                 let reason = m["reason"].as_str().unwrap_or("");
@@ -685,12 +670,12 @@ fn a_model_idle_past_the_timeout_is_unloaded() {
     // Then, left alone, it goes (within the timeout and a check interval or two).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (_, got) = server.post_raw("/v2/repository/index", None, b"");
+        let got = index(&server);
         if got[0]["state"] == "UNAVAILABLE" {
             assert_eq!(got[0]["reason"], "unloaded");
             break;
         }
-        assert!(Instant::now() < deadline, "still loaded: {got}");
+        assert!(Instant::now() < deadline, "still loaded: {got:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     let unloads = kiln_tests::server::metric_value(
