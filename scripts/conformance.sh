@@ -27,13 +27,13 @@ start_kiln "$model" --model-id all-MiniLM-L6-v2
 "$venv/bin/python" scripts/conformance_grpc.py --grpc "$KILN_GRPC" --fixtures "$fixtures/minilm" --model all-MiniLM-L6-v2
 stop_kiln
 
-# Generation (issue 8): the same `openai` client against a causal LM, the tiny GPT-2 fixture
+# Generation: the same `openai` client against a causal LM, the tiny GPT-2 fixture
 # with a ChatML template: a completion, a chat completion and streams of both.
 start_kiln "$fixtures/tiny/gpt2-tiny" --model-id gpt2-tiny --chat-template tests/data/chatml.jinja
 "$venv/bin/python" scripts/openai-generation.py --url "$KILN_URL" --fixture "$fixtures/tiny/gpt2-tiny" --model gpt2-tiny
 stop_kiln
 
-# Several models (issue 20): one server over a repository folder of the three kinds; both
+# Several models: one server over a repository folder of the three kinds; both
 # tritonclient transports read its index, infer by model name and unload and load a model;
 # openai routes by `model`.
 repo=$(mktemp -d)
