@@ -129,7 +129,7 @@ impl AppState {
             .all()
             .iter()
             .filter_map(|m| match m.state() {
-                ModelState::Unloaded => None,
+                ModelState::Unloaded | ModelState::Unloading => None,
                 _ => m.loaded().err().map(|e| e.message),
             })
             .collect();
@@ -346,6 +346,7 @@ impl AppState {
             .model_unloads
             .with_label_values(&[name])
             .inc();
+        served.set_state(ModelState::Unloaded);
         tracing::info!(model = name, "model unloaded");
         Ok(())
     }

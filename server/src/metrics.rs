@@ -54,7 +54,7 @@ pub struct Inner {
     pub batch_tokens: prometheus::Histogram,
     pub queue_size: IntGauge,
     pub model_load_seconds: Gauge,
-    /// 1 for each model's current state (`READY`, `LOADING`, `UNAVAILABLE`), 0 for the others;
+    /// 1 for each model's current state (`READY`, `LOADING`, `UNLOADING`, `UNAVAILABLE`), 0 for the others;
     /// refreshed from the registry at each scrape.
     pub model_state: prometheus::IntGaugeVec,
     /// Loads at start and through the repository API, by model and outcome (`ok`, `failed`).
@@ -249,7 +249,7 @@ impl Metrics {
             model_state: prometheus::IntGaugeVec::new(
                 Opts::new(
                     "kiln_model_state",
-                    "1 for each served model's current state (READY, LOADING, UNAVAILABLE), 0 for the others.",
+                    "1 for each served model's current state (READY, LOADING, UNLOADING, UNAVAILABLE), 0 for the others.",
                 ),
                 &["model", "state"],
             )
@@ -440,7 +440,7 @@ pub async fn scrape(State(state): State<crate::app::AppState>) -> Response {
     let metrics = state.metrics();
     for m in state.models().all() {
         let current = m.state().name();
-        for name in ["READY", "LOADING", "UNAVAILABLE"] {
+        for name in ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"] {
             metrics
                 .model_state
                 .with_label_values(&[m.id(), name])

@@ -40,6 +40,9 @@ pub enum ModelState {
     Ready(Loaded),
     /// It could not be loaded (or its folder read): the reason, for clients and the index.
     Unavailable(String),
+    /// Being unloaded: refused to new requests while those in flight finish and its memory
+    /// is let go of.
+    Unloading,
     /// Not loaded on purpose: unloaded, or not yet loaded in explicit control mode.
     Unloaded,
 }
@@ -50,6 +53,7 @@ impl ModelState {
         match self {
             Self::Loading => "LOADING",
             Self::Ready(_) => "READY",
+            Self::Unloading => "UNLOADING",
             Self::Unavailable(_) | Self::Unloaded => "UNAVAILABLE",
         }
     }
@@ -59,6 +63,7 @@ impl ModelState {
         match self {
             Self::Unavailable(why) => Some(why.clone()),
             Self::Unloaded => Some("unloaded".into()),
+            Self::Unloading => Some("unloading".into()),
             Self::Loading | Self::Ready(_) => None,
         }
     }
@@ -206,6 +211,7 @@ impl Served {
         match &*state {
             ModelState::Ready(_) => Ok(false),
             ModelState::Loading => Err(self.busy("loading")),
+            ModelState::Unloading => Err(self.busy("unloading")),
             ModelState::Unavailable(_) | ModelState::Unloaded => {
                 if let Err(why) = &self.kind {
                     return Err(AppError::bad_request(format!(
@@ -219,18 +225,24 @@ impl Served {
         }
     }
 
-    /// Marks the model unloaded (new requests for it are refused from now on) and hands back
-    /// what was loaded, to be let go of. `None`: nothing was loaded; 409 while it is loading.
+    /// Marks the model unloading (new requests for it are refused from now on) and hands back
+    /// what was loaded, to be let go of; the caller marks it unloaded once its memory is freed.
+    /// `None`: nothing was loaded; 409 while it is loading or unloading.
     pub fn begin_unload(&self) -> Result<Option<Loaded>, AppError> {
         let mut state = self
             .state
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match std::mem::replace(&mut *state, ModelState::Unloaded) {
+        match std::mem::replace(&mut *state, ModelState::Unloading) {
             ModelState::Ready(loaded) => Ok(Some(loaded)),
-            ModelState::Loading => {
-                *state = ModelState::Loading;
-                Err(self.busy("loading"))
+            busy @ (ModelState::Loading | ModelState::Unloading) => {
+                let doing = if matches!(busy, ModelState::Loading) {
+                    "loading"
+                } else {
+                    "unloading"
+                };
+                *state = busy;
+                Err(self.busy(doing))
             }
             other => {
                 *state = other;
@@ -283,6 +295,10 @@ impl Served {
             ))),
             ModelState::Unavailable(why) => Err(AppError::unavailable(format!(
                 "model `{}` is unavailable: {why}",
+                self.id()
+            ))),
+            ModelState::Unloading => Err(AppError::unavailable(format!(
+                "model `{}` is being unloaded",
                 self.id()
             ))),
             ModelState::Unloaded => Err(AppError::bad_request(format!(

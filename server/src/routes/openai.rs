@@ -98,7 +98,7 @@ async fn handle(
 }
 
 /// Every served model, with its kind (`embedding`, `classifier`, `causal_lm`; `encoder` while
-/// one loads) and its state (`READY`, `LOADING`, `UNAVAILABLE`).
+/// one loads) and its state (`READY`, `LOADING`, `UNLOADING`, `UNAVAILABLE`).
 pub async fn models(State(state): State<AppState>) -> Json<Value> {
     let data: Vec<Value> = state
         .models()

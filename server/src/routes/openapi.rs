@@ -91,7 +91,7 @@ pub fn document() -> Value {
             "/v2/models/{model}/ready": get("KServe v2 model readiness"),
             "/v2/models/{model}/config": get("Triton model configuration"),
             "/v2/models/{model}/stats": get("Triton model statistics"),
-            "/v2/repository/index": post("Triton model repository index: every model with its state (READY, LOADING, UNAVAILABLE and the reason)", json!({ "type": "object", "properties": { "ready": { "type": "boolean" } } }), json!({ "type": "array" })),
+            "/v2/repository/index": post("Triton model repository index: every model with its state (READY, LOADING, UNLOADING, UNAVAILABLE and the reason)", json!({ "type": "object", "properties": { "ready": { "type": "boolean" } } }), json!({ "type": "array" })),
             "/v2/models/{model}/infer": post("KServe v2 inference (JSON, or binary tensor data with Inference-Header-Content-Length; gzip with Content-Encoding)", infer_req, json!({ "type": "object" })),
         },
         "components": { "schemas": { "Error": { "type": "object", "required": ["error"] } } },

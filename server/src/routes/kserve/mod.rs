@@ -81,7 +81,7 @@ pub struct IndexRequest {
     ready: bool,
 }
 
-/// Triton's model repository extension: every model with its state (`READY`, `LOADING`,
+/// Triton's model repository extension: every model with its state (`READY`, `LOADING`, `UNLOADING`,
 /// `UNAVAILABLE` with the reason), as `tritonclient`'s `get_model_repository_index` reads it.
 pub async fn repository_index(
     State(state): State<AppState>,
