@@ -38,7 +38,7 @@ for series in kiln_request_total kiln_request_duration_seconds_bucket kiln_queue
     kiln_tokenization_duration_seconds_bucket kiln_inference_duration_seconds_bucket kiln_batch_size_bucket \
     kiln_batch_tokens_bucket kiln_request_input_tokens_bucket kiln_queue_size \
     kiln_model_load_duration_seconds kiln_sdpa_kernel_calls_total kiln_build_info \
-    'kiln_request_failure_total{reason="validation"} 1'; do
+    'kiln_request_failure_total{.*reason="validation"} 1' 'kiln_model_memory_bytes{model="all-MiniLM-L6-v2"}'; do
   grep -q "^$series" "$work/scrape.txt" || { echo "missing in scrape: $series" >&2; exit 1; }
 done
 

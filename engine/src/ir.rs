@@ -23,6 +23,16 @@ pub enum DType {
     I64,
 }
 
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::I64 => 8,
+        }
+    }
+}
+
 /// One dimension of a value's type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Dim {
@@ -764,6 +774,19 @@ fn infer_linear(op: &Op, inputs: &[&TensorType]) -> Result<TensorType> {
 }
 
 impl Graph {
+    /// Bytes of the graph's constants (weights, as stored: packed or quantized ones at their
+    /// stored size): what a prepared plan holds on its device besides activations.
+    pub fn constant_bytes(&self) -> usize {
+        self.nodes
+            .iter()
+            .map(|n| match &n.op {
+                Op::Constant { value, .. } => value.len() * value.dtype().size(),
+                Op::Weight { weight, .. } => weight.nbytes(),
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Re-infers every node's type from its inputs and checks it matches what is recorded,
     /// that inputs precede their users, and that outputs exist with unique names.
     pub fn check(&self) -> Result<()> {

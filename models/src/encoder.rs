@@ -540,6 +540,12 @@ impl EncoderModel {
             .collect())
     }
 
+    /// Bytes of the weights the compiled plan holds (packed or quantized ones at their stored
+    /// size); activations and, for a causal LM, the KV cache come on top.
+    pub fn weight_bytes(&self) -> usize {
+        self.plan.graph().constant_bytes()
+    }
+
     /// Attention calls per kernel (`math`, `flash`, ... or `burn`) since the model was loaded.
     pub fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)> {
         self.plan.sdpa_kernel_counts()

@@ -105,13 +105,18 @@ impl AppState {
 
     /// The encoder a request is for ([`Registry::pick`]), or 404 (unknown name), 503 (still
     /// loading, unavailable) or 422 (a causal LM).
+    /// The request's metrics are labelled with the model from here on.
     pub fn encoder(&self, name: Option<&str>, want: Want) -> Result<Arc<Ready>, AppError> {
-        self.inner.models.pick(name, want)?.encoder()
+        let served = self.inner.models.pick(name, want)?;
+        request_id::note_model(served.id());
+        served.encoder()
     }
 
     /// The causal LM a request is for, or 404, 503, or 422 (an encoder).
     pub fn causal_lm(&self, name: Option<&str>) -> Result<GenerationService, AppError> {
-        self.inner.models.pick(name, Want::Generation)?.causal_lm()
+        let served = self.inner.models.pick(name, Want::Generation)?;
+        request_id::note_model(served.id());
+        served.causal_lm()
     }
 
     /// Every model that should be loaded is loaded and warmed up, and every worker thread runs.
@@ -194,7 +199,8 @@ impl AppState {
         match self.load_one(served) {
             Ok(loaded) => {
                 self.metrics()
-                    .model_load_seconds
+                    .for_model(served.id())
+                    .load_seconds
                     .set(started.elapsed().as_secs_f64());
                 served.set_state(ModelState::Ready(loaded));
                 // A model just loaded counts as just used (for eviction and the idle timeout).
@@ -342,6 +348,7 @@ impl AppState {
             );
         }
         self.inner.workers.retire(name, self.metrics());
+        self.metrics().for_model(name).unloaded();
         self.metrics()
             .model_unloads
             .with_label_values(&[name])
@@ -367,8 +374,12 @@ impl AppState {
             return self.load_causal_lm(served, &opts);
         }
         let model = EncoderModel::load(&c.dir, &opts).map_err(|e| e.to_string())?;
-        self.metrics().set_device(&model.info().placement);
-        self.metrics().record_plan(&model.info().plan);
+        let metrics = self.metrics().for_model(served.id());
+        metrics.set_device(&model.info().placement);
+        metrics.record_plan(&model.info().plan);
+        metrics
+            .memory_bytes
+            .set(i64::try_from(model.weight_bytes()).unwrap_or(i64::MAX));
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
         info.id = c.id.clone();
@@ -377,7 +388,7 @@ impl AppState {
             c.clone(),
             self.gate(served),
             self.inner.config.clone(),
-            self.metrics().clone(),
+            metrics,
             &self.inner.workers,
             self.aborted(),
         )
@@ -399,15 +410,16 @@ impl AppState {
             kiln_models::CausalLm::load(&served.config.dir, opts, template)
                 .map_err(|e| e.to_string())?,
         );
-        self.metrics().set_device(&model.info().placement);
-        self.metrics().record_plan(&model.info().plan);
+        let metrics = self.metrics().for_model(served.id());
+        metrics.set_device(&model.info().placement);
+        metrics.record_plan(&model.info().plan);
         warm_up_causal(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let service = GenerationService::start(
             model,
             served.config.clone(),
             self.gate(served),
             self.inner.config.clone(),
-            self.metrics().clone(),
+            metrics,
             &self.inner.workers,
             self.aborted(),
         )?;
@@ -519,6 +531,7 @@ pub fn app(state: AppState) -> Router {
             "/v2/repository/models/{model}/unload",
             post(kserve::repository_unload),
         )
+        .route("/v2/models/stats", get(kserve::all_stats))
         .route("/v2/models/{model}/stats", get(kserve::model_stats))
         .route(
             "/v2/models/{model}/versions/{version}/stats",

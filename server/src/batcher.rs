@@ -31,7 +31,7 @@ use kiln_models::{BatchLayout, Encoded, EncoderModel};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::AppError;
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 use crate::supervise::{self, Exit, Workers};
 
 /// The backend thread's name in logs, metrics and fault injection.
@@ -85,7 +85,7 @@ impl Batcher {
     pub fn spawn(
         model: Arc<EncoderModel>,
         limits: BatchLimits,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         admitted: AdmittedCount,
         workers: &Workers,
         model_id: &str,
@@ -101,7 +101,7 @@ impl Batcher {
         std::thread::Builder::new()
             .name("kiln-backend".into())
             .spawn(move || {
-                supervise::run(&worker, &backend_metrics, |started| {
+                supervise::run(&worker, &backend_metrics.shared, |started| {
                     supervise::maybe_inject(WORKER);
                     started();
                     backend_loop(&model, &mut batch_rx, &done, limits, &backend_metrics);
@@ -143,7 +143,7 @@ async fn queue_owner(
     mut rx: mpsc::UnboundedReceiver<Msg>,
     batch_tx: mpsc::Sender<Vec<Entry>>,
     limits: BatchLimits,
-    metrics: Metrics,
+    metrics: ModelMetrics,
     admitted: AdmittedCount,
 ) {
     let mut queue: VecDeque<Entry> = VecDeque::new();
@@ -268,7 +268,7 @@ fn backend_loop(
     batches: &mut mpsc::Receiver<Vec<Entry>>,
     done: &mpsc::WeakUnboundedSender<Msg>,
     limits: BatchLimits,
-    metrics: &Metrics,
+    metrics: &ModelMetrics,
 ) {
     while let Some(batch) = batches.blocking_recv() {
         let requests = batch.len();
@@ -299,7 +299,12 @@ struct Slot {
     index: usize,
 }
 
-fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, metrics: &Metrics) {
+fn run_batch(
+    model: &EncoderModel,
+    mut batch: Vec<Entry>,
+    limits: &BatchLimits,
+    metrics: &ModelMetrics,
+) {
     let started = Instant::now();
     // Requests withdrawn while the batch waited for the backend are not run.
     batch.retain(|e| !e.reply.is_closed());
@@ -349,15 +354,16 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
         {
             continue;
         }
+        let input_started = Instant::now();
         let encoded: Vec<Encoded> = chunk.iter().map(|(_, s)| s.clone()).collect();
         let counts_before = model.sdpa_kernel_counts();
         let call_started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             model.run_batch_rows(&encoded)
         }));
-        metrics
-            .inference_duration
-            .observe(call_started.elapsed().as_secs_f64());
+        let call_time = call_started.elapsed();
+        let input_time = call_started.duration_since(input_started);
+        metrics.inference_duration.observe(call_time.as_secs_f64());
         metrics.add_sdpa_calls(&counts_before, &model.sdpa_kernel_counts());
         metrics.inferences.inc();
         metrics.batch_size.observe(encoded.len() as f64);
@@ -381,6 +387,7 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
                 continue;
             }
         };
+        let output_started = Instant::now();
         for (r, (slot, _)) in chunk.iter().enumerate() {
             if failed[slot.entry].is_some() {
                 continue;
@@ -398,6 +405,14 @@ fn run_batch(model: &EncoderModel, mut batch: Vec<Entry>, limits: &BatchLimits, 
                 }
             }
         }
+        let output_time = output_started.elapsed();
+        metrics
+            .stats
+            .compute_output
+            .add(chunk.len() as u64, output_time);
+        metrics
+            .stats
+            .record_batch(chunk.len(), input_time, call_time, output_time);
     }
     for ((entry, rows), failure) in batch.into_iter().zip(rows).zip(failed) {
         let answer = match failure {

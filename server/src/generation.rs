@@ -31,7 +31,7 @@ use crate::admission::{Admission, Gate};
 use crate::app::Aborted;
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 use crate::supervise::{self, Exit, Workers};
 
 /// The scheduler's name in logs, metrics and fault injection.
@@ -120,7 +120,7 @@ impl GenerationService {
         model_config: Arc<ModelConfig>,
         gate: Gate,
         config: Arc<ServeConfig>,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         workers: &Workers,
         aborted: Aborted,
     ) -> Result<Self, String> {
@@ -136,6 +136,12 @@ impl GenerationService {
         // load; restarts build their own.
         let first = Generator::new(model.clone(), limits).map_err(|e| e.to_string())?;
         let (used, total) = first.blocks_used();
+        let kv_bytes = model
+            .kv_spec(limits.num_blocks(), limits.block_size)
+            .total_bytes();
+        metrics
+            .memory_bytes
+            .set(i64::try_from(model.weight_bytes().saturating_add(kv_bytes)).unwrap_or(i64::MAX));
         metrics.kv_cache_blocks_total.set(total as i64);
         metrics.kv_cache_blocks_used.set(used as i64);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -147,7 +153,7 @@ impl GenerationService {
                 let mut first = Some(first);
                 // Ids given out so far, so that a restarted scheduler never reuses one.
                 let mut issued: RequestId = 0;
-                supervise::run(&worker, &metrics, |started| {
+                supervise::run(&worker, &metrics.shared, |started| {
                     let mut generator = match first.take() {
                         Some(g) => g,
                         None => match Generator::new(scheduler_model.clone(), limits) {
@@ -274,7 +280,7 @@ struct Route {
 fn scheduler(
     mut generator: Generator,
     commands: &mut mpsc::UnboundedReceiver<Command>,
-    metrics: &Metrics,
+    metrics: &ModelMetrics,
     issued: &mut RequestId,
 ) {
     let mut routes: HashMap<RequestId, Route> = HashMap::new();

@@ -14,7 +14,7 @@ use crate::app::Aborted;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
-use crate::metrics::Metrics;
+use crate::metrics::ModelMetrics;
 use crate::supervise::Workers;
 
 /// Which embedding the caller wants.
@@ -61,7 +61,7 @@ pub struct Infer {
     model: Arc<EncoderModel>,
     batcher: Batcher,
     gate: Gate,
-    metrics: Metrics,
+    metrics: ModelMetrics,
     model_config: Arc<ModelConfig>,
     config: Arc<ServeConfig>,
     aborted: Aborted,
@@ -74,7 +74,7 @@ impl Infer {
         model_config: Arc<ModelConfig>,
         gate: Gate,
         config: Arc<ServeConfig>,
-        metrics: Metrics,
+        metrics: ModelMetrics,
         workers: &Workers,
         aborted: Aborted,
     ) -> std::io::Result<Self> {

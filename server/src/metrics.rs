@@ -5,9 +5,10 @@
 //! the total-duration histogram are recorded by one middleware ([`track`]); queue, tokenization
 //! and inference timings and batch shapes by the batcher.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
@@ -15,8 +16,8 @@ use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{
-    Encoder, Gauge, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder, exponential_buckets,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
 };
 
 use crate::error::ErrorKind;
@@ -42,18 +43,26 @@ pub struct Metrics {
 
 pub struct Inner {
     registry: Registry,
+    /// Counted on arrival, before the request's model is known: by API family only.
     pub requests: IntCounterVec,
+    /// Outcomes and durations by API family (or failure reason) and model (`""` for a request
+    /// that failed before a model was chosen for it).
     pub successes: IntCounterVec,
     pub failures: IntCounterVec,
     pub request_duration: HistogramVec,
-    pub queue_duration: prometheus::Histogram,
-    pub tokenization_duration: prometheus::Histogram,
-    pub inference_duration: prometheus::Histogram,
-    pub input_tokens: prometheus::Histogram,
-    pub batch_size: prometheus::Histogram,
-    pub batch_tokens: prometheus::Histogram,
-    pub queue_size: IntGauge,
-    pub model_load_seconds: Gauge,
+    // Per model (the `model` label); a model's series are handed to its batcher or scheduler
+    // as a [`ModelMetrics`].
+    queue_duration: HistogramVec,
+    tokenization_duration: HistogramVec,
+    inference_duration: HistogramVec,
+    input_tokens: HistogramVec,
+    batch_size: HistogramVec,
+    batch_tokens: HistogramVec,
+    queue_size: IntGaugeVec,
+    model_load_seconds: GaugeVec,
+    /// Bytes a loaded model holds: its weights as the plan stores them, and a causal LM's KV
+    /// cache; 0 once unloaded.
+    model_memory: IntGaugeVec,
     /// 1 for each model's current state (`READY`, `LOADING`, `UNLOADING`, `UNAVAILABLE`), 0 for the others;
     /// refreshed from the registry at each scrape.
     pub model_state: prometheus::IntGaugeVec,
@@ -61,39 +70,47 @@ pub struct Inner {
     pub model_loads: IntCounterVec,
     /// Unloads through the repository API (eviction included), by model.
     pub model_unloads: IntCounterVec,
-    pub plan_compile_seconds: Gauge,
-    pub plan_cache_load_seconds: Gauge,
-    pub plan_cache_hits: IntCounter,
-    pub plan_cache_misses: IntCounter,
-    pub sdpa_calls: IntCounterVec,
-    pub inferences: IntCounter,
-    /// Generation (causal LMs): time to first token, time between tokens, tokens generated,
-    /// and the KV cache's blocks and batch.
-    pub time_to_first_token: prometheus::Histogram,
-    pub inter_token_latency: prometheus::Histogram,
-    pub generated_tokens: IntCounter,
-    pub kv_cache_blocks_used: IntGauge,
-    pub kv_cache_blocks_total: IntGauge,
-    pub kv_cache_usage: Gauge,
-    /// Always 1 once a model is loaded; the labels say where it runs (the GPU adapter's facts
+    plan_compile_seconds: GaugeVec,
+    plan_cache_load_seconds: GaugeVec,
+    plan_cache_hits: IntCounterVec,
+    plan_cache_misses: IntCounterVec,
+    sdpa_calls: IntCounterVec,
+    inferences: IntCounterVec,
+    // Generation (causal LMs): time to first token, time between tokens, tokens generated,
+    // and the KV cache's blocks and batch.
+    time_to_first_token: HistogramVec,
+    inter_token_latency: HistogramVec,
+    generated_tokens: IntCounterVec,
+    kv_cache_blocks_used: IntGaugeVec,
+    kv_cache_blocks_total: IntGaugeVec,
+    kv_cache_usage: GaugeVec,
+    /// Always 1 while a model is loaded; the labels say where it runs (the GPU adapter's facts
     /// when it is one).
-    pub device_info: prometheus::IntGaugeVec,
-    pub generation_running: IntGauge,
-    pub generation_waiting: IntGauge,
+    device_info: IntGaugeVec,
+    generation_running: IntGaugeVec,
+    generation_waiting: IntGaugeVec,
     /// Worker threads (the encoder backend, the generation scheduler): restarts after a panic,
     /// and whether each is running now.
     pub worker_restarts: IntCounterVec,
     pub worker_up: prometheus::IntGaugeVec,
-    /// Totals for the KServe statistics extension (not exported to Prometheus, which has the
-    /// histograms).
-    success_ns: AtomicU64,
-    failure_ns: AtomicU64,
-    last_inference_ms: AtomicU64,
+    /// Each model's series, made once per model name.
+    models: Mutex<HashMap<String, ModelMetrics>>,
 }
 
-fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Histogram {
-    prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+/// A histogram by model.
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &["model"])
         .expect("valid histogram")
+}
+
+/// A gauge by model.
+fn gauge(name: &str, help: &str) -> GaugeVec {
+    GaugeVec::new(Opts::new(name, help), &["model"]).expect("valid gauge")
+}
+
+/// An integer gauge by model.
+fn int_gauge(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &["model"]).expect("valid gauge")
 }
 
 /// 0.5 ms to ~65 s.
@@ -115,26 +132,26 @@ impl Metrics {
             ),
             successes: counter_vec(
                 "kiln_request_success_total",
-                "Inference requests answered successfully, by API family.",
-                &["api"],
+                "Inference requests answered successfully, by API family and model.",
+                &["api", "model"],
             ),
             failures: counter_vec(
                 "kiln_request_failure_total",
-                "Inference requests that failed, by reason (validation, tokenization, overloaded, timeout, inference, cancelled, unavailable).",
-                &["reason"],
+                "Inference requests that failed, by reason (validation, tokenization, overloaded, timeout, inference, cancelled, unavailable) and model (empty when the request failed before a model was chosen).",
+                &["reason", "model"],
             ),
             request_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "kiln_request_duration_seconds",
-                    "Time from receiving an inference request to answering it, by API family.",
+                    "Time from receiving an inference request to answering it, by API family and model.",
                 )
                 .buckets(duration_buckets()),
-                &["api"],
+                &["api", "model"],
             )
             .expect("valid histogram"),
             queue_duration: histogram(
                 "kiln_queue_duration_seconds",
-                "Time a request waited in the batch queue before its batch started.",
+                "Time a request waited in its model's batch queue before its batch started.",
                 duration_buckets(),
             ),
             tokenization_duration: histogram(
@@ -162,40 +179,43 @@ impl Metrics {
                 "Real (unpadded) tokens per engine call.",
                 exponential_buckets(8.0, 2.0, 14).expect("valid buckets"),
             ),
-            queue_size: IntGauge::new("kiln_queue_size", "Requests waiting in the batch queue.")
-                .expect("valid gauge"),
-            model_load_seconds: Gauge::new(
+            queue_size: int_gauge("kiln_queue_size", "Requests waiting in the model's batch queue."),
+            model_load_seconds: gauge(
                 "kiln_model_load_duration_seconds",
                 "Time taken to load the model and warm it up.",
-            )
-            .expect("valid gauge"),
-            plan_compile_seconds: Gauge::new(
+            ),
+            model_memory: int_gauge(
+                "kiln_model_memory_bytes",
+                "Bytes a loaded model holds: its weights as the compiled plan stores them, plus a causal LM's KV cache (activations not included); 0 when not loaded.",
+            ),
+            plan_compile_seconds: gauge(
                 "kiln_plan_compile_duration_seconds",
-                "Time the graph compiler took at load (0 when the plan came from the plan cache).",
-            )
-            .expect("valid gauge"),
-            plan_cache_load_seconds: Gauge::new(
+                "Time the graph compiler took at the model's last load (0 when the plan came from the plan cache).",
+            ),
+            plan_cache_load_seconds: gauge(
                 "kiln_plan_cache_load_duration_seconds",
-                "Time taken to read and verify the compiled plan from the plan cache (0 on a miss).",
-            )
-            .expect("valid gauge"),
-            plan_cache_hits: IntCounter::new(
+                "Time taken to read and verify the compiled plan from the plan cache at the model's last load (0 on a miss).",
+            ),
+            plan_cache_hits: counter_vec(
                 "kiln_plan_cache_hits_total",
                 "Model loads whose compiled plan came from the plan cache.",
-            )
-            .expect("valid counter"),
-            plan_cache_misses: IntCounter::new(
+                &["model"],
+            ),
+            plan_cache_misses: counter_vec(
                 "kiln_plan_cache_misses_total",
                 "Model loads that compiled their plan (no usable entry in an enabled plan cache).",
-            )
-            .expect("valid counter"),
+                &["model"],
+            ),
             sdpa_calls: counter_vec(
                 "kiln_sdpa_kernel_calls_total",
-                "Attention (SDPA) calls by the kernel that ran them.",
-                &["kernel"],
+                "Attention (SDPA) calls by model and the kernel that ran them.",
+                &["model", "kernel"],
             ),
-            inferences: IntCounter::new("kiln_batch_total", "Engine calls (batches) run.")
-                .expect("valid counter"),
+            inferences: counter_vec(
+                "kiln_batch_total",
+                "Engine calls (batches) run.",
+                &["model"],
+            ),
             time_to_first_token: histogram(
                 "kiln_time_to_first_token_seconds",
                 "Time from a generation request reaching the scheduler to its first token.",
@@ -206,47 +226,42 @@ impl Metrics {
                 "Time between consecutive tokens of one generation request.",
                 exponential_buckets(0.0001, 2.0, 18).expect("valid buckets"),
             ),
-            generated_tokens: IntCounter::new(
+            generated_tokens: counter_vec(
                 "kiln_generated_tokens_total",
                 "Tokens generated by causal LMs.",
-            )
-            .expect("valid counter"),
-            kv_cache_blocks_used: IntGauge::new(
+                &["model"],
+            ),
+            kv_cache_blocks_used: int_gauge(
                 "kiln_kv_cache_blocks_used",
                 "KV cache blocks held by running generation requests.",
-            )
-            .expect("valid gauge"),
-            kv_cache_blocks_total: IntGauge::new(
+            ),
+            kv_cache_blocks_total: int_gauge(
                 "kiln_kv_cache_blocks_capacity",
                 "KV cache blocks in the pool.",
-            )
-            .expect("valid gauge"),
-            kv_cache_usage: Gauge::new(
+            ),
+            kv_cache_usage: gauge(
                 "kiln_kv_cache_usage_ratio",
                 "Share of the KV cache's blocks in use (0 to 1).",
-            )
-            .expect("valid gauge"),
-            device_info: prometheus::IntGaugeVec::new(
+            ),
+            device_info: IntGaugeVec::new(
                 Opts::new(
                     "kiln_device_info",
-                    "Always 1 once the model is loaded; the labels say where it runs: the device, \
+                    "Always 1 while the model is loaded; the labels say where it runs: the device, \
                      why (auto or configured), and the GPU adapter (name, graphics API, driver, \
                      f16 support; empty on the CPU).",
                 ),
-                &["device", "choice", "adapter", "api", "driver", "shader_f16"],
+                &["model", "device", "choice", "adapter", "api", "driver", "shader_f16"],
             )
             .expect("valid gauge"),
-            generation_running: IntGauge::new(
+            generation_running: int_gauge(
                 "kiln_generation_running_requests",
                 "Generation requests in the running batch.",
-            )
-            .expect("valid gauge"),
-            generation_waiting: IntGauge::new(
+            ),
+            generation_waiting: int_gauge(
                 "kiln_generation_waiting_requests",
                 "Generation requests waiting to join the batch.",
-            )
-            .expect("valid gauge"),
-            model_state: prometheus::IntGaugeVec::new(
+            ),
+            model_state: IntGaugeVec::new(
                 Opts::new(
                     "kiln_model_state",
                     "1 for each served model's current state (READY, LOADING, UNLOADING, UNAVAILABLE), 0 for the others.",
@@ -269,7 +284,7 @@ impl Metrics {
                 "Times a worker thread died (a panic outside any one request's engine call) and was restarted, by worker and model.",
                 &["worker", "model"],
             ),
-            worker_up: prometheus::IntGaugeVec::new(
+            worker_up: IntGaugeVec::new(
                 Opts::new(
                     "kiln_worker_up",
                     "1 while the worker thread runs, 0 while it is dead or restarting (readiness is false then), by worker and model.",
@@ -278,9 +293,7 @@ impl Metrics {
             )
             .expect("valid gauge"),
             registry,
-            success_ns: AtomicU64::new(0),
-            failure_ns: AtomicU64::new(0),
-            last_inference_ms: AtomicU64::new(0),
+            models: Mutex::new(HashMap::new()),
         };
         let build_info = prometheus::IntGaugeVec::new(
             Opts::new(
@@ -311,6 +324,7 @@ impl Metrics {
             Box::new(inner.batch_tokens.clone()),
             Box::new(inner.queue_size.clone()),
             Box::new(inner.model_load_seconds.clone()),
+            Box::new(inner.model_memory.clone()),
             Box::new(inner.plan_compile_seconds.clone()),
             Box::new(inner.plan_cache_load_seconds.clone()),
             Box::new(inner.plan_cache_hits.clone()),
@@ -338,19 +352,114 @@ impl Metrics {
         }
         // Every series exists from the start (at zero), so dashboards and `rate()` see them
         // before the first failure of each kind.
-        for reason in FAILURE_REASONS {
-            inner.failures.with_label_values(&[reason]);
-        }
         for api in API_FAMILIES {
             inner.requests.with_label_values(&[api]);
-            inner.successes.with_label_values(&[api]);
         }
-        Self {
+        let metrics = Self {
             inner: Arc::new(inner),
+        };
+        metrics.touch_outcomes("");
+        metrics
+    }
+
+    /// Makes the outcome series of requests for `model` exist (at zero).
+    fn touch_outcomes(&self, model: &str) {
+        for reason in FAILURE_REASONS {
+            self.failures.with_label_values(&[reason, model]);
+        }
+        for api in API_FAMILIES {
+            self.successes.with_label_values(&[api, model]);
         }
     }
 
-    /// Records how a model's plan came to be: compile and cache-read times, a cache hit or miss.
+    /// `model`'s series (made, at zero, on first use): what its batcher or scheduler records
+    /// into, and what Triton's statistics extension reads.
+    pub fn for_model(&self, model: &str) -> ModelMetrics {
+        let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = models.get(model) {
+            return m.clone();
+        }
+        self.touch_outcomes(model);
+        let l = &[model];
+        let m = ModelMetrics {
+            shared: self.clone(),
+            model: model.into(),
+            queue_duration: self.queue_duration.with_label_values(l),
+            tokenization_duration: self.tokenization_duration.with_label_values(l),
+            inference_duration: self.inference_duration.with_label_values(l),
+            input_tokens: self.input_tokens.with_label_values(l),
+            batch_size: self.batch_size.with_label_values(l),
+            batch_tokens: self.batch_tokens.with_label_values(l),
+            queue_size: self.queue_size.with_label_values(l),
+            load_seconds: self.model_load_seconds.with_label_values(l),
+            memory_bytes: self.model_memory.with_label_values(l),
+            plan_compile_seconds: self.plan_compile_seconds.with_label_values(l),
+            plan_cache_load_seconds: self.plan_cache_load_seconds.with_label_values(l),
+            plan_cache_hits: self.plan_cache_hits.with_label_values(l),
+            plan_cache_misses: self.plan_cache_misses.with_label_values(l),
+            inferences: self.inferences.with_label_values(l),
+            time_to_first_token: self.time_to_first_token.with_label_values(l),
+            inter_token_latency: self.inter_token_latency.with_label_values(l),
+            generated_tokens: self.generated_tokens.with_label_values(l),
+            kv_cache_blocks_used: self.kv_cache_blocks_used.with_label_values(l),
+            kv_cache_blocks_total: self.kv_cache_blocks_total.with_label_values(l),
+            kv_cache_usage: self.kv_cache_usage.with_label_values(l),
+            generation_running: self.generation_running.with_label_values(l),
+            generation_waiting: self.generation_waiting.with_label_values(l),
+            stats: Arc::default(),
+            device: Arc::default(),
+        };
+        models.insert(model.to_string(), m.clone());
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.inner.registry.gather(), &mut buf)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+/// One model's series, with its `model` label applied once; handed to its batcher or
+/// scheduler when it loads.
+#[derive(Clone)]
+pub struct ModelMetrics {
+    /// The server's metrics (worker health is recorded there).
+    pub shared: Metrics,
+    pub model: Arc<str>,
+    pub queue_duration: Histogram,
+    pub tokenization_duration: Histogram,
+    pub inference_duration: Histogram,
+    pub input_tokens: Histogram,
+    pub batch_size: Histogram,
+    pub batch_tokens: Histogram,
+    pub queue_size: IntGauge,
+    pub load_seconds: Gauge,
+    pub memory_bytes: IntGauge,
+    plan_compile_seconds: Gauge,
+    plan_cache_load_seconds: Gauge,
+    plan_cache_hits: IntCounter,
+    plan_cache_misses: IntCounter,
+    pub inferences: IntCounter,
+    pub time_to_first_token: Histogram,
+    pub inter_token_latency: Histogram,
+    pub generated_tokens: IntCounter,
+    pub kv_cache_blocks_used: IntGauge,
+    pub kv_cache_blocks_total: IntGauge,
+    pub kv_cache_usage: Gauge,
+    pub generation_running: IntGauge,
+    pub generation_waiting: IntGauge,
+    /// What Triton's statistics extension reports beyond the Prometheus series.
+    pub stats: Arc<ModelStats>,
+    /// The `kiln_device_info` labels set for the model, to remove them when it goes.
+    device: Arc<Mutex<Option<Vec<String>>>>,
+}
+
+impl ModelMetrics {
+    /// Records how the model's plan came to be: compile and cache-read times, a cache hit or
+    /// miss.
     pub fn record_plan(&self, plan: &kiln_models::PlanInfo) {
         self.plan_compile_seconds
             .set(plan.compile_time.as_secs_f64());
@@ -363,47 +472,52 @@ impl Metrics {
         }
     }
 
-    /// Records where the model runs (`kiln_device_info`).
+    /// Records where the model runs (`kiln_device_info`), replacing what an earlier load of it
+    /// recorded.
     pub fn set_device(&self, placement: &kiln_models::DevicePlacement) {
+        self.clear_device();
         let a = placement.adapter.as_ref();
         let choice = match placement.requested {
             kiln_engine::DeviceChoice::Auto => "auto",
             kiln_engine::DeviceChoice::Fixed(_) => "configured",
         };
-        self.inner
-            .device_info
-            .with_label_values(&[
-                placement.device.to_string().as_str(),
-                choice,
-                a.map_or("", |a| a.name.as_str()),
-                a.map_or("", |a| a.api.as_str()),
-                a.map(|a| format!("{} {}", a.driver, a.driver_info))
-                    .unwrap_or_default()
-                    .trim(),
-                a.map_or("", |a| if a.shader_f16 { "true" } else { "false" }),
-            ])
-            .set(1);
+        let values: Vec<String> = vec![
+            self.model.to_string(),
+            placement.device.to_string(),
+            choice.into(),
+            a.map_or("", |a| a.name.as_str()).into(),
+            a.map_or("", |a| a.api.as_str()).into(),
+            a.map(|a| format!("{} {}", a.driver, a.driver_info))
+                .unwrap_or_default()
+                .trim()
+                .into(),
+            a.map_or("", |a| if a.shader_f16 { "true" } else { "false" })
+                .into(),
+        ];
+        let refs: Vec<&str> = values.iter().map(String::as_str).collect();
+        self.shared.device_info.with_label_values(&refs).set(1);
+        *self.device.lock().unwrap_or_else(|p| p.into_inner()) = Some(values);
     }
 
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        TextEncoder::new()
-            .encode(&self.inner.registry.gather(), &mut buf)
-            .expect("text encoding to a Vec cannot fail");
-        String::from_utf8(buf).expect("the text format is UTF-8")
+    fn clear_device(&self) {
+        let mut labels = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(values) = labels.take() {
+            let values: Vec<&str> = values.iter().map(String::as_str).collect();
+            let _ = self.shared.device_info.remove_label_values(&values);
+        }
     }
 
-    /// Seconds spent on successful and on failed inference requests.
-    pub fn outcome_seconds(&self) -> (f64, f64) {
-        (
-            self.success_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.failure_ns.load(Ordering::Relaxed) as f64 / 1e9,
-        )
-    }
-
-    /// When the last inference request finished, in ms since the Unix epoch (0: never).
-    pub fn last_inference_ms(&self) -> u64 {
-        self.last_inference_ms.load(Ordering::Relaxed)
+    /// The model was unloaded: its gauges go to zero and its device series away; counters and
+    /// histograms keep their totals.
+    pub fn unloaded(&self) {
+        self.clear_device();
+        self.memory_bytes.set(0);
+        self.queue_size.set(0);
+        self.kv_cache_blocks_used.set(0);
+        self.kv_cache_blocks_total.set(0);
+        self.kv_cache_usage.set(0.0);
+        self.generation_running.set(0);
+        self.generation_waiting.set(0);
     }
 
     /// Adds the attention calls made since `before` (cumulative counts from the engine).
@@ -414,11 +528,82 @@ impl Metrics {
                 .find(|(k, _)| k == kernel)
                 .map_or(0, |(_, n)| *n);
             if *now > prev {
-                self.sdpa_calls
-                    .with_label_values(&[kernel])
+                self.shared
+                    .sdpa_calls
+                    .with_label_values(&[&*self.model, kernel])
                     .inc_by(now - prev);
             }
         }
+    }
+}
+
+/// A count and the nanoseconds spent, as Triton's statistics report them.
+#[derive(Default)]
+pub struct Stat {
+    count: AtomicU64,
+    ns: AtomicU64,
+}
+
+impl Stat {
+    pub fn add(&self, count: u64, d: Duration) {
+        self.count.fetch_add(count, Ordering::Relaxed);
+        self.ns.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// `(count, ns)`.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.ns.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One batch size's engine calls: assembling the inputs, the call, and taking the outputs
+/// apart.
+#[derive(Default, Clone, Copy)]
+pub struct BatchStat {
+    pub count: u64,
+    pub input_ns: u64,
+    pub infer_ns: u64,
+    pub output_ns: u64,
+}
+
+/// A model's totals for Triton's statistics extension.
+#[derive(Default)]
+pub struct ModelStats {
+    pub success: Stat,
+    pub fail: Stat,
+    /// Taking outputs apart into each request's answer.
+    pub compute_output: Stat,
+    /// When a request for the model last finished, ms since the Unix epoch (0: never).
+    last_inference_ms: AtomicU64,
+    batches: Mutex<BTreeMap<usize, BatchStat>>,
+}
+
+impl ModelStats {
+    pub fn last_inference_ms(&self) -> u64 {
+        self.last_inference_ms.load(Ordering::Relaxed)
+    }
+
+    /// Records one engine call of `size` sequences.
+    pub fn record_batch(&self, size: usize, input: Duration, infer: Duration, output: Duration) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let mut batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+        let b = batches.entry(size).or_default();
+        b.count += 1;
+        b.input_ns = b.input_ns.saturating_add(ns(input));
+        b.infer_ns = b.infer_ns.saturating_add(ns(infer));
+        b.output_ns = b.output_ns.saturating_add(ns(output));
+    }
+
+    /// Engine calls by batch size, smallest first.
+    pub fn batches(&self) -> Vec<(usize, BatchStat)> {
+        let batches = self.batches.lock().unwrap_or_else(|p| p.into_inner());
+        batches.iter().map(|(k, v)| (*k, *v)).collect()
     }
 }
 
@@ -467,12 +652,15 @@ fn api_of(path: &str) -> &'static str {
 }
 
 /// One inference request being counted: `kiln_request_total{api}` when it starts; success or
-/// failure by reason and `kiln_request_duration_seconds{api}` when [`finish`](Self::finish)ed;
-/// a request dropped before it finished (its client went away) counts as `cancelled`. The HTTP
-/// middleware [`track`] and the gRPC service both count through it.
+/// failure by reason, and `kiln_request_duration_seconds`, by API family and the model the
+/// request was routed to (see [`crate::request_id::note_model`]) when
+/// [`finish`](Self::finish)ed; a request dropped before it finished (its client went away)
+/// counts as `cancelled`. The HTTP middleware [`track`] and the gRPC service both count through
+/// it, inside the request's [`crate::request_id::Context`].
 pub struct RequestTracker {
     metrics: Metrics,
     api: &'static str,
+    context: Option<Arc<crate::request_id::Context>>,
     started: Instant,
     done: bool,
 }
@@ -483,6 +671,7 @@ impl Metrics {
         RequestTracker {
             metrics: self.clone(),
             api,
+            context: crate::request_id::current(),
             started: Instant::now(),
             done: false,
         }
@@ -490,28 +679,43 @@ impl Metrics {
 }
 
 impl RequestTracker {
+    /// The model's name, or `""` (no model was chosen, or it is not served: only served names
+    /// become label values).
+    fn model(&self) -> &str {
+        self.context.as_ref().and_then(|c| c.model()).unwrap_or("")
+    }
+
     /// `failure`: `None` for a success, else the error's kind (see [`FAILURE_REASONS`]).
     pub fn finish(mut self, failure: Option<&str>) {
         self.done = true;
         let m = &self.metrics;
+        let model = self.model();
         let elapsed = self.started.elapsed();
-        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        m.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        let stats = (!model.is_empty()).then(|| m.for_model(model).stats);
+        if let Some(stats) = &stats {
+            let now_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            stats.last_inference_ms.store(now_ms, Ordering::Relaxed);
+        }
         match failure {
             None => {
-                m.successes.with_label_values(&[self.api]).inc();
-                m.success_ns.fetch_add(ns, Ordering::Relaxed);
+                m.successes.with_label_values(&[self.api, model]).inc();
+                if let Some(stats) = &stats {
+                    stats.success.add(1, elapsed);
+                }
             }
             Some(kind) => {
-                m.failure_ns.fetch_add(ns, Ordering::Relaxed);
-                m.failures.with_label_values(&[reason_of(kind)]).inc();
+                m.failures
+                    .with_label_values(&[reason_of(kind), model])
+                    .inc();
+                if let Some(stats) = &stats {
+                    stats.fail.add(1, elapsed);
+                }
             }
         }
         m.request_duration
-            .with_label_values(&[self.api])
+            .with_label_values(&[self.api, model])
             .observe(elapsed.as_secs_f64());
     }
 }
@@ -519,9 +723,10 @@ impl RequestTracker {
 impl Drop for RequestTracker {
     fn drop(&mut self) {
         if !self.done {
+            let model = self.model();
             self.metrics
                 .failures
-                .with_label_values(&["cancelled"])
+                .with_label_values(&["cancelled", model])
                 .inc();
         }
     }

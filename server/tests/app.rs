@@ -131,8 +131,16 @@ async fn kserve_infer_on_a_classifier_and_metrics_in_process() {
     let resp = app(state.clone()).oneshot(req).await.unwrap();
     let text =
         String::from_utf8(to_bytes(resp.into_body(), 1 << 20).await.unwrap().to_vec()).unwrap();
+    // Labelled with the model the request was routed to.
+    let id = state.models().all()[0].id().to_string();
     assert!(
-        text.contains("kiln_request_success_total{api=\"kserve\"} 1"),
+        text.contains(&format!(
+            "kiln_request_success_total{{api=\"kserve\",model=\"{id}\"}} 1"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("kiln_batch_total{{model=\"{id}\"}} 1")),
         "{text}"
     );
     assert!(text.contains("kiln_model_load_duration_seconds"));

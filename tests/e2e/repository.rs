@@ -327,6 +327,9 @@ fn a_repository_serves_every_kind_of_model_side_by_side() {
             "{series}"
         );
     }
+    per_model_metrics_and_statistics(&server, &metrics, &repo, want.generations.len().min(4));
+    one_request_id_per_request(&server);
+
     let rows = models_ls(&server);
     let rows: Vec<&[String]> = rows.iter().map(|r| &r[..3]).collect();
     assert_eq!(
@@ -339,6 +342,128 @@ fn a_repository_serves_every_kind_of_model_side_by_side() {
     );
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
+}
+
+/// What the side-by-side test's requests left in the metrics and Triton's statistics: each
+/// series labelled with the model that served it.
+fn per_model_metrics_and_statistics(
+    server: &Server,
+    metrics: &str,
+    repo: &Path,
+    completions: usize,
+) {
+    let value = |series: &str| kiln_tests::server::metric_value(metrics, series);
+    // The OpenAI calls to the embedder and the LM; a request for an unknown model is counted
+    // without one.
+    for (m, calls) in [("all-MiniLM-L6-v2", 4), ("gpt2-tiny", completions)] {
+        let series = format!("kiln_request_success_total{{api=\"openai\",model=\"{m}\"}}");
+        assert_eq!(value(&series), calls as f64, "{series}\n{metrics}");
+    }
+    assert!(value("kiln_request_failure_total{model=\"\"}") >= 1.0);
+    assert_eq!(
+        value("kiln_request_failure_total{model=\"nope\"}"),
+        0.0,
+        "only served names become label values"
+    );
+    for m in ["all-MiniLM-L6-v2", "bert-tiny-cls"] {
+        assert!(
+            value(&format!("kiln_batch_total{{model=\"{m}\"}}")) >= 1.0,
+            "{m}"
+        );
+        assert!(
+            value(&format!(
+                "kiln_queue_duration_seconds_count{{model=\"{m}\"}}"
+            )) >= 1.0
+        );
+    }
+    assert_eq!(value("kiln_batch_total{model=\"gpt2-tiny\"}"), 0.0);
+    assert!(value("kiln_generated_tokens_total{model=\"gpt2-tiny\"}") >= completions as f64);
+    assert!(value("kiln_kv_cache_blocks_capacity{model=\"gpt2-tiny\"}") > 0.0);
+    assert_eq!(
+        value("kiln_kv_cache_blocks_capacity{model=\"bert-tiny-cls\"}"),
+        0.0
+    );
+    // Each model's memory: about its f32 weights file (the plans keep f32 weights here); the
+    // LM's KV cache comes on top.
+    for m in ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"] {
+        let weights = std::fs::metadata(repo.join(m).join("model.safetensors"))
+            .unwrap()
+            .len() as f64;
+        let bytes = value(&format!("kiln_model_memory_bytes{{model=\"{m}\"}}"));
+        let kv_cache = m == "gpt2-tiny";
+        assert!(
+            bytes >= 0.9 * weights && (kv_cache || bytes < 1.5 * weights),
+            "{m}: {bytes} bytes for a {weights}-byte weights file"
+        );
+        if kv_cache {
+            assert!(bytes > 2.0 * weights, "{m}: no KV cache in {bytes} bytes");
+        }
+        let series = format!("kiln_device_info{{model=\"{m}\",device=\"cpu\"}}");
+        assert_eq!(value(&series), 1.0, "{series}");
+    }
+
+    // Triton's statistics, per model.
+    let (status, got) = server.get("/v2/models/bert-tiny-cls/stats");
+    assert_eq!(status, 200, "{got}");
+    let s = &got["model_stats"][0];
+    assert_eq!(s["name"], "bert-tiny-cls");
+    let stats = &s["inference_stats"];
+    // Four /predict, one more without a name, one KServe infer; a completion naming it failed.
+    assert_eq!(stats["success"]["count"], 6, "{got}");
+    assert_eq!(stats["fail"]["count"], 1, "{got}");
+    assert!(stats["success"]["ns"].as_u64().unwrap() > 0);
+    assert!(stats["compute_infer"]["count"].as_u64().unwrap() >= 1);
+    assert!(
+        stats["compute_output"]["count"].as_u64().unwrap() >= 1,
+        "{got}"
+    );
+    let batches = s["batch_stats"].as_array().unwrap();
+    assert!(!batches.is_empty(), "{got}");
+    let executions: u64 = batches
+        .iter()
+        .map(|b| b["compute_infer"]["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(executions, s["execution_count"].as_u64().unwrap(), "{got}");
+    assert!(s["last_inference"].as_u64().unwrap() > 0);
+    let (status, got) = server.get("/v2/models/stats");
+    assert_eq!(status, 200, "{got}");
+    let names: Vec<&str> = got["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"]);
+    assert_eq!(
+        got["model_stats"][0]["inference_stats"]["success"]["count"], 5,
+        "four /v1/embeddings and one /embed: {got}"
+    );
+}
+
+/// A request's id is the client's `x-request-id` (or a new one), echoed in the header and in
+/// the `id` OpenAI-style answers carry.
+fn one_request_id_per_request(server: &Server) {
+    let body = json!({ "model": "gpt2-tiny", "prompt": "a", "max_tokens": 2 });
+    let r = server.request(
+        "POST",
+        "/v1/completions",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "trace-42"),
+        ],
+        Some(body.to_string().as_bytes()),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(r.request_id.as_deref(), Some("trace-42"));
+    assert_eq!(r.json()["id"], "cmpl-trace-42");
+    let r = server.request(
+        "POST",
+        "/v1/completions",
+        &[("content-type", "application/json")],
+        Some(body.to_string().as_bytes()),
+    );
+    let made = r.request_id.clone().expect("a made request id");
+    assert_eq!(r.json()["id"], format!("cmpl-{made}"));
 }
 
 #[test]
@@ -557,6 +682,19 @@ fn explicit_control_loads_and_unloads_models_while_the_others_serve() {
             "kiln_model_state{model=\"gpt2-tiny\",state=\"UNAVAILABLE\"}"
         ),
         1.0
+    );
+    // An unloaded model holds nothing and runs nowhere; its counters keep their totals. The
+    // embedder, loaded again, has one device series, not one per load.
+    let value = |series: &str| kiln_tests::server::metric_value(&metrics, series);
+    assert_eq!(value("kiln_model_memory_bytes{model=\"gpt2-tiny\"}"), 0.0);
+    assert_eq!(value("kiln_device_info{model=\"gpt2-tiny\"}"), 0.0);
+    assert!(value("kiln_model_memory_bytes{model=\"all-MiniLM-L6-v2\"}") > 80e6);
+    assert_eq!(value("kiln_device_info{model=\"all-MiniLM-L6-v2\"}"), 1.0);
+    assert!(
+        kiln_tests::server::metric_value(
+            &metrics,
+            "kiln_generated_tokens_total{model=\"gpt2-tiny\"}"
+        ) > 0.0
     );
     // Unknown models are 404 for load and unload alike.
     let (status, _) = server.post_raw("/v2/repository/models/nope/load", None, b"");

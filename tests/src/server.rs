@@ -30,6 +30,8 @@ pub struct Reply {
     pub status: u16,
     pub retry_after: Option<String>,
     pub header_length: Option<String>,
+    /// `x-request-id`.
+    pub request_id: Option<String>,
     pub body: Vec<u8>,
 }
 
@@ -223,12 +225,14 @@ impl Server {
         let header_length = resp
             .header("inference-header-content-length")
             .map(str::to_string);
+        let request_id = resp.header("x-request-id").map(str::to_string);
         let mut body = Vec::new();
         std::io::Read::read_to_end(&mut resp.into_reader(), &mut body).unwrap();
         Reply {
             status,
             retry_after,
             header_length,
+            request_id,
             body,
         }
     }
@@ -304,16 +308,35 @@ impl Drop for Server {
     }
 }
 
-/// A sample's value in Prometheus text: `series` is the name with labels exactly as printed,
-/// e.g. `kiln_request_failure_total{reason="overloaded"}`.
+/// The sum of the samples in Prometheus text whose name is `series`'s and whose labels include
+/// every label it gives, as PromQL's `sum(series)` would: `kiln_request_failure_total{reason="overloaded"}`
+/// adds up every model's overloaded failures.
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    let (name, wanted) = split_series(series);
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
+        .filter_map(|l| {
+            let (s, value) = l.rsplit_once(' ')?;
+            let (n, labels) = split_series(s);
+            (n == name && wanted.iter().all(|w| labels.contains(w)))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
         })
-        .unwrap_or(0.0)
+        .sum()
+}
+
+/// `name{a="x",b="y"}` → `("name", ["a=\"x\"", "b=\"y\""])` (label values hold no commas here).
+fn split_series(series: &str) -> (&str, Vec<&str>) {
+    match series.split_once('{') {
+        Some((name, rest)) => (
+            name,
+            rest.trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (series, Vec::new()),
+    }
 }
 
 /// The tiny GPT-2 fixture the end-to-end generation tests serve.

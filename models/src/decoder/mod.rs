@@ -204,6 +204,12 @@ impl CausalLm {
             .new_kv_cache(self.kv_spec(num_blocks, block_size))?)
     }
 
+    /// Bytes of the weights the compiled plan holds (packed or quantized ones at their stored
+    /// size); activations and, for a causal LM, the KV cache come on top.
+    pub fn weight_bytes(&self) -> usize {
+        self.plan.graph().constant_bytes()
+    }
+
     /// Attention calls per kernel since the model was loaded.
     pub fn sdpa_kernel_counts(&self) -> Vec<(&'static str, u64)> {
         self.plan.sdpa_kernel_counts()

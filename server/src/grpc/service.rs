@@ -1,6 +1,7 @@
 //! `inference.GRPCInferenceService` over the shared server state.
 
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::pb::grpc_inference_service_server::GrpcInferenceService;
 use super::pb::model_metadata_response::TensorMetadata;
@@ -181,14 +182,41 @@ impl GrpcInferenceService for InferenceService {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         self.authorize(&request)?;
-        let tracker = self.state.metrics().start_request("grpc");
-        crate::supervise::maybe_inject("grpc-handler");
-        let result = self.infer(request.into_inner()).await;
-        tracker.finish(result.as_ref().err().map(|e| e.kind));
-        result.map(Response::new).map_err(|e| {
-            tracing::debug!(error = %e.message, "gRPC ModelInfer failed");
-            status_of(&e)
+        let header = request
+            .metadata()
+            .get(crate::request_id::HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let req = request.into_inner();
+        // The request's own id, else the metadata's, else a new one; echoed in both places.
+        let id = crate::request_id::from_client([Some(req.id.as_str()), header.as_deref()]);
+        let span = tracing::info_span!(
+            "grpc_infer",
+            request_id = %id,
+            model = tracing::field::Empty
+        );
+        let result = crate::request_id::scope(id.clone(), async {
+            let tracker = self.state.metrics().start_request("grpc");
+            crate::supervise::maybe_inject("grpc-handler");
+            let result = self.infer(req).await;
+            tracker.finish(result.as_ref().err().map(|e| e.kind));
+            result
         })
+        .instrument(span)
+        .await;
+        let mut response = result.map(Response::new).map_err(|e| {
+            tracing::debug!(request_id = %id, error = %e.message, "gRPC ModelInfer failed");
+            let mut status = status_of(&e);
+            if let Ok(v) = id.parse() {
+                status.metadata_mut().insert(crate::request_id::HEADER, v);
+            }
+            status
+        })?;
+        if let Ok(v) = id.parse() {
+            response.metadata_mut().insert(crate::request_id::HEADER, v);
+        }
+        response.get_mut().id = id;
+        Ok(response)
     }
 
     /// The repository extension's index, as `tritonclient.grpc`'s `get_model_repository_index`

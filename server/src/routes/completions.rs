@@ -111,10 +111,10 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// The answer's `id`: the request's id (`x-request-id`, the client's or a new one) after
+/// OpenAI's prefix, so a response, its log lines and its header name the same request.
 fn request_id(prefix: &str) -> String {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    format!("{prefix}-{:x}{n:x}", now())
+    format!("{prefix}-{}", crate::request_id::id())
 }
 
 fn usage(prompt: usize, completion: usize) -> Value {

@@ -523,7 +523,7 @@ pub async fn generate_stream(
 pub fn info(state: &AppState, g: &GenerationService) -> Value {
     let i = g.model().info();
     let c = state.config();
-    let m = state.metrics();
+    let m = state.metrics().for_model(g.id());
     let cpu = kiln_engine::CpuCaps::detect();
     json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -172,6 +172,7 @@ pub(crate) fn served<'a>(
             "model `{name}` has no version `{v}` (versions: [\"{MODEL_VERSION}\"])"
         )));
     }
+    crate::request_id::note_model(served.id());
     Ok(served)
 }
 
@@ -351,41 +352,58 @@ pub async fn model_config(
     config(&state, &path.model, path.version.as_deref()).map_err(kserve_error)
 }
 
-/// Triton's statistics extension, from the same counters as `/metrics`.
+/// Triton's statistics extension for one model, from the same series as `/metrics` (its
+/// `model` label) and the model's [`crate::metrics::ModelStats`].
 fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
-    if generation_model(state, name, version)?.is_none() {
-        model(state, name, version)?;
-    }
-    let m = state.metrics();
-    let ns = |secs: f64| (secs * 1e9) as u64;
-    let stat = |count: u64, secs: f64| json!({ "count": count, "ns": ns(secs) });
-    let successes: u64 = crate::metrics::API_FAMILIES
+    let id = served(state, name, version)?.id();
+    Ok(Json(json!({ "model_stats": [model_stat(state, id)] })))
+}
+
+/// `GET /v2/models/stats`: every served model's statistics.
+pub async fn all_stats(State(state): State<AppState>) -> Json<Value> {
+    let all: Vec<Value> = state
+        .models()
+        .all()
         .iter()
-        .map(|a| m.successes.with_label_values(&[a]).get())
-        .sum();
-    let failures: u64 = crate::metrics::FAILURE_REASONS
-        .iter()
-        .map(|r| m.failures.with_label_values(&[r]).get())
-        .sum();
-    let (ok_secs, fail_secs) = m.outcome_seconds();
-    Ok(Json(json!({
-        "model_stats": [{
-            "name": name,
-            "version": MODEL_VERSION,
-            "last_inference": m.last_inference_ms(),
-            "inference_count": m.input_tokens.get_sample_count(),
-            "execution_count": m.inferences.get(),
-            "inference_stats": {
-                "success": stat(successes, ok_secs),
-                "fail": stat(failures, fail_secs),
-                "queue": stat(m.queue_duration.get_sample_count(), m.queue_duration.get_sample_sum()),
-                "compute_input": stat(m.tokenization_duration.get_sample_count(), m.tokenization_duration.get_sample_sum()),
-                "compute_infer": stat(m.inference_duration.get_sample_count(), m.inference_duration.get_sample_sum()),
-                "compute_output": stat(0, 0.0),
-            },
-            "batch_stats": [],
-        }]
-    })))
+        .map(|m| model_stat(&state, m.id()))
+        .collect();
+    Json(json!({ "model_stats": all }))
+}
+
+fn model_stat(state: &AppState, id: &str) -> Value {
+    let m = state.metrics().for_model(id);
+    let stat = |(count, ns): (u64, u64)| json!({ "count": count, "ns": ns });
+    let hist =
+        |h: &prometheus::Histogram| stat((h.get_sample_count(), (h.get_sample_sum() * 1e9) as u64));
+    let batch_stats: Vec<Value> = m
+        .stats
+        .batches()
+        .into_iter()
+        .map(|(size, b)| {
+            json!({
+                "batch_size": size,
+                "compute_input": stat((b.count, b.input_ns)),
+                "compute_infer": stat((b.count, b.infer_ns)),
+                "compute_output": stat((b.count, b.output_ns)),
+            })
+        })
+        .collect();
+    json!({
+        "name": id,
+        "version": MODEL_VERSION,
+        "last_inference": m.stats.last_inference_ms(),
+        "inference_count": m.input_tokens.get_sample_count(),
+        "execution_count": m.inferences.get(),
+        "inference_stats": {
+            "success": stat(m.stats.success.get()),
+            "fail": stat(m.stats.fail.get()),
+            "queue": hist(&m.queue_duration),
+            "compute_input": hist(&m.tokenization_duration),
+            "compute_infer": hist(&m.inference_duration),
+            "compute_output": stat(m.stats.compute_output.get()),
+        },
+        "batch_stats": batch_stats,
+    })
 }
 
 pub async fn model_stats(
