@@ -12,7 +12,8 @@
 //!   [`text`] (tokenization and truncation) and [`quantize`] (calibration for `int8-static`);
 //! - [`decoder`]: [`CausalLm`], GPT-2 and Llama (config, graph, RoPE, sharded weights, chat
 //!   templates), and [`generate`]: the continuous-batching [`Generator`] over a paged KV cache;
-//! - [`weights`]: the safetensors reader both use;
+//! - [`weights`]: the safetensors reader both use; [`memory`]: what a model will hold once
+//!   loaded, estimated from its folder;
 //! - here: what every load shares, [`LoadOptions`] and the device it resolves to.
 //!
 //! Every failure names the file and, for weights, the tensor; a caller's bad input is a
@@ -24,6 +25,7 @@ pub mod decoder;
 pub mod encoder;
 mod error;
 pub mod generate;
+pub mod memory;
 pub mod quantize;
 pub mod st;
 pub mod text;

@@ -183,6 +183,12 @@ impl AppState {
                 _ => {}
             }
             attempted += 1;
+            if let Err(why) = self.fits_at_start(served) {
+                tracing::error!(model = served.id(), error = %why, "model unavailable");
+                served.set_state(ModelState::Unavailable(why.clone()));
+                failures.push(format!("`{}`: {why}", served.id()));
+                continue;
+            }
             if let Err(why) = self.load_and_mark(served) {
                 failures.push(format!("`{}`: {why}", served.id()));
             }
@@ -250,9 +256,7 @@ impl AppState {
         if served.is_ready() {
             return Ok(());
         }
-        if let Some(max) = self.config().max_loaded_models {
-            self.make_room(max, &served).await?;
-        }
+        self.make_room(&served).await?;
         if !served.begin_load()? {
             return Ok(());
         }
@@ -295,9 +299,73 @@ impl AppState {
         }
     }
 
+    /// The bytes `served` will hold once loaded, estimated from its folder (see
+    /// [`kiln_models::memory::estimate_bytes`]), with the KV cache the server's settings give a
+    /// causal LM.
+    fn estimate(&self, served: &Served) -> Result<u64, String> {
+        let c = self.config();
+        let kv_tokens = c
+            .max_batch_total_tokens
+            .div_ceil(c.kv_block_size.max(1))
+            .saturating_mul(c.kv_block_size);
+        kiln_models::memory::estimate_bytes(&served.config.dir, kv_tokens)
+            .map_err(|e| format!("cannot estimate its memory: {e}"))
+    }
+
+    /// Bytes the loaded models other than `except` hold.
+    fn memory_in_use(&self, except: &str) -> u64 {
+        self.inner
+            .models
+            .all()
+            .iter()
+            .filter(|m| m.id() != except)
+            .map(|m| m.memory_bytes())
+            .sum()
+    }
+
+    /// At start, models load in order while they fit `--memory-budget`.
+    fn fits_at_start(&self, served: &Served) -> Result<(), String> {
+        let Some(budget) = self.config().memory_budget else {
+            return Ok(());
+        };
+        let need = self.estimate(served)?;
+        let used = self.memory_in_use(served.id());
+        if used.saturating_add(need) > budget {
+            return Err(format!(
+                "it does not fit in --memory-budget {}: it needs about {}, and the models loaded before it hold {}",
+                mib(budget),
+                mib(need),
+                mib(used)
+            ));
+        }
+        Ok(())
+    }
+
     /// Unloads the least recently used models with no request in flight until `target` fits
-    /// under `max` loaded models; 503 when every loaded model is busy.
-    async fn make_room(&self, max: usize, target: &Served) -> Result<(), AppError> {
+    /// under `--max-loaded-models` and `--memory-budget`; 503 when the loaded models that stand
+    /// in the way are all busy, 400 when `target` alone is larger than the budget.
+    async fn make_room(&self, target: &Served) -> Result<(), AppError> {
+        let c = self.config();
+        let (max, budget) = (c.max_loaded_models, c.memory_budget);
+        if max.is_none() && budget.is_none() {
+            return Ok(());
+        }
+        let need = match budget {
+            Some(_) => self
+                .estimate(target)
+                .map_err(|why| AppError::bad_request(format!("model `{}`: {why}", target.id())))?,
+            None => 0,
+        };
+        if let Some(budget) = budget
+            && need > budget
+        {
+            return Err(AppError::bad_request(format!(
+                "model `{}` needs about {}, more than the whole --memory-budget {}",
+                target.id(),
+                mib(need),
+                mib(budget)
+            )));
+        }
         loop {
             let loaded: Vec<&Arc<Served>> = self
                 .inner
@@ -306,23 +374,39 @@ impl AppState {
                 .iter()
                 .filter(|m| m.id() != target.id() && m.is_ready())
                 .collect();
-            if loaded.len() < max {
+            let used = self.memory_in_use(target.id());
+            let over_count = max.is_some_and(|max| loaded.len() >= max);
+            let over_budget = budget.is_some_and(|b| used.saturating_add(need) > b);
+            if !over_count && !over_budget {
                 return Ok(());
             }
+            let why = if over_count {
+                format!(
+                    "--max-loaded-models {}",
+                    max.expect("over the count only with a limit")
+                )
+            } else {
+                format!(
+                    "--memory-budget {} (it needs about {}; loaded models hold {})",
+                    mib(budget.expect("over the budget only with one")),
+                    mib(need),
+                    mib(used)
+                )
+            };
             let Some(victim) = loaded
                 .into_iter()
                 .filter(|m| m.in_flight() == 0)
                 .min_by_key(|m| m.last_use().get())
             else {
                 return Err(AppError::unavailable(format!(
-                    "cannot load model `{}`: all {max} loaded models (--max-loaded-models) have requests in flight; try again",
+                    "cannot load model `{}` within {why}: the loaded models have requests in flight; try again",
                     target.id()
                 )));
             };
             tracing::info!(
                 model = victim.id(),
                 to_load = target.id(),
-                max_loaded_models = max,
+                limit = %why,
                 "unloading the least recently used idle model to make room"
             );
             self.unload(victim).await?;
@@ -608,4 +692,9 @@ async fn refuse_declared_oversize(
         return axum::response::IntoResponse::into_response(err);
     }
     next.run(req).await
+}
+
+/// `123.4 MiB`.
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }

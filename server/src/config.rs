@@ -151,6 +151,13 @@ settings_group! {
         /// loaded model is busy). [default: no limit]
         #[arg(long, env = "KILN_MAX_LOADED_MODELS", value_name = "N")]
         pub max_loaded_models: Option<usize>,
+        /// Most memory the loaded models may hold together, e.g. `8GiB`, `512MB`: each model's
+        /// weights as f32 (less when quantized) and a causal LM's KV cache, estimated from its
+        /// folder before it loads (kiln_model_memory_bytes reports what it holds once loaded).
+        /// A model that does not fit is unavailable with the reason; in explicit mode loading it
+        /// first unloads the least recently used idle models. [default: no limit]
+        #[arg(long, env = "KILN_MEMORY_BUDGET", value_name = "SIZE")]
+        pub memory_budget: Option<String>,
         /// With `--model-control explicit`: unload a model that has had no request for this long,
         /// e.g. `10m` (as Ollama's keep_alive). [default: never]
         #[arg(long, env = "KILN_MODEL_IDLE_TIMEOUT", value_name = "DURATION")]
@@ -353,6 +360,10 @@ impl RawServeConfig {
         }
         config.load_models = s.load_model.unwrap_or_default();
         config.max_loaded_models = s.max_loaded_models;
+        if let Some(b) = s.memory_budget {
+            config.memory_budget =
+                Some(parse_bytes(&b).map_err(|e| format!("--memory-budget: {e}"))?);
+        }
         if let Some(d) = s.model_idle_timeout {
             config.model_idle_timeout =
                 Some(parse_duration(&d).map_err(|e| format!("--model-idle-timeout: {e}"))?);
@@ -721,6 +732,8 @@ pub struct ServeConfig {
     pub load_models: Vec<String>,
     /// Most models loaded at once (explicit mode evicts the least recently used idle one).
     pub max_loaded_models: Option<usize>,
+    /// Most bytes the loaded models may hold together (see `--memory-budget`).
+    pub memory_budget: Option<u64>,
     /// Explicit mode: unload a model after this long without a request.
     pub model_idle_timeout: Option<Duration>,
     pub host: String,
@@ -891,6 +904,7 @@ impl ServeConfig {
             model_control: ModelControl::None,
             load_models: Vec::new(),
             max_loaded_models: None,
+            memory_budget: None,
             model_idle_timeout: None,
             host: "0.0.0.0".into(),
             port: 8080,
@@ -946,9 +960,63 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("`{s}`: {e}"))
 }
 
+/// A size in bytes: a number with an optional unit, `B`, `KB`/`MB`/`GB`/`TB` (powers of 1000)
+/// or `KiB`/`MiB`/`GiB`/`TiB` (powers of 1024), e.g. `512MB`, `1.5GiB`, `4096`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size such as `8GiB` or `512MB`"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+            ));
+        }
+    };
+    let bytes = value * scale;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{s}` must be at least 1 byte and at most 2^64"));
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("512MB").unwrap(), 512_000_000);
+        assert_eq!(parse_bytes("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_bytes(" 2 gib ").unwrap(), 2 << 30);
+        for bad in [
+            "",
+            "GB",
+            "1.2.3GB",
+            "5 parsecs",
+            "0",
+            "0.1",
+            "-1GB",
+            "1e30TB",
+        ] {
+            assert!(parse_bytes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn durations() {
@@ -1165,6 +1233,11 @@ mod tests {
                 .unwrap_err()
                 .contains("--model-idle-timeout needs")
         );
+        let budget = server(RawServerSettings {
+            memory_budget: Some("lots".into()),
+            ..Default::default()
+        });
+        assert!(budget.resolve().unwrap_err().contains("--memory-budget"));
         let no_model = RawServeConfig::default().resolve().unwrap_err();
         assert!(no_model.contains("--model"), "{no_model}");
     }

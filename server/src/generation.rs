@@ -67,6 +67,8 @@ enum Command {
 #[derive(Clone)]
 pub struct GenerationService {
     model: Arc<CausalLm>,
+    /// Its weights and KV cache, in bytes.
+    memory_bytes: u64,
     commands: mpsc::UnboundedSender<Command>,
     gate: Gate,
     model_config: Arc<ModelConfig>,
@@ -139,9 +141,10 @@ impl GenerationService {
         let kv_bytes = model
             .kv_spec(limits.num_blocks(), limits.block_size)
             .total_bytes();
+        let memory_bytes = model.weight_bytes().saturating_add(kv_bytes) as u64;
         metrics
             .memory_bytes
-            .set(i64::try_from(model.weight_bytes().saturating_add(kv_bytes)).unwrap_or(i64::MAX));
+            .set(i64::try_from(memory_bytes).unwrap_or(i64::MAX));
         metrics.kv_cache_blocks_total.set(total as i64);
         metrics.kv_cache_blocks_used.set(used as i64);
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -171,6 +174,7 @@ impl GenerationService {
             .map_err(|e| e.to_string())?;
         Ok(Self {
             model,
+            memory_bytes,
             commands: tx,
             gate,
             model_config,
@@ -181,6 +185,11 @@ impl GenerationService {
 
     pub fn model(&self) -> &Arc<CausalLm> {
         &self.model
+    }
+
+    /// Bytes the model holds: its weights and its KV cache.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
     }
 
     /// Requests admitted and not yet finished.

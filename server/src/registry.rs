@@ -78,6 +78,14 @@ impl Loaded {
         }
     }
 
+    /// Bytes the model holds (what `kiln_model_memory_bytes` reports).
+    pub fn memory_bytes(&self) -> u64 {
+        match self {
+            Self::Encoder(ready) => ready.infer.model_arc().weight_bytes() as u64,
+            Self::CausalLm(g) => g.memory_bytes(),
+        }
+    }
+
     /// A handle that lives as long as the model's memory: until the last request holding the
     /// model and the model's worker thread have let go of it.
     pub fn memory(&self) -> ModelMemory {
@@ -193,6 +201,14 @@ impl Served {
     pub fn in_flight(&self) -> usize {
         match self.state() {
             ModelState::Ready(loaded) => loaded.in_flight(),
+            _ => 0,
+        }
+    }
+
+    /// Bytes the model holds now (0 unless it is loaded).
+    pub fn memory_bytes(&self) -> u64 {
+        match self.state() {
+            ModelState::Ready(loaded) => loaded.memory_bytes(),
             _ => 0,
         }
     }

@@ -782,6 +782,142 @@ fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
     std::fs::remove_dir_all(&repo).unwrap();
 }
 
+/// Each model's `kiln_model_memory_bytes`.
+fn memory(server: &Server) -> Vec<(String, f64)> {
+    let metrics = server.metrics();
+    ["all-MiniLM-L6-v2", "bert-tiny-cls", "gpt2-tiny"]
+        .iter()
+        .map(|m| {
+            let series = format!("kiln_model_memory_bytes{{model=\"{m}\"}}");
+            (
+                m.to_string(),
+                kiln_tests::server::metric_value(&metrics, &series),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn the_loaded_models_stay_within_the_memory_budget() {
+    let repo = every_kind("budget");
+    let want = Expected::load();
+    // The f32 weights: all-MiniLM-L6-v2 ~87 MiB, bert-tiny-cls ~8 MiB, gpt2-tiny <1 MiB plus a
+    // 16 MiB KV cache (--max-batch-total-tokens 16384).
+
+    // At start, models load in order while they fit: 60 MiB has no room for the embedder.
+    let server = Server::start_args_unready(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--memory-budget",
+            "60MiB",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while index(&server)[2]["state"] != "READY" {
+        assert!(Instant::now() < deadline, "{:?}", index(&server));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let entries = index(&server);
+    assert_eq!(entries[0]["state"], "UNAVAILABLE");
+    let reason = entries[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not fit in --memory-budget 60.0 MiB"),
+        "{reason}"
+    );
+    assert_eq!(entries[1]["state"], "READY");
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    want.check_logits(&got);
+    let (status, _) = server.get("/health");
+    assert_eq!(status, 503, "a model that should serve does not");
+    let held: f64 = memory(&server).iter().map(|(_, b)| b).sum();
+    assert!(held > 0.0 && held <= 60.0 * 1048576.0, "{held}");
+    server.terminate();
+
+    // Explicit control: loading past the budget unloads the least recently used idle models.
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "all-MiniLM-L6-v2",
+            "--memory-budget",
+            "100MiB",
+        ],
+    );
+    // The classifier fits beside the embedder; the LM's KV cache does not.
+    let (status, got) = server.post_raw("/v2/repository/models/bert-tiny-cls/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let states: Vec<String> = index(&server)
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["name"].as_str().unwrap(),
+                m["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "all-MiniLM-L6-v2 UNAVAILABLE",
+            "bert-tiny-cls READY",
+            "gpt2-tiny READY"
+        ]
+    );
+    let held = memory(&server);
+    let total: f64 = held.iter().map(|(_, b)| b).sum();
+    assert!(total <= 100.0 * 1048576.0, "{held:?}");
+    let (prompt, text) = &want.generations[0];
+    let completion =
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], text.as_str());
+    server.terminate();
+
+    // A model larger than the whole budget is refused without unloading anything.
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "bert-tiny-cls",
+            "--memory-budget",
+            "50MiB",
+        ],
+    );
+    let (status, got) = server.post_raw("/v2/repository/models/all-MiniLM-L6-v2/load", None, b"");
+    assert_eq!(status, 400, "{got}");
+    let message = got["error"].as_str().unwrap();
+    assert!(
+        message.contains("more than the whole --memory-budget 50.0 MiB"),
+        "{message}"
+    );
+    assert_eq!(index(&server)[1]["state"], "READY");
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
 #[test]
 fn a_model_idle_past_the_timeout_is_unloaded() {
     let repo = repository("idle", &[("bert-tiny-cls", &bert_tiny_cls())]);

@@ -415,3 +415,27 @@ fn decoder_plans_are_stored_in_and_read_from_the_plan_cache() {
     }
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// The memory estimate a server's budget uses: f32 weights (for these f32 files, the data
+/// the file holds) plus a KV cache of the tokens asked for.
+#[test]
+fn memory_estimates_count_f32_weights_and_the_kv_cache() {
+    for name in MODELS {
+        let d = dir(name);
+        let file = std::fs::read(d.join("model.safetensors")).unwrap();
+        let header = u64::from_le_bytes(file[..8].try_into().unwrap());
+        let data = file.len() as u64 - 8 - header;
+        assert_eq!(
+            kiln_models::memory::estimate_bytes(&d, 0).unwrap(),
+            data,
+            "{name}"
+        );
+        let kv = kiln_models::memory::estimate_bytes(&d, 10).unwrap() - data;
+        let model = CausalLm::load(&d, &LoadOptions::default(), None).unwrap();
+        assert_eq!(
+            kv,
+            model.kv_spec(1, 10).total_bytes() as u64,
+            "{name}: 10 tokens of KV cache"
+        );
+    }
+}
