@@ -143,7 +143,10 @@ settings_group! {
         pub default_model: Option<String>,
         /// `none`: every model is loaded at start and kept; `explicit`: only the `--load-model`
         /// ones are, and `POST /v2/repository/models/{m}/load` and `/unload` (or gRPC's
-        /// RepositoryModelLoad/Unload) load and unload models at run time. [default: none]
+        /// RepositoryModelLoad/Unload) load and unload models at run time (a folder added to the
+        /// repository after start included); `poll`: every model is loaded at start, and the
+        /// repository is read again every --repository-poll-interval to load new folders,
+        /// unload removed ones and reload changed ones. [default: none]
         #[arg(long, env = "KILN_MODEL_CONTROL", value_name = "MODE")]
         pub model_control: Option<String>,
         /// Most models loaded at once. In explicit mode, loading one more unloads the least
@@ -151,6 +154,10 @@ settings_group! {
         /// loaded model is busy). [default: no limit]
         #[arg(long, env = "KILN_MAX_LOADED_MODELS", value_name = "N")]
         pub max_loaded_models: Option<usize>,
+        /// With `--model-control poll`: how often the repository is read again, e.g. `15s`.
+        /// [default: 15s]
+        #[arg(long, env = "KILN_REPOSITORY_POLL_INTERVAL", value_name = "DURATION")]
+        pub repository_poll_interval: Option<String>,
         /// Most memory the loaded models may hold together, e.g. `8GiB`, `512MB`: each model's
         /// weights as f32 (less when quantized) and a causal LM's KV cache, estimated from its
         /// folder before it loads (kiln_model_memory_bytes reports what it holds once loaded).
@@ -325,22 +332,19 @@ impl RawServeConfig {
     pub fn resolve(self) -> Result<ServeConfig, String> {
         let s = self.server;
         let mut models = self.model.resolve_all()?;
-        if let Some(repo) = &s.model_repository {
+        let repository = s.model_repository.clone().map(|dir| Repository {
+            dir,
             // The server-wide model settings are every repository model's defaults.
-            let shared = RawModelSettings {
+            shared: RawModelSettings {
                 model: None,
                 model_id: None,
                 ..self.model
-            };
+            },
+        });
+        if let Some(repository) = &repository {
+            let repo = &repository.dir;
             for dir in repository_folders(repo)? {
-                let own = dir.join("kiln.toml");
-                let own = if own.is_file() {
-                    RawModelSettings::from_model_folder(&own)?
-                } else {
-                    RawModelSettings::default()
-                };
-                let id = own.model_id.clone();
-                models.push(own.or(shared.clone()).resolve_for(dir, id)?);
+                models.push(repository.model(&dir)?);
             }
             if models.is_empty() {
                 return Err(format!(
@@ -353,7 +357,12 @@ impl RawServeConfig {
             return Err(MODEL_REQUIRED.into());
         }
         let mut config = ServeConfig::with_models(models);
+        config.repository = repository;
         config.default_model = s.default_model;
+        if let Some(i) = s.repository_poll_interval {
+            config.repository_poll_interval =
+                parse_duration(&i).map_err(|e| format!("--repository-poll-interval: {e}"))?;
+        }
         if let Some(mode) = s.model_control {
             config.model_control =
                 ModelControl::from_str(&mode).map_err(|e| format!("--model-control: {e}"))?;
@@ -567,6 +576,35 @@ pub fn repository_folders(dir: &Path) -> Result<Vec<PathBuf>, String> {
     Ok(folders)
 }
 
+/// A model repository folder, and the server-wide model settings its models start from (a
+/// model folder's own `kiln.toml` wins over them), kept so folders can be read again at run
+/// time.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    pub dir: PathBuf,
+    shared: RawModelSettings,
+}
+
+impl Repository {
+    /// The settings of the model in `folder` (one of [`repository_folders`]).
+    pub fn model(&self, folder: &Path) -> Result<ModelConfig, String> {
+        let own = folder.join("kiln.toml");
+        let own = if own.is_file() {
+            RawModelSettings::from_model_folder(&own)?
+        } else {
+            RawModelSettings::default()
+        };
+        let id = own.model_id.clone();
+        own.or(self.shared.clone())
+            .resolve_for(folder.to_path_buf(), id)
+    }
+
+    /// The repository's model folders now.
+    pub fn folders(&self) -> Result<Vec<PathBuf>, String> {
+        repository_folders(&self.dir)
+    }
+}
+
 /// Levenshtein distance, for "did you mean" hints on config keys.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -591,6 +629,9 @@ pub enum ModelControl {
     None,
     /// Models loaded and unloaded on request (`--load-model` ones at start).
     Explicit,
+    /// The repository is read again every `--repository-poll-interval`: new folders are
+    /// loaded, removed ones unloaded, changed ones reloaded.
+    Poll,
 }
 
 impl FromStr for ModelControl {
@@ -599,10 +640,8 @@ impl FromStr for ModelControl {
         match s {
             "none" => Ok(Self::None),
             "explicit" => Ok(Self::Explicit),
-            "poll" => Err(
-                "`poll` (rescanning the repository) is not supported; use `none` or `explicit` and load new models with the repository API".into(),
-            ),
-            other => Err(format!("`{other}` is not `none` or `explicit`")),
+            "poll" => Ok(Self::Poll),
+            other => Err(format!("`{other}` is not `none`, `explicit` or `poll`")),
         }
     }
 }
@@ -734,6 +773,10 @@ pub struct ServeConfig {
     pub max_loaded_models: Option<usize>,
     /// Most bytes the loaded models may hold together (see `--memory-budget`).
     pub memory_budget: Option<u64>,
+    /// The `--model-repository`, when models come from one.
+    pub repository: Option<Repository>,
+    /// Poll mode: how often the repository is read again.
+    pub repository_poll_interval: Duration,
     /// Explicit mode: unload a model after this long without a request.
     pub model_idle_timeout: Option<Duration>,
     pub host: String,
@@ -826,9 +869,20 @@ impl ServeConfig {
                 return Err("--model-idle-timeout must be more than 0".into());
             }
         }
+        if self.model_control == ModelControl::Poll {
+            if self.repository.is_none() {
+                return Err(
+                    "--model-control poll needs --model-repository (the folder it reads again)"
+                        .into(),
+                );
+            }
+            if self.repository_poll_interval.is_zero() {
+                return Err("--repository-poll-interval must be more than 0".into());
+            }
+        }
         if let Some(max) = self.max_loaded_models {
             let at_start = match self.model_control {
-                ModelControl::None => self.models.len(),
+                ModelControl::None | ModelControl::Poll => self.models.len(),
                 ModelControl::Explicit => self.load_models.len(),
             };
             if max == 0 || max < at_start {
@@ -905,6 +959,8 @@ impl ServeConfig {
             load_models: Vec::new(),
             max_loaded_models: None,
             memory_budget: None,
+            repository: None,
+            repository_poll_interval: Duration::from_secs(15),
             model_idle_timeout: None,
             host: "0.0.0.0".into(),
             port: 8080,
@@ -1238,6 +1294,15 @@ mod tests {
             ..Default::default()
         });
         assert!(budget.resolve().unwrap_err().contains("--memory-budget"));
+        let poll = server(RawServerSettings {
+            model_control: Some("poll".into()),
+            ..Default::default()
+        });
+        assert!(
+            poll.resolve()
+                .unwrap_err()
+                .contains("needs --model-repository")
+        );
         let no_model = RawServeConfig::default().resolve().unwrap_err();
         assert!(no_model.contains("--model"), "{no_model}");
     }

@@ -7,7 +7,9 @@
 //! the reason. Routes find their model by name, or by [`Registry::pick`]'s rules when the
 //! request names none.
 
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use kiln_models::ModelKind;
 
@@ -142,6 +144,46 @@ pub struct Served {
     /// When a request was last admitted to this model, for eviction and the idle timeout;
     /// its admission gate marks it.
     last_use: LastUse,
+    /// Its folder's files when it was read (poll mode reloads a model whose folder changed).
+    fingerprint: Fingerprint,
+}
+
+/// The name, size and modification time of each file in a model folder and its subfolders
+/// (links followed), sorted: what changes when a model is replaced on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint(Vec<(PathBuf, u64, Option<SystemTime>)>);
+
+impl Fingerprint {
+    pub fn of(dir: &Path) -> Self {
+        fn walk(
+            root: &Path,
+            dir: &Path,
+            depth: usize,
+            out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>,
+        ) {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return;
+            };
+            for e in entries.filter_map(Result::ok) {
+                let path = e.path();
+                let Ok(meta) = std::fs::metadata(&path) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    if depth < 2 {
+                        walk(root, &path, depth + 1, out);
+                    }
+                } else {
+                    let rel = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+                    out.push((rel, meta.len(), meta.modified().ok()));
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(dir, dir, 0, &mut files);
+        files.sort();
+        Self(files)
+    }
 }
 
 impl Served {
@@ -164,6 +206,7 @@ impl Served {
             Err(why) => ModelState::Unavailable(why.clone()),
         };
         Self {
+            fingerprint: Fingerprint::of(&config.dir),
             config: Arc::new(config),
             kind,
             state: RwLock::new(state),
@@ -211,6 +254,11 @@ impl Served {
             ModelState::Ready(loaded) => loaded.memory_bytes(),
             _ => 0,
         }
+    }
+
+    /// Its folder's files when it was read.
+    pub fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
     }
 
     /// When a request was last admitted to this model (see [`LastUse`]).
@@ -353,34 +401,74 @@ impl Served {
     }
 }
 
-/// Every served model, in the order they were given (a repository's in name order).
+/// Every served model, in the order they were given (a repository's in name order; folders
+/// found later, with `--model-control poll` or an explicit load, come after).
 pub struct Registry {
-    models: Vec<Arc<Served>>,
+    models: RwLock<Vec<Arc<Served>>>,
     default: Option<String>,
+    /// Whether a lone model answers to any name (servers of `--model` folders; a repository's
+    /// models come and go by name, so there a name must match).
+    lone_answers_any_name: bool,
 }
 
 impl Registry {
-    pub fn new(configs: &[ModelConfig], default: Option<String>) -> Self {
+    pub fn new(configs: &[ModelConfig], default: Option<String>, repository: bool) -> Self {
         Self {
-            models: configs
-                .iter()
-                .cloned()
-                .map(|c| Arc::new(Served::new(c)))
-                .collect(),
+            lone_answers_any_name: !repository,
+            models: RwLock::new(
+                configs
+                    .iter()
+                    .cloned()
+                    .map(|c| Arc::new(Served::new(c)))
+                    .collect(),
+            ),
             default,
         }
     }
 
-    pub fn all(&self) -> &[Arc<Served>] {
-        &self.models
+    /// A snapshot of the served models.
+    pub fn all(&self) -> Vec<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
-    pub fn get(&self, name: &str) -> Option<&Arc<Served>> {
-        self.models.iter().find(|m| m.id() == name)
+    pub fn get(&self, name: &str) -> Option<Arc<Served>> {
+        self.models
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .find(|m| m.id() == name)
+            .cloned()
+    }
+
+    /// Serves one more model (a repository folder found after start), in state `LOADING` (or
+    /// unavailable when its folder cannot be read); `None` when the name is taken.
+    pub fn add(&self, config: ModelConfig) -> Option<Arc<Served>> {
+        let mut models = self
+            .models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if models.iter().any(|m| m.id() == config.id) {
+            return None;
+        }
+        let served = Arc::new(Served::new(config));
+        models.push(served.clone());
+        Some(served)
+    }
+
+    /// Stops serving `name` (its folder left the repository): requests name it in vain from now
+    /// on; the caller has unloaded it.
+    pub fn remove(&self, name: &str) {
+        self.models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|m| m.id() != name);
     }
 
     /// The model named `name`, or 404 listing the served ones.
-    pub fn by_name(&self, name: &str) -> Result<&Arc<Served>, AppError> {
+    pub fn by_name(&self, name: &str) -> Result<Arc<Served>, AppError> {
         self.get(name).ok_or_else(|| {
             AppError::not_found(format!(
                 "model `{name}` is not served here (served: {})",
@@ -389,13 +477,16 @@ impl Registry {
         })
     }
 
-    /// The model a request is for. A name picks that model (a server with one model answers to
-    /// any name, as single-model servers do for clients that keep their old model name). No
+    /// The model a request is for. A name picks that model (a server of one `--model` answers
+    /// to any name, as single-model servers do for clients that keep their old model name). No
     /// name picks `--default-model` when it can answer the route, else the only model that can;
     /// several candidates are an error that lists them.
-    pub fn pick(&self, name: Option<&str>, want: Want) -> Result<&Arc<Served>, AppError> {
-        if let [only] = self.models.as_slice() {
-            return Ok(only);
+    pub fn pick(&self, name: Option<&str>, want: Want) -> Result<Arc<Served>, AppError> {
+        let models = self.all();
+        if let [only] = models.as_slice()
+            && (self.lone_answers_any_name || name.is_none())
+        {
+            return Ok(only.clone());
         }
         if let Some(name) = name {
             return self.by_name(name);
@@ -405,9 +496,9 @@ impl Registry {
         {
             return Ok(default);
         }
-        let candidates: Vec<&Arc<Served>> = self.models.iter().filter(|m| m.fits(want)).collect();
+        let candidates: Vec<&Arc<Served>> = models.iter().filter(|m| m.fits(want)).collect();
         match candidates.as_slice() {
-            [one] => Ok(one),
+            [one] => Ok((*one).clone()),
             [] => Err(AppError::validation(format!(
                 "no served model does {} (served: {})",
                 want.describe(),
@@ -427,7 +518,7 @@ impl Registry {
 
     /// `a (embedding), b (causal_lm)`, for error messages.
     pub fn listing(&self) -> String {
-        self.models
+        self.all()
             .iter()
             .map(|m| format!("`{}` ({})", m.id(), m.kind_name()))
             .collect::<Vec<_>>()

@@ -918,6 +918,140 @@ fn the_loaded_models_stay_within_the_memory_budget() {
     std::fs::remove_dir_all(&repo).unwrap();
 }
 
+/// Waits until the repository index satisfies `done`.
+fn wait_for_index(server: &Server, what: &str, done: impl Fn(&[Value]) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = index(server);
+        if done(&got) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {got:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A model folder copied (not linked), so the test can change it.
+fn copy_model(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn poll_mode_follows_the_repository_folder() {
+    let repo = repository("poll", &[]);
+    copy_model(&bert_tiny_cls(), &repo.join("bert-tiny-cls"));
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "poll",
+            "--repository-poll-interval",
+            "100ms",
+        ],
+    );
+    let want = Expected::load();
+    let predict = json!({ "inputs": want.cls_batch, "raw_scores": true, "model": "bert-tiny-cls" });
+    // The API does not load or unload in poll mode: the folder does.
+    let (status, got) = server.post_raw("/v2/repository/models/bert-tiny-cls/unload", None, b"");
+    assert_eq!(status, 400, "{got}");
+    assert!(got["error"].as_str().unwrap().contains("`poll`"), "{got}");
+
+    // A folder added is served.
+    std::os::unix::fs::symlink(gpt2_tiny(), repo.join("gpt2-tiny")).unwrap();
+    wait_for_index(&server, "gpt2-tiny added", |m| {
+        m.len() == 2 && m[1]["name"] == "gpt2-tiny" && m[1]["state"] == "READY"
+    });
+    let (prompt, text) = &want.generations[0];
+    let completion =
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], text.as_str());
+
+    // A folder changed is loaded again: its new labels show.
+    let config_path = repo.join("bert-tiny-cls/config.json");
+    let config = std::fs::read_to_string(&config_path).unwrap();
+    std::fs::write(
+        &config_path,
+        config.replace("\"positive\"", "\"favourable\""),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, got) = server.post("/predict", &predict);
+        if status == 200 && got.to_string().contains("favourable") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}: {got}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let metrics = server.metrics();
+    assert_eq!(
+        kiln_tests::server::metric_value(
+            &metrics,
+            "kiln_model_loads_total{model=\"bert-tiny-cls\",outcome=\"ok\"}"
+        ),
+        2.0
+    );
+
+    // A folder removed is no longer served.
+    std::fs::remove_file(repo.join("gpt2-tiny")).unwrap();
+    wait_for_index(&server, "gpt2-tiny removed", |m| m.len() == 1);
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 404, "{got}");
+    let (status, got) = server.post("/predict", &predict);
+    assert_eq!(status, 200, "{got}");
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
+#[test]
+fn explicit_control_loads_a_folder_added_after_start() {
+    let repo = repository("late", &[("bert-tiny-cls", &bert_tiny_cls())]);
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--model-control",
+            "explicit",
+            "--load-model",
+            "bert-tiny-cls",
+        ],
+    );
+    let (status, _) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
+    assert_eq!(status, 404);
+    std::os::unix::fs::symlink(gpt2_tiny(), repo.join("gpt2-tiny")).unwrap();
+    let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
+    assert_eq!(status, 200, "{got}");
+    let want = Expected::load();
+    let (prompt, text) = &want.generations[0];
+    let completion =
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
+    let (status, got) = server.post("/v1/completions", &completion);
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(got["choices"][0]["text"], text.as_str());
+    let names: Vec<String> = index(&server)
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["name"].as_str().unwrap(),
+                m["state"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["bert-tiny-cls READY", "gpt2-tiny READY"]);
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
 #[test]
 fn a_model_idle_past_the_timeout_is_unloaded() {
     let repo = repository("idle", &[("bert-tiny-cls", &bert_tiny_cls())]);

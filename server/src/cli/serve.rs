@@ -165,6 +165,19 @@ pub fn run(config: ServeConfig) -> Result<()> {
                 }
             });
         }
+        if state.config().model_control == kiln_server::config::ModelControl::Poll {
+            let watched = state.clone();
+            let every = state.config().repository_poll_interval;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    watched.poll_repository().await;
+                }
+            });
+        }
         let (http, grpc) = tokio::join!(http, grpc);
         http?.context("HTTP server")?;
         grpc?.context("gRPC server")?;

@@ -181,13 +181,14 @@ pub async fn info(
     header: ModelHeader,
 ) -> Result<Json<Value>, AppError> {
     let models = state.models();
-    let chosen = match (header.0.as_deref(), models.all()) {
+    let all = models.all();
+    let chosen = match (header.0.as_deref(), all.as_slice()) {
         (Some(name), _) => Some(models.by_name(name)?),
-        (None, [only]) => Some(only),
+        (None, [only]) => Some(only.clone()),
         (None, _) => None,
     };
     if let Some(served) = chosen {
-        return model_info(&state, served).map(Json);
+        return model_info(&state, &served).map(Json);
     }
     let each: Vec<Value> = models
         .all()

@@ -159,11 +159,11 @@ pub struct ModelPath {
 }
 
 /// The served model the path names, or 404 (an unknown model or version).
-pub(crate) fn served<'a>(
-    state: &'a AppState,
+pub(crate) fn served(
+    state: &AppState,
     name: &str,
     version: Option<&str>,
-) -> Result<&'a Arc<Served>, AppError> {
+) -> Result<Arc<Served>, AppError> {
     let served = state.models().by_name(name)?;
     if let Some(v) = version
         && v != MODEL_VERSION
@@ -355,7 +355,8 @@ pub async fn model_config(
 /// Triton's statistics extension for one model, from the same series as `/metrics` (its
 /// `model` label) and the model's [`crate::metrics::ModelStats`].
 fn stats(state: &AppState, name: &str, version: Option<&str>) -> Result<Json<Value>, AppError> {
-    let id = served(state, name, version)?.id();
+    let served = served(state, name, version)?;
+    let id = served.id();
     Ok(Json(json!({ "model_stats": [model_stat(state, id)] })))
 }
 
