@@ -16,6 +16,7 @@ use kiln_engine::ir::{
 
 use crate::config::BertConfig;
 use crate::error::Result;
+use crate::st::Step;
 use crate::weights::SafetensorsFile;
 
 /// Names of the graph's inputs (I64 `[batch, seq]`, `[1, tokens]` when packed) and outputs.
@@ -65,10 +66,15 @@ impl std::str::FromStr for BatchLayout {
 }
 
 /// What to put on top of the encoder.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Head {
-    /// Pool the last hidden state (and optionally L2-normalise): `sentence_embedding`.
-    Embedding { pooling: PoolMode, normalize: bool },
+    /// Pool the last hidden state, run the sentence-transformers modules that follow (Dense,
+    /// Normalize) and optionally L2-normalise: `sentence_embedding`.
+    Embedding {
+        pooling: PoolMode,
+        steps: Vec<Step>,
+        normalize: bool,
+    },
     /// Pooler (`tanh(W·h_cls + b)`) and `classifier`: `logits` and `probabilities`.
     Classifier { num_labels: usize },
 }
@@ -227,13 +233,28 @@ pub fn build(
         Ok(c.g.push(Op::Activation(Activation::Tanh), &[d], "pooler.act")?)
     };
     match head {
-        Head::Embedding { pooling, normalize } => {
+        Head::Embedding {
+            pooling,
+            steps,
+            normalize,
+        } => {
             if weights.has("pooler.dense.weight") {
                 let p = pooler(&mut c)?;
                 outputs.push((names::POOLER_OUTPUT.to_string(), p));
             }
-            let pooled =
+            let mut pooled =
                 c.g.push(Op::Pool { mode: pooling }, &[x, mask], "pooling")?;
+            // The modules after pooling: "pooled" is the chain's output before its final
+            // Normalize, so a request may still ask for it unnormalised.
+            let dir = weights.path().parent().unwrap_or(std::path::Path::new("."));
+            for (i, step) in steps.iter().enumerate() {
+                pooled = match step {
+                    Step::Normalize => {
+                        c.g.push(Op::L2Normalize, &[pooled], format!("modules.{i}.normalize"))?
+                    }
+                    Step::Dense(d) => dense(&mut c.g, dir, d, pooled, i)?,
+                };
+            }
             let normalized = c.g.push(Op::L2Normalize, &[pooled], "normalize")?;
             let sentence = if normalize { normalized } else { pooled };
             outputs.push((names::SENTENCE_EMBEDDING.to_string(), sentence));
@@ -256,4 +277,28 @@ pub fn build(
         }
     }
     Ok(c.g.finish(outputs)?)
+}
+
+/// A sentence-transformers Dense module on `x [batch, in]`: `activation(W·x + b)`.
+fn dense(
+    g: &mut GraphBuilder,
+    dir: &std::path::Path,
+    d: &crate::st::Dense,
+    x: ValueId,
+    i: usize,
+) -> Result<ValueId> {
+    let file = SafetensorsFile::open_plain(&dir.join(&d.weights))?;
+    let name = format!("modules.{i}.linear");
+    let w = file.tensor("linear.weight", &[d.out_features, d.in_features])?;
+    let w = g.constant(&format!("{name}.weight"), w, ConstRole::LinearWeight)?;
+    let mut inputs = vec![x, w];
+    if d.bias {
+        let b = file.tensor("linear.bias", &[d.out_features])?;
+        inputs.push(g.constant(&format!("{name}.bias"), b, ConstRole::Other)?);
+    }
+    let y = g.push(Op::Linear, &inputs, name.clone())?;
+    Ok(match d.activation {
+        Some(act) => g.push(Op::Activation(act), &[y], format!("{name}.act"))?,
+        None => y,
+    })
 }

@@ -54,23 +54,39 @@ fn default_eps() -> f64 {
     1e-12
 }
 
-const ENCODERS: [&str; 3] = ["BertModel", "BertForMaskedLM", "BertForPreTraining"];
+/// The encoder classes embeddings come from.
+pub const ENCODERS: [&str; 3] = ["BertModel", "BertForMaskedLM", "BertForPreTraining"];
+/// The encoder classes with a classification head.
+pub const CLASSIFIERS: [&str; 1] = ["BertForSequenceClassification"];
 
 impl BertConfig {
     pub fn load(path: &Path) -> Result<Self> {
-        let config: BertConfig = read_json(path)?;
+        let value: serde_json::Value = read_json(path)?;
+        // The architecture first: another family's config lacks BERT's fields, and saying which
+        // architecture is not supported helps more than naming a missing field.
+        let names: Vec<String> = value
+            .get("architectures")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        architecture_of(&names)
+            .map_err(|m| ModelError::Unsupported(format!("{}: {m}", path.display())))?;
+        let config: BertConfig = serde_json::from_value(value)
+            .map_err(|e| ModelError::file(path, format!("invalid JSON: {e}")))?;
         config.validate(path)?;
         Ok(config)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |msg: String| Err(ModelError::file(path, msg));
+        self.architecture()
+            .map_err(|m| ModelError::Unsupported(format!("{}: {m}", path.display())))?;
         if let Some(t) = &self.model_type
             && t != "bert"
         {
             return Err(ModelError::Unsupported(format!(
-                "{}: model_type `{t}` (kiln runs BERT-family encoders: model_type `bert`)",
-                path.display()
+                "{}: model_type `{t}` is not supported ({})",
+                path.display(),
+                crate::supported_architectures()
             )));
         }
         for (name, v) in [
@@ -106,8 +122,6 @@ impl BertConfig {
             )));
         }
         self.activation().map_err(|m| ModelError::file(path, m))?;
-        self.architecture()
-            .map_err(|m| ModelError::Unsupported(format!("{}: {m}", path.display())))?;
         Ok(())
     }
 
@@ -122,22 +136,7 @@ impl BertConfig {
     }
 
     pub fn architecture(&self) -> Result<Architecture, String> {
-        if self.architectures.is_empty() {
-            return Ok(Architecture::Encoder);
-        }
-        for a in &self.architectures {
-            if a == "BertForSequenceClassification" {
-                return Ok(Architecture::SequenceClassification);
-            }
-            if ENCODERS.contains(&a.as_str()) {
-                return Ok(Architecture::Encoder);
-            }
-        }
-        Err(format!(
-            "architectures {:?} are not supported (kiln runs {} and BertForSequenceClassification)",
-            self.architectures,
-            ENCODERS.join(", ")
-        ))
+        architecture_of(&self.architectures)
     }
 
     /// Labels in id order: `id2label` if given, else `LABEL_0..LABEL_{n-1}`.
@@ -151,4 +150,24 @@ impl BertConfig {
             })
             .collect()
     }
+}
+
+/// What `config.json`'s `architectures` ask for (none: a bare encoder).
+fn architecture_of(architectures: &[String]) -> Result<Architecture, String> {
+    if architectures.is_empty() {
+        return Ok(Architecture::Encoder);
+    }
+    for a in architectures {
+        if CLASSIFIERS.contains(&a.as_str()) {
+            return Ok(Architecture::SequenceClassification);
+        }
+        if ENCODERS.contains(&a.as_str()) {
+            return Ok(Architecture::Encoder);
+        }
+    }
+    Err(format!(
+        "architecture `{}` is not supported ({})",
+        architectures.join("`, `"),
+        crate::supported_architectures()
+    ))
 }

@@ -36,6 +36,8 @@ pub struct ModelInfo {
     pub architecture: String,
     pub kind: ModelKind,
     pub hidden_size: usize,
+    /// An embedding model's vector width: `hidden_size`, or the last Dense module's output.
+    pub embedding_size: usize,
     pub num_layers: usize,
     /// Longest input in tokens (special tokens included); longer inputs are truncated or refused.
     pub max_input_tokens: usize,
@@ -165,6 +167,7 @@ impl EncoderModel {
             Architecture::Encoder => (
                 Head::Embedding {
                     pooling: pipeline.pooling,
+                    steps: pipeline.steps.clone(),
                     normalize: pipeline.normalize,
                 },
                 ModelKind::Embedding {
@@ -192,6 +195,7 @@ impl EncoderModel {
             }
         };
 
+        let embedding_size = pipeline.output_width(cfg.hidden_size)?;
         let positions = cfg.max_position_embeddings;
         let max_len = opts
             .max_seq_length
@@ -275,6 +279,7 @@ impl EncoderModel {
                 .unwrap_or_else(|| "BertModel".into()),
             kind,
             hidden_size: cfg.hidden_size,
+            embedding_size,
             num_layers: cfg.num_hidden_layers,
             max_input_tokens: max_len,
             device: plan.backend_name(),

@@ -36,6 +36,16 @@ use std::path::{Path, PathBuf};
 use kiln_engine::compile::CompileOptions;
 use kiln_engine::{DeviceChoice, DeviceKind, ExecOptions, Quantize};
 
+/// What kiln runs, for error messages: `kiln runs BertModel, ... (embeddings), ... `.
+pub fn supported_architectures() -> String {
+    format!(
+        "kiln runs {} (embeddings), {} (classification) and {} (text generation)",
+        config::ENCODERS.join(", "),
+        config::CLASSIFIERS.join(", "),
+        decoder::config::DECODER_ARCHITECTURES.join(", ")
+    )
+}
+
 pub use config::{Architecture, BertConfig};
 pub use error::{ModelError, Result};
 pub use text::{Encoded, TextInput, TextTokenizer};

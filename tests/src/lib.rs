@@ -28,6 +28,20 @@ pub fn fixtures() -> PathBuf {
     dir
 }
 
+/// The model-zoo fixtures (one Hugging Face folder per model with its `reference.json`, made by
+/// `scripts/make-zoo-fixtures.py`): `$KILN_MODEL_ZOO`, or `tests/fixtures/models`.
+pub fn model_zoo() -> PathBuf {
+    let dir = std::env::var_os("KILN_MODEL_ZOO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("tests/fixtures/models"));
+    assert!(
+        dir.is_dir(),
+        "model-zoo fixtures not found at {} (set KILN_MODEL_ZOO)",
+        dir.display()
+    );
+    dir
+}
+
 /// The all-MiniLM-L6-v2 folder: `$KILN_MODEL_DIR`, or `models/local/all-MiniLM-L6-v2`.
 pub fn minilm_dir() -> PathBuf {
     let dir = std::env::var_os("KILN_MODEL_DIR")

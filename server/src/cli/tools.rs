@@ -65,7 +65,7 @@ pub fn embed(args: EmbedArgs) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))?;
     let json = serde_json::json!({
         "model": model.info().id,
-        "dimensions": model.info().hidden_size,
+        "dimensions": model.info().embedding_size,
         "tokens": out.tokens,
         "embeddings": out.vectors,
     });

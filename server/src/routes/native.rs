@@ -225,6 +225,7 @@ fn model_info(state: &AppState, served: &Served) -> Result<Value, AppError> {
         "model_type": kind,
         "model": extra,
         "hidden_size": i.hidden_size,
+        "embedding_size": i.embedding_size,
         "num_layers": i.num_layers,
         "max_input_tokens": i.max_input_tokens,
         "device": i.device,

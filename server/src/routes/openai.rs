@@ -66,11 +66,11 @@ async fn handle(
     let (base64, texts) = checked(&req, state.config().max_client_batch_size)?;
     let ready = state.encoder(req.model.as_deref(), Want::Embeddings)?;
     if let Some(d) = req.dimensions
-        && d != ready.info.hidden_size as u64
+        && d != ready.info.embedding_size as u64
     {
         return Err(AppError::validation(format!(
             "model `{}` produces {}-dimensional embeddings and cannot shorten them (dimensions={d})",
-            ready.info.id, ready.info.hidden_size
+            ready.info.id, ready.info.embedding_size
         )));
     }
     let _slot = ready.infer.admit()?;

@@ -231,7 +231,7 @@ pub(crate) fn inputs_of(ready: &Ready) -> Vec<TensorSpec> {
 pub(crate) fn outputs_of(ready: &Ready) -> (Vec<(&'static str, usize)>, usize) {
     match &ready.info.kind {
         ModelKind::Embedding { .. } => {
-            let h = ready.info.hidden_size;
+            let h = ready.info.embedding_size;
             (
                 vec![
                     (names::SENTENCE_EMBEDDING, h),

@@ -1,0 +1,814 @@
+#!/usr/bin/env python3
+"""Make the model-zoo fixtures in tests/fixtures/models/<name>/.
+
+Each folder is a tiny random-weight Hugging Face model (hidden 32-64, 2 layers, 4 heads, vocab ~600) with a
+tokenizer trained here by the `tokenizers` library (the Hugging Face hub is never contacted), saved the way
+transformers 5 / sentence-transformers 6 save it, plus a `reference.json` with the outputs that transformers /
+sentence-transformers compute on CPU. A Rust loader runs every folder and compares against reference.json.
+
+Usage (CPU only, about 15 seconds):
+    python3 -m venv /tmp/zoo-venv
+    /tmp/zoo-venv/bin/pip install -r scripts/zoo-fixtures-requirements.txt
+    /tmp/zoo-venv/bin/python scripts/make-zoo-fixtures.py [--out DIR] [--only NAME ...]
+
+Made with (pinned in scripts/zoo-fixtures-requirements.txt; torch is the plain PyPI wheel):
+    torch==2.15.0 transformers==5.25.0 sentence-transformers==6.3.0 tokenizers==0.23.3
+    safetensors==0.8.0 numpy==2.4.6 huggingface_hub==2.4.0 (python 3.11.7)
+
+Conventions (as in ../shared/fixtures/tiny):
+- Every parameter is overwritten from a generator seeded per model: matrices and embeddings N(0, 0.1^2), norm
+  weights 1 + 0.2 N(0,1), biases 0.1 N(0,1), so norm/bias/scale bugs in a loader show up. Weights are float32.
+- Outputs are computed in float64 (the saved float32 weights upcast exactly, `model.double()`), one text at a time
+  without padding, then rounded to float32 and written as the shortest decimal that reads back as that float32.
+  The float32 run is checked to agree within 1e-4, and a padded float32 batch is checked to agree with the
+  one-at-a-time float32 run within 1e-5 (`batched_max_abs_diff` records it).
+- `input_ids` are what the saved tokenizer gives with add_special_tokens=True (truncated at the model's max
+  length); the script checks that `tokenizers.Tokenizer.from_file(tokenizer.json)` gives the same ids.
+- Re-running the script gives byte-identical files (torch runs on one thread; no timestamps are written).
+- Tokenizers are trained on CORPUS below. The `tokenizers` WordPiece and Unigram trainers are not reproducible
+  (hash-map order), so WordPiece is learnt by a small trainer here and the Unigram scores are canonicalised.
+Each model is made by its own function; a failure in one is reported and does not stop the others (exit code 1).
+See tests/fixtures/models/README.md for what each folder exercises.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
+
+import transformers  # noqa: E402
+import sentence_transformers  # noqa: E402
+import tokenizers as tokenizers_lib  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "tests" / "fixtures" / "models"
+SEED = 20240601
+
+torch.set_num_threads(1)
+transformers.logging.set_verbosity_error()
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus and texts
+# ---------------------------------------------------------------------------------------------------------------
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A sentence embedding maps a piece of text to a single vector.",
+    "Search engines rank documents by how similar they are to the query.",
+    "Serving transformer models on CPUs needs careful batching and padding masks.",
+    "The weather today is sunny with a light breeze from the west.",
+    "She reads a book in the garden while the children play football.",
+    "How do I reset my password if I forgot the old one?",
+    "Click the link in the email to confirm your new account.",
+    "Paris is the capital of France and Berlin is the capital of Germany.",
+    "The river flows through the old town towards the sea.",
+    "Neural networks learn representations from large amounts of data.",
+    "Attention layers let every token look at every other token in the sequence.",
+    "Normalization keeps the length of each embedding vector equal to one.",
+    "A reranker scores a query and a document together and returns one number.",
+    "Mean pooling averages the token vectors, ignoring the padding positions.",
+    "The cat sleeps on the warm windowsill all afternoon.",
+    "We measured the latency of the server under heavy load.",
+    "Tokenizers split words into smaller pieces that the model knows.",
+    "Rust programs are fast and memory safe without a garbage collector.",
+    "Please return the library books before the end of the month.",
+    "Questions and answers: what is the tallest mountain in the world?",
+    "Mount Everest is the tallest mountain above sea level.",
+    "Le café est très chaud, fais attention à ne pas te brûler.",
+    "Où est la gare ? Je voudrais acheter un billet pour Genève.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "Müller und Schröder trinken Kaffee in München.",
+    "El niño comió una manzana en la mañana soleada.",
+    "¿Dónde está la biblioteca? Está cerca de la estación.",
+    "Ação, coração e informação são palavras portuguesas.",
+    "Zażółć gęślą jaźń — a Polish pangram with many accents.",
+    "Привет, как дела? Сегодня хорошая погода.",
+    "東京は日本の首都です。",
+    "我喜欢喝茶和看书。",
+    "北京和上海是中国的大城市。",
+    "서울은 한국의 수도입니다.",
+    "今日はいい天気ですね。",
+    "Emoji are text too 🙂 🚀 ❤️ 👍 🎉",
+    "I love pizza 🍕 and coffee ☕ in the morning 🌅.",
+    "Numbers like 3.14, 42, 2024 and 1,000,000 appear in text.",
+    "Email me at someone@example.com or visit https://example.com/docs.",
+]
+
+TEXTS = [
+    "Hello world!",
+    "The quick brown fox jumps over the lazy dog.",
+    "Café naïve résumé — 東京 and 北京 🙂🚀 emoji too.",
+    "How do I reset my password?",
+    (
+        "Serving transformer models on CPUs needs careful batching and padding masks, because every token looks at "
+        "every other token in the sequence; mean pooling averages the token vectors while ignoring the padding "
+        "positions, and normalization keeps the length of each embedding vector equal to one, so search engines "
+        "can rank documents by how similar they are to the query."
+    ),
+]
+
+PAIRS = [
+    ["What is the capital of France?", "Paris is the capital of France and Berlin is the capital of Germany."],
+    ["What is the capital of France?", "The cat sleeps on the warm windowsill all afternoon."],
+    ["how tall is mount everest", "Mount Everest is the tallest mountain above sea level, about 8849 metres high."],
+    ["Où est la gare ?", "東京は日本の首都です。 The station is near the library 🚉."],
+]
+
+
+def versions() -> dict:
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "sentence-transformers": sentence_transformers.__version__,
+        "tokenizers": tokenizers_lib.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer training (all local, deterministic)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def train_wordpiece(special: list[str], vocab_size: int = 600, lowercase: bool = True) -> dict[str, int]:
+    """BERT-style WordPiece vocab, learnt by BPE merges with a "##" continuation prefix.
+
+    The `tokenizers` WordPieceTrainer numbers the "##" pieces in hash-map order, so ties between merges come out
+    differently from run to run. This small trainer breaks ties by the pieces' text, so the vocab is reproducible.
+    """
+    from collections import Counter
+
+    norm = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=lowercase)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts = Counter(w for line in CORPUS for w, _ in pre.pre_tokenize_str(norm.normalize_str(line)))
+    words = [[w[0]] + ["##" + c for c in w[1:]] for w in sorted(counts)]
+    freqs = [counts[w] for w in sorted(counts)]
+    alphabet = sorted({p for w in words for p in w}, key=lambda p: (p.startswith("##"), p))
+    vocab = list(special) + [p for p in alphabet if p not in special]
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs = Counter()
+        for w, f in zip(words, freqs):
+            for a, b in zip(w, w[1:]):
+                pairs[(a, b)] += f
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merged = a + b[2:]
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if w[i] == a and w[i + 1] == b:
+                    w[i : i + 2] = [merged]
+                i += 1
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return {p: i for i, p in enumerate(vocab)}
+
+
+def train_byte_bpe(special: list[str], vocab_size: int = 600) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in data["model"]["merges"]]
+    return _ordered_vocab(tok), merges
+
+
+def train_unigram(special: list[str], vocab_size: int = 600) -> list[tuple[str, float]]:
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer=trainer)
+    data = json.loads(tok.to_str())
+    # Not reproducible as trained: the EM sums run in hash-map order, so scores jitter in the last digits, and the
+    # characters that pruning dropped are put back with scores min, min + 1e-4, min + 2e-4, ... in hash-map order.
+    # So: round the scores, give those put-back characters (the chain of single characters going up from the
+    # lowest score in steps of 1e-4) the lowest score minus 1e-3, and sort by (score, piece).
+    pieces = [(p, round(float(s), 6)) for p, s in data["model"]["vocab"] if p not in special]
+    chain_top = min(s for _, s in pieces)
+    put_back = set()
+    for p, s in sorted((ps for ps in pieces if len(ps[0]) == 1), key=lambda ps: ps[1]):
+        if s > chain_top + 1.5e-4:
+            break
+        put_back.add(p)
+        chain_top = max(chain_top, s)
+    low = round(min(s for _, s in pieces) - 1e-3, 6)
+    pieces = [(p, low if p in put_back else s) for p, s in pieces]
+    pieces.sort(key=lambda ps: (-ps[1], ps[0]))
+    return [(p, 0.0) for p in special] + pieces
+
+
+def _ordered_vocab(tok: Tokenizer) -> dict[str, int]:
+    vocab = tok.get_vocab(with_added_tokens=True)
+    return dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter: matrices/embeddings N(0,0.1²), norm weights 1+0.2·N(0,1), biases 0.1·N(0,1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied parameters are visited once
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+            if name.endswith("bias"):
+                value = 0.1 * noise
+            elif p.dim() == 1 and "norm" in name.lower():
+                value = 1.0 + 0.2 * noise
+            elif p.dim() == 1:
+                raise ValueError(f"unexpected 1-D parameter {name}")
+            else:
+                value = 0.1 * noise
+            p.copy_(value.to(p.dtype))
+
+
+def check_fresh_weights(folder: Path, model: torch.nn.Module) -> None:
+    """The saved safetensors must hold exactly the randomized weights (no silent re-init)."""
+    from safetensors.torch import load_file
+
+    saved = load_file(str(folder / "model.safetensors"))
+    state = model.state_dict()
+    for key, tensor in saved.items():
+        if key in state:
+            assert torch.equal(state[key].to(tensor.dtype), tensor), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers for references
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def f32(x: float) -> float:
+    """Round to float32 and return the shortest decimal that reads back as that float32."""
+    v = np.float32(x)
+    out = float(str(v))
+    assert np.float32(out) == v, (x, out)
+    return out
+
+
+def to_list(t):
+    """Nested lists of numbers: fp64 results rounded to float32, written as shortest float32 decimals."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().numpy()
+    a = np.asarray(t, dtype=np.float64)
+    if a.ndim == 0:
+        return f32(a)
+    return [to_list(x) for x in a]
+
+
+def check_tokenizer_json(folder: Path, hf_tok, inputs, ids: list[list[int]], max_length: int) -> None:
+    """tokenizers' own loader on tokenizer.json must give the same ids as the transformers tokenizer."""
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    raw.no_padding()
+    raw.no_truncation()
+    for inp, expected in zip(inputs, ids):
+        enc = raw.encode(*inp) if isinstance(inp, (list, tuple)) else raw.encode(inp)
+        got = enc.ids
+        if len(got) > max_length:
+            got = got[: max_length - 1] + [got[-1]]  # truncation keeps the final special token
+        assert got == expected, (folder.name, inp, got, expected)
+
+
+def write_reference(folder: Path, ref: dict) -> None:
+    text = json.dumps(ref, ensure_ascii=False, separators=(", ", ": "))
+    (folder / "reference.json").write_text(text + "\n", encoding="utf-8")
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def st_reference(folder: Path, name: str, architecture: str, max_length: int | None = None, task: str = "embedding",
+                 encode_kwargs: dict | None = None) -> dict:
+    """Reference for a sentence-transformers folder: encode() per text in fp64 and fp32, plus token embeddings."""
+    from sentence_transformers import SentenceTransformer
+
+    encode_kwargs = encode_kwargs or {}
+    st = SentenceTransformer(str(folder), device="cpu")
+    st.eval()
+    first = st[0]
+    tok = first.tokenizer
+    max_len = max_length or st.max_seq_length
+    enc = [tok(t, add_special_tokens=True, truncation=True, max_length=max_len) for t in TEXTS]
+    input_ids = [e["input_ids"] for e in enc]
+    check_tokenizer_json(folder, tok, TEXTS, input_ids, max_len)
+    assert any(len(ids) > 40 for ids in input_ids), [len(i) for i in input_ids]
+
+    def run(model, dtype):
+        embs, toks = [], []
+        for t in TEXTS:
+            e = model.encode([t], convert_to_tensor=True, batch_size=1, **encode_kwargs)[0]
+            te = model.encode([t], output_value="token_embeddings", batch_size=1, **encode_kwargs)[0]
+            embs.append(e.to(dtype))
+            toks.append(te.to(dtype))
+        return embs, toks
+
+    embs32, toks32 = run(st, torch.float32)
+    batched = st.encode(TEXTS, convert_to_tensor=True, batch_size=len(TEXTS), **encode_kwargs)
+    batched_diff = max(float((batched[i] - embs32[i]).abs().max()) for i in range(len(TEXTS)))
+    assert batched_diff < 1e-5, (name, batched_diff)
+
+    st64 = st.double()
+    embs64, toks64 = run(st64, torch.float64)
+    fp_diff = max(float((a.double() - b).abs().max()) for a, b in zip(embs32 + toks32, embs64 + toks64))
+    assert fp_diff < 1e-4, (name, fp_diff)
+    print(f"   fp32 vs fp64 max |diff| {fp_diff:.1e}, padded batch vs one at a time {batched_diff:.1e}")
+    for ids, te in zip(input_ids, toks64):
+        assert te.shape[0] == len(ids), (te.shape, len(ids))
+
+    ref = {
+        "model": name,
+        "architecture": architecture,
+        "task": task,
+        "library": "sentence-transformers",
+        "versions": versions(),
+        "texts": TEXTS,
+        "input_ids": input_ids,
+    }
+    if "token_type_ids" in enc[0]:
+        ref["token_type_ids"] = [e["token_type_ids"] for e in enc]
+    ref["outputs"] = {
+        "embeddings": [to_list(e) for e in embs64],
+        "token_embeddings": [to_list(t) for t in toks64],
+    }
+    ref["batched_max_abs_diff"] = batched_diff
+    return ref
+
+
+def build_st(staging: Path, out: Path, extra_modules) -> None:
+    """Transformer(staging) -> extra modules, saved by the installed sentence-transformers."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Transformer
+
+    transformer = Transformer(str(staging))
+    st = SentenceTransformer(modules=[transformer, *extra_modules(transformer)], device="cpu")
+    st.save(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def make_bert_st6_dense(out_root: Path, tmp: Path) -> None:
+    from transformers import BertConfig, BertModel, BertTokenizer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling
+
+    name = "bert-st6-dense"
+    staging = fresh_dir(tmp / name)
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=128, type_vocab_size=2, pad_token_id=0,
+    )
+    model = BertModel(config, add_pooling_layer=False)
+    randomize(model, SEED + 1)
+    save_staging(staging, model, tok)
+
+    def extra(transformer):
+        dense = Dense(48, 24, activation_function=torch.nn.Tanh())
+        randomize(dense, SEED + 2)
+        return [Pooling(48, pooling_mode="mean"), dense, Normalize()]
+
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, extra)
+    check_fresh_weights(folder, model)
+    write_reference(folder, st_reference(folder, name, "BertModel"))
+
+
+def save_staging(staging: Path, model, tok) -> None:
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+
+
+def make_roberta_st_mean(out_root: Path, tmp: Path) -> None:
+    from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    name = "roberta-st-mean"
+    staging = fresh_dir(tmp / name)
+    vocab, merges = train_byte_bpe(["<s>", "<pad>", "</s>", "<unk>"])
+    vocab["<mask>"] = len(vocab)  # last id, as in roberta-base
+    tok = RobertaTokenizer(vocab=vocab, merges=merges, model_max_length=128)
+    config = RobertaConfig(
+        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5,
+    )
+    model = RobertaModel(config, add_pooling_layer=False)
+    randomize(model, SEED + 10)
+    save_staging(staging, model, tok)
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, lambda t: [Pooling(64, pooling_mode="mean")])
+    check_fresh_weights(folder, model)
+    write_reference(folder, st_reference(folder, name, "RobertaModel"))
+
+
+def unigram_tokenizer():
+    from transformers import XLMRobertaTokenizer
+
+    vocab = train_unigram(["<s>", "<pad>", "</s>", "<unk>"])
+    vocab.append(("<mask>", 0.0))  # last id, as in xlm-roberta-base
+    return XLMRobertaTokenizer(vocab=vocab, model_max_length=128), len(vocab)
+
+
+def xlmr_config(vocab_size: int, **kw):
+    from transformers import XLMRobertaConfig
+
+    return XLMRobertaConfig(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        layer_norm_eps=1e-5, **kw,
+    )
+
+
+def make_xlm_roberta_st_cls(out_root: Path, tmp: Path) -> None:
+    from transformers import XLMRobertaModel
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    name = "xlm-roberta-st-cls"
+    staging = fresh_dir(tmp / name)
+    tok, vocab_size = unigram_tokenizer()
+    model = XLMRobertaModel(xlmr_config(vocab_size), add_pooling_layer=False)
+    randomize(model, SEED + 20)
+    save_staging(staging, model, tok)
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, lambda t: [Pooling(64, pooling_mode="cls"), Normalize()])
+    check_fresh_weights(folder, model)
+    write_reference(folder, st_reference(folder, name, "XLMRobertaModel"))
+
+
+def make_xlm_roberta_reranker(out_root: Path, tmp: Path) -> None:
+    """Plain transformers save (config + weights + tokenizer); no sentence-transformers files."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, XLMRobertaForSequenceClassification
+
+    name = "xlm-roberta-reranker"
+    tok, vocab_size = unigram_tokenizer()
+    model = XLMRobertaForSequenceClassification(xlmr_config(vocab_size, num_labels=1))
+    randomize(model, SEED + 30)
+    folder = fresh_dir(out_root / name)
+    save_staging(folder, model, tok)
+    check_fresh_weights(folder, model)
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    max_len = tok.model_max_length
+    enc = [tok(q, d, add_special_tokens=True, truncation=True, max_length=max_len) for q, d in PAIRS]
+    input_ids = [e["input_ids"] for e in enc]
+    check_tokenizer_json(folder, tok, PAIRS, input_ids, max_len)
+
+    def run(m):
+        with torch.no_grad():
+            return [m(input_ids=torch.tensor([ids])).logits[0] for ids in input_ids]
+
+    logits32 = run(model)
+    batch = tok([p[0] for p in PAIRS], [p[1] for p in PAIRS], padding=True, truncation=True, max_length=max_len,
+                return_tensors="pt")
+    with torch.no_grad():
+        batched = model(**batch).logits
+    batched_diff = max(float((batched[i] - logits32[i]).abs().max()) for i in range(len(PAIRS)))
+    assert batched_diff < 1e-5, batched_diff
+    logits64 = run(model.double())
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(logits32, logits64)) < 1e-4
+
+    # sentence-transformers' CrossEncoder reads the same folder (sigmoid on top for num_labels=1)
+    from sentence_transformers import CrossEncoder
+
+    ce = CrossEncoder(str(folder), device="cpu")
+    scores = ce.predict([tuple(p) for p in PAIRS], batch_size=1, convert_to_tensor=True)
+    expected = torch.sigmoid(torch.stack(logits32)[:, 0])
+    assert float((scores.float() - expected).abs().max()) < 1e-5, (scores, expected)
+
+    ref = {
+        "model": name,
+        "architecture": "XLMRobertaForSequenceClassification",
+        "task": "classification",
+        "library": "transformers",
+        "versions": versions(),
+        "pairs": PAIRS,
+        "input_ids": input_ids,
+        "outputs": {"logits": [to_list(l) for l in logits64]},
+        "batched_max_abs_diff": batched_diff,
+    }
+    write_reference(folder, ref)
+
+
+def make_distilbert_st_mean(out_root: Path, tmp: Path) -> None:
+    from transformers import DistilBertConfig, DistilBertModel, DistilBertTokenizer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    name = "distilbert-st-mean"
+    staging = fresh_dir(tmp / name)
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = DistilBertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    config = DistilBertConfig(
+        vocab_size=len(vocab), dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=128,
+        sinusoidal_pos_embds=False, pad_token_id=0,
+    )
+    model = DistilBertModel(config)
+    randomize(model, SEED + 40)
+    save_staging(staging, model, tok)
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, lambda t: [Pooling(64, pooling_mode="mean"), Normalize()])
+    check_fresh_weights(folder, model)
+    write_reference(folder, st_reference(folder, name, "DistilBertModel"))
+
+
+def make_mpnet_st_mean(out_root: Path, tmp: Path) -> None:
+    from transformers import MPNetConfig, MPNetModel, MPNetTokenizer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    name = "mpnet-st-mean"
+    staging = fresh_dir(tmp / name)
+    vocab = train_wordpiece(["<s>", "<pad>", "</s>", "[UNK]"])
+    vocab["<mask>"] = len(vocab)  # last id, as in mpnet-base
+    tok = MPNetTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    config = MPNetConfig(
+        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=130, relative_attention_num_buckets=32, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, layer_norm_eps=1e-5,
+    )
+    model = MPNetModel(config, add_pooling_layer=False)
+    randomize(model, SEED + 50)
+    save_staging(staging, model, tok)
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, lambda t: [Pooling(64, pooling_mode="mean"), Normalize()])
+    check_fresh_weights(folder, model)
+    write_reference(folder, st_reference(folder, name, "MPNetModel"))
+
+
+def make_bert_st_legacy_flags(out_root: Path, tmp: Path) -> None:
+    """Old (sentence-transformers 2.x) layout written by hand; the reference comes from the installed version."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    name = "bert-st-legacy-flags"
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=512, type_vocab_size=2, pad_token_id=0,
+    )
+    model = BertModel(config, add_pooling_layer=True)
+    randomize(model, SEED + 60)
+    folder = fresh_dir(out_root / name)
+    save_staging(folder, model, tok)
+    check_fresh_weights(folder, model)
+
+    def dump(path: Path, obj) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+    dump(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ])
+    dump(folder / "sentence_bert_config.json", {"max_seq_length": 64, "do_lower_case": False})
+    dump(folder / "config_sentence_transformers.json",
+         {"__version__": {"sentence_transformers": "2.0.0", "transformers": "4.6.1", "pytorch": "1.8.1"}})
+    dump(folder / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": 32,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    })
+    # 2_Normalize has no files, so (as on the hub) the folder does not exist.
+    ref = st_reference(folder, name, "BertModel")
+    assert max(len(ids) for ids in ref["input_ids"]) == 64, "the long text must be truncated at 64"
+    write_reference(folder, ref)
+
+
+def make_splade_bert(out_root: Path, tmp: Path) -> None:
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SpladePooling, Transformer
+
+    name = "splade-bert"
+    staging = fresh_dir(tmp / name)
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=128, type_vocab_size=2, pad_token_id=0,
+    )
+    model = BertForMaskedLM(config)
+    randomize(model, SEED + 70)
+    # A random MLM head makes about half the logits positive, so every vocab entry would be active. Shift the
+    # output bias down (the one departure from the 0.1·N(0,1) bias rule) so that, as with a trained SPLADE model,
+    # only a few dozen entries per text survive relu.
+    with torch.no_grad():
+        model.cls.predictions.bias -= 2.0
+    assert torch.equal(model.cls.predictions.decoder.bias, model.cls.predictions.bias)
+    save_staging(staging, model, tok)
+    transformer = Transformer(str(staging), transformer_task="fill-mask")
+    pooling = SpladePooling(pooling_strategy="max", activation_function="relu", embedding_dimension=len(vocab))
+    folder = fresh_dir(out_root / name)
+    SparseEncoder(modules=[transformer, pooling], device="cpu").save(str(folder))
+    check_fresh_weights(folder, model)
+
+    se = SparseEncoder(str(folder), device="cpu").eval()
+    hf_tok = se[0].tokenizer
+    max_len = se.max_seq_length
+    enc = [hf_tok(t, add_special_tokens=True, truncation=True, max_length=max_len) for t in TEXTS]
+    input_ids = [e["input_ids"] for e in enc]
+    check_tokenizer_json(folder, hf_tok, TEXTS, input_ids, max_len)
+
+    def run(m):
+        return [m.encode([t], convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=1)[0] for t in TEXTS]
+
+    dense32 = run(se)
+    batched = se.encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False, batch_size=len(TEXTS))
+    batched_diff = max(float((batched[i] - dense32[i]).abs().max()) for i in range(len(TEXTS)))
+    assert batched_diff < 1e-5, batched_diff
+    dense64 = run(se.double())
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(dense32, dense64)) < 1e-4
+    # the definition: max over tokens of log(1 + relu(MLM logits))
+    mlm = se[0].model
+    for ids, d in zip(input_ids, dense64):
+        with torch.no_grad():
+            logits = mlm(input_ids=torch.tensor([ids]), token_type_ids=torch.zeros(1, len(ids), dtype=torch.long)).logits[0]
+        manual = torch.log1p(torch.relu(logits)).max(dim=0).values
+        assert float((manual - d).abs().max()) < 1e-12
+
+    def sparse(v):
+        nz = torch.nonzero(v).flatten().tolist()
+        return [{"index": i, "value": f32(v[i])} for i in nz]
+
+    ref = {
+        "model": name,
+        "architecture": "BertForMaskedLM",
+        "task": "sparse",
+        "library": "sentence-transformers",
+        "versions": versions(),
+        "texts": TEXTS,
+        "input_ids": input_ids,
+        "token_type_ids": [e["token_type_ids"] for e in enc],
+        "outputs": {"sparse": [sparse(d) for d in dense64]},
+        "batched_max_abs_diff": batched_diff,
+    }
+    write_reference(folder, ref)
+
+
+def make_qwen3_embedding(out_root: Path, tmp: Path) -> None:
+    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    name = "qwen3-embedding"
+    staging = fresh_dir(tmp / name)
+    vocab, merges = train_byte_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=128, padding_side="left")
+    # As Qwen3-Embedding: <|endoftext|> is appended to every input, and pooling takes that last token.
+    tok._tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(add_prefix_space=False, trim_offsets=False),
+        processors.TemplateProcessing(
+            single="$A:0 <|endoftext|>:0", pair="$A:0 <|endoftext|>:0 $B:1 <|endoftext|>:1",
+            special_tokens=[("<|endoftext|>", vocab["<|endoftext|>"])],
+        ),
+    ])
+    config = Qwen3Config(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"],
+    )
+    model = Qwen3Model(config)
+    randomize(model, SEED + 80)
+    save_staging(staging, model, tok)
+    transformer = Transformer(str(staging))
+    st = SentenceTransformer(
+        modules=[transformer, Pooling(64, pooling_mode="lasttoken"), Normalize()], device="cpu",
+        prompts={"query": "Instruct: find\nQuery: ", "document": ""}, default_prompt_name=None,
+    )
+    folder = fresh_dir(out_root / name)
+    st.save(str(folder))
+    check_fresh_weights(folder, model)
+    ref = st_reference(folder, name, "Qwen3Model")
+    for ids in ref["input_ids"]:
+        assert ids[-1] == vocab["<|endoftext|>"]
+    # Extra output (not in the other folders): encode(prompt_name="query"), i.e. the "query" prompt from
+    # config_sentence_transformers.json prepended to the text before tokenization, computed the same way.
+    st = SentenceTransformer(str(folder), device="cpu").eval()
+    q32 = [st.encode([t], prompt_name="query", convert_to_tensor=True)[0] for t in TEXTS]
+    st = st.double()
+    q64 = [st.encode([t], prompt_name="query", convert_to_tensor=True)[0] for t in TEXTS]
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(q32, q64)) < 1e-4
+    plain = ref["outputs"]["embeddings"]
+    assert all(max(abs(x - y) for x, y in zip(to_list(q), p)) > 1e-3 for q, p in zip(q64, plain))
+    ref["outputs"]["query_embeddings"] = [to_list(q) for q in q64]
+    write_reference(folder, ref)
+
+
+def make_modernbert_st_mean(out_root: Path, tmp: Path) -> None:
+    from transformers import ModernBertConfig, ModernBertModel, PreTrainedTokenizerFast
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    name = "modernbert-st-mean"
+    staging = fresh_dir(tmp / name)
+    vocab, merges = train_byte_bpe(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    raw = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", model_max_length=128, model_input_names=["input_ids", "attention_mask"],
+    )
+    config = ModernBertConfig(
+        vocab_size=len(vocab), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, global_attn_every_n_layers=2, local_attention=16,
+        pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[CLS]"], eos_token_id=vocab["[SEP]"],
+        cls_token_id=vocab["[CLS]"], sep_token_id=vocab["[SEP]"],
+    )
+    model = ModernBertModel(config)
+    randomize(model, SEED + 90)
+    save_staging(staging, model, tok)
+    folder = fresh_dir(out_root / name)
+    build_st(staging, folder, lambda t: [Pooling(64, pooling_mode="mean")])
+    check_fresh_weights(folder, model)
+    ref = st_reference(folder, name, "ModernBertModel")
+    longest = max(ref["input_ids"], key=len)
+    assert len(longest) > 2 * 16, "the window must matter"
+    # check that it does: the same weights with both layers global give different token vectors
+    all_global = ModernBertModel.from_pretrained(str(folder), layer_types=["full_attention"] * 2).eval()
+    with torch.no_grad():
+        g = all_global(input_ids=torch.tensor([longest])).last_hidden_state[0]
+    assert float((g.double() - torch.tensor(ref["outputs"]["token_embeddings"][-1], dtype=torch.float64)).abs().max()) > 1e-2
+    write_reference(folder, ref)
+
+
+MODELS = {
+    "bert-st6-dense": make_bert_st6_dense,
+    "roberta-st-mean": make_roberta_st_mean,
+    "xlm-roberta-st-cls": make_xlm_roberta_st_cls,
+    "xlm-roberta-reranker": make_xlm_roberta_reranker,
+    "distilbert-st-mean": make_distilbert_st_mean,
+    "mpnet-st-mean": make_mpnet_st_mean,
+    "bert-st-legacy-flags": make_bert_st_legacy_flags,
+    "splade-bert": make_splade_bert,
+    "qwen3-embedding": make_qwen3_embedding,
+    "modernbert-st-mean": make_modernbert_st_mean,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--only", nargs="*", default=None)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
+        for name, fn in MODELS.items():
+            if args.only and name not in args.only:
+                continue
+            print(f"== {name}", flush=True)
+            torch.manual_seed(SEED)
+            try:
+                fn(args.out, Path(tmp))
+            except Exception:
+                traceback.print_exc()
+                failed.append(name)
+    if failed:
+        print("FAILED:", ", ".join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
