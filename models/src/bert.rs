@@ -14,7 +14,7 @@ use kiln_engine::ir::{
     Activation, AttnMask, ConstRole, DType, Dim, GraphBuilder, Op, PoolMode, ValueId,
 };
 
-use crate::config::BertConfig;
+use crate::config::{BertConfig, Family};
 use crate::error::Result;
 use crate::st::Step;
 use crate::weights::SafetensorsFile;
@@ -260,6 +260,32 @@ pub fn build(
             outputs.push((names::SENTENCE_EMBEDDING.to_string(), sentence));
             outputs.push((names::POOLED_EMBEDDING.to_string(), pooled));
             outputs.push((names::NORMALIZED_EMBEDDING.to_string(), normalized));
+        }
+        Head::Classifier { num_labels } if cfg.family() == Family::Roberta => {
+            // RoBERTa's head: dense + tanh on `<s>`, then `out_proj`.
+            let cls = c.g.push(
+                Op::Pool {
+                    mode: PoolMode::Cls,
+                },
+                &[x, mask],
+                "classifier.cls",
+            )?;
+            let w = c.full_weight("classifier.dense.weight", &[h, h], ConstRole::LinearWeight)?;
+            let b = c.full_weight("classifier.dense.bias", &[h], ConstRole::Other)?;
+            let d = c.g.push(Op::Linear, &[cls, w, b], "classifier.dense")?;
+            let d =
+                c.g.push(Op::Activation(Activation::Tanh), &[d], "classifier.act")?;
+            let w = c.full_weight(
+                "classifier.out_proj.weight",
+                &[num_labels, h],
+                ConstRole::LinearWeight,
+            )?;
+            let b = c.full_weight("classifier.out_proj.bias", &[num_labels], ConstRole::Other)?;
+            let logits = c.g.push(Op::Linear, &[d, w, b], "classifier.out_proj")?;
+            let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
+            outputs.push((names::POOLER_OUTPUT.to_string(), d));
+            outputs.push((names::LOGITS.to_string(), logits));
+            outputs.push((names::PROBABILITIES.to_string(), probs));
         }
         Head::Classifier { num_labels } => {
             let p = pooler(&mut c)?;

@@ -38,6 +38,9 @@ pub struct BertConfig {
     pub layer_norm_eps: f64,
     #[serde(default)]
     pub position_embedding_type: Option<String>,
+    /// RoBERTa's position ids start after it (`padding_idx + 1`).
+    #[serde(default)]
+    pub pad_token_id: Option<usize>,
     #[serde(default)]
     pub id2label: Option<BTreeMap<String, String>>,
     #[serde(default)]
@@ -55,9 +58,32 @@ fn default_eps() -> f64 {
 }
 
 /// The encoder classes embeddings come from.
-pub const ENCODERS: [&str; 3] = ["BertModel", "BertForMaskedLM", "BertForPreTraining"];
+pub const ENCODERS: [&str; 6] = [
+    "BertModel",
+    "BertForMaskedLM",
+    "BertForPreTraining",
+    "RobertaModel",
+    "XLMRobertaModel",
+    "CamembertModel",
+];
 /// The encoder classes with a classification head.
-pub const CLASSIFIERS: [&str; 1] = ["BertForSequenceClassification"];
+pub const CLASSIFIERS: [&str; 4] = [
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+    "CamembertForSequenceClassification",
+];
+
+/// The `model_type`s of the BERT family that share this graph.
+const MODEL_TYPES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "camembert"];
+
+/// BERT, or RoBERTa and its kin (XLM-R, CamemBERT): the same layers, with RoBERTa's position
+/// ids counted from `padding_idx + 1`, one token type, and its own classification head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Roberta,
+}
 
 impl BertConfig {
     pub fn load(path: &Path) -> Result<Self> {
@@ -81,7 +107,7 @@ impl BertConfig {
         self.architecture()
             .map_err(|m| ModelError::Unsupported(format!("{}: {m}", path.display())))?;
         if let Some(t) = &self.model_type
-            && t != "bert"
+            && !MODEL_TYPES.contains(&t.as_str())
         {
             return Err(ModelError::Unsupported(format!(
                 "{}: model_type `{t}` is not supported ({})",
@@ -137,6 +163,35 @@ impl BertConfig {
 
     pub fn architecture(&self) -> Result<Architecture, String> {
         architecture_of(&self.architectures)
+    }
+
+    pub fn family(&self) -> Family {
+        let roberta_type = matches!(
+            self.model_type.as_deref(),
+            Some("roberta" | "xlm-roberta" | "camembert")
+        );
+        let roberta_class = self.architectures.iter().any(|a| {
+            a.starts_with("Roberta") || a.starts_with("XLMRoberta") || a.starts_with("Camembert")
+        });
+        if roberta_type || roberta_class {
+            Family::Roberta
+        } else {
+            Family::Bert
+        }
+    }
+
+    /// What position ids start at: 0, or RoBERTa's `padding_idx + 1`.
+    pub fn position_offset(&self) -> usize {
+        match self.family() {
+            Family::Bert => 0,
+            Family::Roberta => self.pad_token_id.unwrap_or(1) + 1,
+        }
+    }
+
+    /// The longest sequence the position table allows.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
     }
 
     /// Labels in id order: `id2label` if given, else `LABEL_0..LABEL_{n-1}`.

@@ -83,6 +83,10 @@ pub struct EncoderModel {
     plan: Box<dyn Runnable>,
     pub(crate) max_batch: usize,
     layout: BatchLayout,
+    /// Where position ids start (RoBERTa: `padding_idx + 1`).
+    position_offset: i64,
+    /// Whether the model has one token type only (RoBERTa): token type ids are fed as 0.
+    single_token_type: bool,
 }
 
 impl std::fmt::Debug for EncoderModel {
@@ -196,7 +200,7 @@ impl EncoderModel {
         };
 
         let embedding_size = pipeline.output_width(cfg.hidden_size)?;
-        let positions = cfg.max_position_embeddings;
+        let positions = cfg.max_tokens();
         let max_len = opts
             .max_seq_length
             .or(pipeline.max_seq_length)
@@ -308,6 +312,8 @@ impl EncoderModel {
                 plan,
                 max_batch: opts.max_batch_sequences.max(1),
                 layout: opts.layout,
+                position_offset: cfg.position_offset() as i64,
+                single_token_type: cfg.type_vocab_size == 1,
             },
             calibration,
         ))
@@ -402,10 +408,12 @@ impl EncoderModel {
         for (r, e) in batch.iter().enumerate() {
             let row = r * seq;
             ids[row..row + e.len()].copy_from_slice(&e.ids);
-            types[row..row + e.len()].copy_from_slice(&e.type_ids);
+            if !self.single_token_type {
+                types[row..row + e.len()].copy_from_slice(&e.type_ids);
+            }
             mask[row..row + e.len()].fill(1);
             for (p, slot) in positions[row..row + seq].iter_mut().enumerate() {
-                *slot = p as i64;
+                *slot = self.position_offset + p as i64;
             }
         }
         let t = |v: Vec<i64>| HostTensor::i64(vec![b, seq], v);
@@ -430,8 +438,13 @@ impl EncoderModel {
         let mut positions = Vec::with_capacity(total);
         for e in batch {
             ids.extend_from_slice(&e.ids);
-            types.extend_from_slice(&e.type_ids);
-            positions.extend(0..e.len() as i64);
+            if self.single_token_type {
+                types.resize(types.len() + e.len(), 0);
+            } else {
+                types.extend_from_slice(&e.type_ids);
+            }
+            let start = self.position_offset;
+            positions.extend(start..start + e.len() as i64);
         }
         let lengths: Vec<i64> = batch.iter().map(|e| e.len() as i64).collect();
         let t = |v: Vec<i64>| HostTensor::i64(vec![1, total], v);

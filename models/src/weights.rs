@@ -18,7 +18,7 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     meta: Metadata,
-    /// `bert.` when the checkpoint stores the encoder under a task head's prefix.
+    /// `bert.` or `roberta.` when the checkpoint stores the encoder under a task head's prefix.
     prefix: String,
 }
 
@@ -43,16 +43,18 @@ impl SafetensorsFile {
     /// names carry a `bert.` prefix (`embeddings.word_embeddings.weight`, say).
     pub fn open(path: &Path, probe: &str) -> Result<Self> {
         let mut file = Self::open_plain(path)?;
-        file.prefix = if file.meta.info(probe).is_some() {
-            String::new()
-        } else if file.meta.info(&format!("bert.{probe}")).is_some() {
-            "bert.".to_string()
-        } else {
+        // A bare encoder's names, or a task model's (`BertFor*` keep the encoder under `bert.`,
+        // `RobertaFor*`, `XLMRobertaFor*` and `CamembertFor*` under `roberta.`).
+        let Some(prefix) = ["", "bert.", "roberta."]
+            .into_iter()
+            .find(|p| file.meta.info(&format!("{p}{probe}")).is_some())
+        else {
             return Err(ModelError::file(
                 path,
-                format!("tensor `{probe}` not found (with or without the `bert.` prefix)"),
+                format!("tensor `{probe}` not found (with no prefix, `bert.` or `roberta.`)"),
             ));
         };
+        file.prefix = prefix.to_string();
         Ok(file)
     }
 

@@ -386,3 +386,56 @@ fn kserve_binary_tensor_data_round_trip_matches_fixtures() {
     assert_eq!(flatten(&j["outputs"][0]["data"]), got);
     server.terminate();
 }
+
+/// A one-label XLM-RoBERTa cross-encoder (the layout of bge-reranker-base) from the model-zoo
+/// fixtures answers `/rerank` and `/predict` with transformers' logits.
+#[test]
+fn a_one_label_xlm_roberta_cross_encoder_reranks() {
+    let dir = kiln_tests::model_zoo().join("xlm-roberta-reranker");
+    let r = kiln_tests::read_json(&dir.join("reference.json"));
+    let pairs = r["pairs"].as_array().unwrap();
+    let logits: Vec<f64> = r["outputs"]["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l[0].as_f64().unwrap())
+        .collect();
+    let server = start(&dir, &[]);
+    // The first two pairs share their query.
+    let query = pairs[0][0].as_str().unwrap();
+    let texts = [pairs[0][1].as_str().unwrap(), pairs[1][1].as_str().unwrap()];
+    let (status, got) = server.post(
+        "/rerank",
+        &json!({ "query": query, "texts": texts, "raw_scores": true }),
+    );
+    assert_eq!(status, 200, "{got}");
+    let ranked = got.as_array().unwrap();
+    assert_eq!(ranked.len(), 2);
+    for entry in ranked {
+        let i = entry["index"].as_u64().unwrap() as usize;
+        let score = entry["score"].as_f64().unwrap();
+        assert!(
+            (score - logits[i]).abs() <= 1e-4,
+            "pair {i}: {score} vs {}",
+            logits[i]
+        );
+    }
+    // Sorted best first; without raw_scores, the sigmoid of the logit.
+    assert!(ranked[0]["score"].as_f64() >= ranked[1]["score"].as_f64());
+    let (status, got) = server.post("/rerank", &json!({ "query": query, "texts": texts }));
+    assert_eq!(status, 200, "{got}");
+    for entry in got.as_array().unwrap() {
+        let i = entry["index"].as_u64().unwrap() as usize;
+        let want = 1.0 / (1.0 + (-logits[i]).exp());
+        let score = entry["score"].as_f64().unwrap();
+        assert!((score - want).abs() <= 1e-4, "pair {i}: {score} vs {want}");
+    }
+    let (status, got) = server.post(
+        "/predict",
+        &json!({ "inputs": [[pairs[2][0], pairs[2][1]]], "raw_scores": true }),
+    );
+    assert_eq!(status, 200, "{got}");
+    let score = got[0][0]["score"].as_f64().unwrap();
+    assert!((score - logits[2]).abs() <= 1e-4, "{got}");
+    server.terminate();
+}
