@@ -545,6 +545,59 @@ def make_distilbert_st_mean(out_root: Path, tmp: Path) -> None:
     write_reference(folder, st_reference(folder, name, "DistilBertModel"))
 
 
+def make_distilbert_cls(out_root: Path, tmp: Path) -> None:
+    """DistilBertForSequenceClassification (pre_classifier + ReLU + classifier), three labels, on single
+    texts; a plain transformers save."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
+    from transformers import DistilBertForSequenceClassification, DistilBertTokenizer
+
+    name = "distilbert-cls"
+    vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tok = DistilBertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    config = DistilBertConfig(
+        vocab_size=len(vocab), dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=128,
+        sinusoidal_pos_embds=False, pad_token_id=0, num_labels=3,
+        id2label={0: "negative", 1: "neutral", 2: "positive"},
+        label2id={"negative": 0, "neutral": 1, "positive": 2},
+    )
+    model = DistilBertForSequenceClassification(config)
+    randomize(model, SEED + 45)
+    folder = fresh_dir(out_root / name)
+    save_staging(folder, model, tok)
+    check_fresh_weights(folder, model)
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    max_len = tok.model_max_length
+    input_ids = [tok(t, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for t in TEXTS]
+    check_tokenizer_json(folder, tok, TEXTS, input_ids, max_len)
+
+    def run(m):
+        with torch.no_grad():
+            return [m(input_ids=torch.tensor([ids])).logits[0] for ids in input_ids]
+
+    logits32 = run(model)
+    batch = tok(TEXTS, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    with torch.no_grad():
+        batched = model(**batch).logits
+    batched_diff = max(float((batched[i] - logits32[i]).abs().max()) for i in range(len(TEXTS)))
+    assert batched_diff < 1e-5, batched_diff
+    logits64 = run(model.double())
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(logits32, logits64)) < 1e-4
+    ref = {
+        "model": name,
+        "architecture": "DistilBertForSequenceClassification",
+        "task": "classification",
+        "library": "transformers",
+        "versions": versions(),
+        "texts": TEXTS,
+        "input_ids": input_ids,
+        "outputs": {"logits": [to_list(l) for l in logits64]},
+        "batched_max_abs_diff": batched_diff,
+    }
+    write_reference(folder, ref)
+
+
 def make_mpnet_st_mean(out_root: Path, tmp: Path) -> None:
     from transformers import MPNetConfig, MPNetModel, MPNetTokenizer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
@@ -778,6 +831,7 @@ MODELS = {
     "xlm-roberta-st-cls": make_xlm_roberta_st_cls,
     "xlm-roberta-reranker": make_xlm_roberta_reranker,
     "distilbert-st-mean": make_distilbert_st_mean,
+    "distilbert-cls": make_distilbert_cls,
     "mpnet-st-mean": make_mpnet_st_mean,
     "bert-st-legacy-flags": make_bert_st_legacy_flags,
     "splade-bert": make_splade_bert,

@@ -1,5 +1,8 @@
-//! BERT as an engine graph: embeddings, `num_hidden_layers` post-norm encoder layers, and the
-//! head the folder asks for (pooling for embeddings, pooler + classifier for classification).
+//! BERT-family encoders as an engine graph: embeddings, `num_hidden_layers` post-norm encoder
+//! layers, and the head the folder asks for (pooling and the sentence-transformers modules for
+//! embeddings; a classification head). RoBERTa, XLM-R and CamemBERT are BERT with positions
+//! from `padding_idx + 1` and their own head; DistilBERT is BERT without token types under
+//! other parameter names ([`crate::config::Family`]).
 
 /// Layers `int8-static` keeps in f32 unless the user sets an allow or deny list: the
 /// feed-forward block (`intermediate.dense`, and `*.output.dense`, which also covers the
@@ -79,6 +82,54 @@ pub enum Head {
     Classifier { num_labels: usize },
 }
 
+/// One encoder layer's parameter names (BERT's and RoBERTa's, or DistilBERT's).
+struct LayerNames {
+    prefix: String,
+    query: String,
+    key: String,
+    value: String,
+    attention_output: String,
+    attention_norm: String,
+    intermediate: String,
+    output: String,
+    output_norm: String,
+}
+
+impl LayerNames {
+    fn of(family: Family, layer: usize) -> Self {
+        match family {
+            Family::DistilBert => {
+                let p = format!("transformer.layer.{layer}");
+                Self {
+                    query: format!("{p}.attention.q_lin"),
+                    key: format!("{p}.attention.k_lin"),
+                    value: format!("{p}.attention.v_lin"),
+                    attention_output: format!("{p}.attention.out_lin"),
+                    attention_norm: format!("{p}.sa_layer_norm"),
+                    intermediate: format!("{p}.ffn.lin1"),
+                    output: format!("{p}.ffn.lin2"),
+                    output_norm: format!("{p}.output_layer_norm"),
+                    prefix: p,
+                }
+            }
+            Family::Bert | Family::Roberta => {
+                let p = format!("encoder.layer.{layer}");
+                Self {
+                    query: format!("{p}.attention.self.query"),
+                    key: format!("{p}.attention.self.key"),
+                    value: format!("{p}.attention.self.value"),
+                    attention_output: format!("{p}.attention.output.dense"),
+                    attention_norm: format!("{p}.attention.output.LayerNorm"),
+                    intermediate: format!("{p}.intermediate.dense"),
+                    output: format!("{p}.output.dense"),
+                    output_norm: format!("{p}.output.LayerNorm"),
+                    prefix: p,
+                }
+            }
+        }
+    }
+}
+
 struct Ctx<'a> {
     g: GraphBuilder,
     w: &'a SafetensorsFile,
@@ -156,24 +207,27 @@ pub fn build(
         &[cfg.max_position_embeddings, h],
         ConstRole::Other,
     )?;
-    let type_t = c.weight(
-        "embeddings.token_type_embeddings.weight",
-        &[cfg.type_vocab_size, h],
-        ConstRole::Other,
-    )?;
     let word = c.g.push(Op::Embedding, &[word_t, ids], "embeddings.word")?;
     let pos =
         c.g.push(Op::Embedding, &[pos_t, positions], "embeddings.position")?;
-    let typ =
-        c.g.push(Op::Embedding, &[type_t, types], "embeddings.token_type")?;
-    let sum = c.g.push(Op::Add, &[word, pos], "embeddings.add_position")?;
-    let sum =
-        c.g.push(Op::Add, &[sum, typ], "embeddings.add_token_type")?;
+    let mut sum = c.g.push(Op::Add, &[word, pos], "embeddings.add_position")?;
+    if cfg.family() != Family::DistilBert {
+        let type_t = c.weight(
+            "embeddings.token_type_embeddings.weight",
+            &[cfg.type_vocab_size, h],
+            ConstRole::Other,
+        )?;
+        let typ =
+            c.g.push(Op::Embedding, &[type_t, types], "embeddings.token_type")?;
+        sum =
+            c.g.push(Op::Add, &[sum, typ], "embeddings.add_token_type")?;
+    }
     let mut x = c.layer_norm(sum, "embeddings.LayerNorm", h, eps)?;
 
     let heads = cfg.num_attention_heads;
     for l in 0..cfg.num_hidden_layers {
-        let p = format!("encoder.layer.{l}");
+        let n = LayerNames::of(cfg.family(), l);
+        let p = &n.prefix;
         let split = |c: &mut Ctx<'_>, v: ValueId, what: &str| -> Result<ValueId> {
             Ok(c.g.push(
                 Op::SplitHeads { heads },
@@ -181,9 +235,9 @@ pub fn build(
                 format!("{p}.attention.{what}_heads"),
             )?)
         };
-        let q = c.linear(x, &format!("{p}.attention.self.query"), h, h)?;
-        let k = c.linear(x, &format!("{p}.attention.self.key"), h, h)?;
-        let v = c.linear(x, &format!("{p}.attention.self.value"), h, h)?;
+        let q = c.linear(x, &n.query, h, h)?;
+        let k = c.linear(x, &n.key, h, h)?;
+        let v = c.linear(x, &n.value, h, h)?;
         let (q, k, v) = (
             split(&mut c, q, "q")?,
             split(&mut c, k, "k")?,
@@ -202,22 +256,17 @@ pub fn build(
             &[attn],
             format!("{p}.attention.merge_heads"),
         )?;
-        let o = c.linear(attn, &format!("{p}.attention.output.dense"), h, h)?;
+        let o = c.linear(attn, &n.attention_output, h, h)?;
         let o =
             c.g.push(Op::Add, &[o, x], format!("{p}.attention.output.residual"))?;
-        x = c.layer_norm(o, &format!("{p}.attention.output.LayerNorm"), h, eps)?;
+        x = c.layer_norm(o, &n.attention_norm, h, eps)?;
 
-        let i = c.linear(
-            x,
-            &format!("{p}.intermediate.dense"),
-            cfg.intermediate_size,
-            h,
-        )?;
+        let i = c.linear(x, &n.intermediate, cfg.intermediate_size, h)?;
         let i =
             c.g.push(Op::Activation(act), &[i], format!("{p}.intermediate.act"))?;
-        let o = c.linear(i, &format!("{p}.output.dense"), h, cfg.intermediate_size)?;
+        let o = c.linear(i, &n.output, h, cfg.intermediate_size)?;
         let o = c.g.push(Op::Add, &[o, x], format!("{p}.output.residual"))?;
-        x = c.layer_norm(o, &format!("{p}.output.LayerNorm"), h, eps)?;
+        x = c.layer_norm(o, &n.output_norm, h, eps)?;
     }
 
     let mut outputs = vec![(names::LAST_HIDDEN_STATE.to_string(), x)];
@@ -260,6 +309,32 @@ pub fn build(
             outputs.push((names::SENTENCE_EMBEDDING.to_string(), sentence));
             outputs.push((names::POOLED_EMBEDDING.to_string(), pooled));
             outputs.push((names::NORMALIZED_EMBEDDING.to_string(), normalized));
+        }
+        Head::Classifier { num_labels } if cfg.family() == Family::DistilBert => {
+            // DistilBERT's head: pre_classifier + ReLU on [CLS], then classifier.
+            let cls = c.g.push(
+                Op::Pool {
+                    mode: PoolMode::Cls,
+                },
+                &[x, mask],
+                "classifier.cls",
+            )?;
+            let w = c.full_weight("pre_classifier.weight", &[h, h], ConstRole::LinearWeight)?;
+            let b = c.full_weight("pre_classifier.bias", &[h], ConstRole::Other)?;
+            let d = c.g.push(Op::Linear, &[cls, w, b], "pre_classifier")?;
+            let d =
+                c.g.push(Op::Activation(Activation::Relu), &[d], "pre_classifier.act")?;
+            let w = c.full_weight(
+                "classifier.weight",
+                &[num_labels, h],
+                ConstRole::LinearWeight,
+            )?;
+            let b = c.full_weight("classifier.bias", &[num_labels], ConstRole::Other)?;
+            let logits = c.g.push(Op::Linear, &[d, w, b], "classifier")?;
+            let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
+            outputs.push((names::POOLER_OUTPUT.to_string(), d));
+            outputs.push((names::LOGITS.to_string(), logits));
+            outputs.push((names::PROBABILITIES.to_string(), probs));
         }
         Head::Classifier { num_labels } if cfg.family() == Family::Roberta => {
             // RoBERTa's head: dense + tanh on `<s>`, then `out_proj`.

@@ -25,11 +25,16 @@ pub struct BertConfig {
     #[serde(default)]
     pub model_type: Option<String>,
     pub vocab_size: usize,
+    // DistilBERT names these `dim`, `n_layers`, `n_heads`, `hidden_dim` and `activation`.
+    #[serde(alias = "dim")]
     pub hidden_size: usize,
+    #[serde(alias = "n_layers")]
     pub num_hidden_layers: usize,
+    #[serde(alias = "n_heads")]
     pub num_attention_heads: usize,
+    #[serde(alias = "hidden_dim")]
     pub intermediate_size: usize,
-    #[serde(default = "default_act")]
+    #[serde(default = "default_act", alias = "activation")]
     pub hidden_act: String,
     pub max_position_embeddings: usize,
     #[serde(default = "default_type_vocab")]
@@ -58,31 +63,35 @@ fn default_eps() -> f64 {
 }
 
 /// The encoder classes embeddings come from.
-pub const ENCODERS: [&str; 6] = [
+pub const ENCODERS: [&str; 7] = [
     "BertModel",
     "BertForMaskedLM",
     "BertForPreTraining",
     "RobertaModel",
     "XLMRobertaModel",
     "CamembertModel",
+    "DistilBertModel",
 ];
 /// The encoder classes with a classification head.
-pub const CLASSIFIERS: [&str; 4] = [
+pub const CLASSIFIERS: [&str; 5] = [
     "BertForSequenceClassification",
     "RobertaForSequenceClassification",
     "XLMRobertaForSequenceClassification",
     "CamembertForSequenceClassification",
+    "DistilBertForSequenceClassification",
 ];
 
 /// The `model_type`s of the BERT family that share this graph.
-const MODEL_TYPES: [&str; 4] = ["bert", "roberta", "xlm-roberta", "camembert"];
+const MODEL_TYPES: [&str; 5] = ["bert", "roberta", "xlm-roberta", "camembert", "distilbert"];
 
-/// BERT, or RoBERTa and its kin (XLM-R, CamemBERT): the same layers, with RoBERTa's position
-/// ids counted from `padding_idx + 1`, one token type, and its own classification head.
+/// BERT; RoBERTa and its kin (XLM-R, CamemBERT): the same layers, with RoBERTa's position ids
+/// counted from `padding_idx + 1`, one token type, and its own classification head; DistilBERT:
+/// BERT's layers under other names, no token types, and a `pre_classifier` + ReLU head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Bert,
     Roberta,
+    DistilBert,
 }
 
 impl BertConfig {
@@ -166,6 +175,14 @@ impl BertConfig {
     }
 
     pub fn family(&self) -> Family {
+        let distil = self.model_type.as_deref() == Some("distilbert")
+            || self
+                .architectures
+                .iter()
+                .any(|a| a.starts_with("DistilBert"));
+        if distil {
+            return Family::DistilBert;
+        }
         let roberta_type = matches!(
             self.model_type.as_deref(),
             Some("roberta" | "xlm-roberta" | "camembert")
@@ -183,7 +200,7 @@ impl BertConfig {
     /// What position ids start at: 0, or RoBERTa's `padding_idx + 1`.
     pub fn position_offset(&self) -> usize {
         match self.family() {
-            Family::Bert => 0,
+            Family::Bert | Family::DistilBert => 0,
             Family::Roberta => self.pad_token_id.unwrap_or(1) + 1,
         }
     }

@@ -18,7 +18,8 @@ pub struct SafetensorsFile {
     mmap: Mmap,
     data_start: usize,
     meta: Metadata,
-    /// `bert.` or `roberta.` when the checkpoint stores the encoder under a task head's prefix.
+    /// `bert.`, `roberta.` or `distilbert.` when the checkpoint stores the encoder under a task
+    /// head's prefix.
     prefix: String,
 }
 
@@ -44,14 +45,17 @@ impl SafetensorsFile {
     pub fn open(path: &Path, probe: &str) -> Result<Self> {
         let mut file = Self::open_plain(path)?;
         // A bare encoder's names, or a task model's (`BertFor*` keep the encoder under `bert.`,
-        // `RobertaFor*`, `XLMRobertaFor*` and `CamembertFor*` under `roberta.`).
-        let Some(prefix) = ["", "bert.", "roberta."]
+        // `RobertaFor*`, `XLMRobertaFor*` and `CamembertFor*` under `roberta.`, `DistilBertFor*`
+        // under `distilbert.`).
+        let Some(prefix) = ["", "bert.", "roberta.", "distilbert."]
             .into_iter()
             .find(|p| file.meta.info(&format!("{p}{probe}")).is_some())
         else {
             return Err(ModelError::file(
                 path,
-                format!("tensor `{probe}` not found (with no prefix, `bert.` or `roberta.`)"),
+                format!(
+                    "tensor `{probe}` not found (with no prefix, `bert.`, `roberta.` or `distilbert.`)"
+                ),
             ));
         };
         file.prefix = prefix.to_string();
