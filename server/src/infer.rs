@@ -198,6 +198,37 @@ impl Infer {
         }
     }
 
+    /// Checks a request's Matryoshka `dimensions` against the model's width: 422 unless
+    /// `1 <= d <= width`.
+    pub fn check_dimensions(&self, dimensions: Option<u64>) -> Result<Option<usize>, AppError> {
+        let Some(d) = dimensions else {
+            return Ok(None);
+        };
+        let width = self.model.info().embedding_size;
+        if d == 0 || d > width as u64 {
+            return Err(AppError::validation(format!(
+                "model `{}` produces {width}-dimensional embeddings: dimensions must be between 1 and {width} (got {d})",
+                self.model_config.id
+            )));
+        }
+        Ok(Some(d as usize))
+    }
+
+    /// Whether `kind` of this model's embeddings is L2-normalised.
+    pub fn is_normalized(&self, kind: EmbeddingKind) -> bool {
+        match kind {
+            EmbeddingKind::Normalized => true,
+            EmbeddingKind::Pooled => false,
+            EmbeddingKind::Model => matches!(
+                self.model.info().kind,
+                ModelKind::Embedding {
+                    normalize: true,
+                    ..
+                }
+            ),
+        }
+    }
+
     /// Embeddings of already tokenized sequences.
     pub async fn embed_ids(
         &self,
@@ -248,5 +279,35 @@ impl Infer {
         self.require_classifier()?;
         let seqs = self.tokenize(inputs, truncate).await?;
         self.classify_ids(seqs).await
+    }
+}
+
+/// Matryoshka truncation: keeps each vector's first `d` values and, when the vectors were
+/// normalised, normalises them again (as TEI and OpenAI's `dimensions` do).
+pub fn truncate_dimensions(vectors: &mut [Vec<f32>], d: usize, renormalize: bool) {
+    for v in vectors {
+        v.truncate(d);
+        if renormalize {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm > 0.0 {
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod matryoshka_tests {
+    use super::truncate_dimensions;
+
+    #[test]
+    fn truncated_vectors_are_renormalised_when_they_were_normalised() {
+        let mut v = vec![vec![0.6, 0.0, 0.8], vec![0.0, 0.0, 1.0]];
+        truncate_dimensions(&mut v, 2, true);
+        assert_eq!(v[0], [1.0, 0.0]);
+        assert_eq!(v[1], [0.0, 0.0], "a zero vector stays zero");
+        let mut v = vec![vec![3.0, 4.0, 5.0]];
+        truncate_dimensions(&mut v, 2, false);
+        assert_eq!(v[0], [3.0, 4.0]);
     }
 }

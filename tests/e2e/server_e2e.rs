@@ -152,7 +152,19 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
         (
             "/v1/embeddings",
             Some("application/json"),
-            br#"{"input": "a", "dimensions": 3}"#.to_vec(),
+            br#"{"input": "a", "dimensions": 385}"#.to_vec(),
+            422,
+        ),
+        (
+            "/v1/embeddings",
+            Some("application/json"),
+            br#"{"input": "a", "dimensions": 0}"#.to_vec(),
+            422,
+        ),
+        (
+            "/embed",
+            Some("application/json"),
+            br#"{"inputs": "a", "dimensions": 385}"#.to_vec(),
             422,
         ),
         (
@@ -446,6 +458,29 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
     let (status, body) = server.post("/v1/embeddings", &json!({ "input": texts[3] }));
     assert_eq!(status, 200, "{body}");
     check_embeddings(&[flatten(&body["data"][0]["embedding"])], &want[3 * 384..]);
+    // Matryoshka dimensions: the first 64 values, normalised again (the model normalises);
+    // with normalize=false on /embed, the first 64 raw values.
+    let (status, full) = server.post("/v1/embeddings", &json!({ "input": "kiln" }));
+    assert_eq!(status, 200, "{full}");
+    let full = flatten(&full["data"][0]["embedding"]);
+    let (status, short) = server.post(
+        "/v1/embeddings",
+        &json!({ "input": "kiln", "dimensions": 64 }),
+    );
+    assert_eq!(status, 200, "{short}");
+    let short = flatten(&short["data"][0]["embedding"]);
+    let norm = full[..64].iter().map(|x| x * x).sum::<f32>().sqrt();
+    let want: Vec<f32> = full[..64].iter().map(|x| x / norm).collect();
+    assert!(kiln_tests::max_abs_diff(&short, &want) <= 1e-6, "{short:?}");
+    let (status, raw) = server.post(
+        "/embed",
+        &json!({ "inputs": "kiln", "normalize": false, "dimensions": 64 }),
+    );
+    assert_eq!(status, 200, "{raw}");
+    let (status, raw_full) =
+        server.post("/embed", &json!({ "inputs": "kiln", "normalize": false }));
+    assert_eq!(status, 200, "{raw_full}");
+    assert_eq!(flatten(&raw[0]), flatten(&raw_full[0])[..64].to_vec());
     server.terminate();
 }
 

@@ -28,6 +28,9 @@ pub struct EmbedRequest {
     normalize: bool,
     #[serde(default)]
     truncate: Option<bool>,
+    /// Matryoshka: keep the first `dimensions` values (renormalised when normalised).
+    #[serde(default)]
+    dimensions: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -44,15 +47,13 @@ pub async fn embed(
         header.or_field(req.model.as_deref()).as_deref(),
         Want::Embeddings,
     )?;
+    let dimensions = ready.infer.check_dimensions(req.dimensions)?;
     let _slot = ready.infer.admit()?;
-    let out = ready
-        .infer
-        .embed(
-            texts,
-            req.truncate,
-            EmbeddingKind::from_normalize(Some(req.normalize)),
-        )
-        .await?;
+    let kind = EmbeddingKind::from_normalize(Some(req.normalize));
+    let mut out = ready.infer.embed(texts, req.truncate, kind).await?;
+    if let Some(d) = dimensions {
+        crate::infer::truncate_dimensions(&mut out.vectors, d, ready.infer.is_normalized(kind));
+    }
     Ok(Json(out.vectors))
 }
 

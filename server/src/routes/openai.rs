@@ -65,16 +65,13 @@ async fn handle(
     let ApiJson(req) = body?;
     let (base64, texts) = checked(&req, state.config().max_client_batch_size)?;
     let ready = state.encoder(req.model.as_deref(), Want::Embeddings)?;
-    if let Some(d) = req.dimensions
-        && d != ready.info.embedding_size as u64
-    {
-        return Err(AppError::validation(format!(
-            "model `{}` produces {}-dimensional embeddings and cannot shorten them (dimensions={d})",
-            ready.info.id, ready.info.embedding_size
-        )));
-    }
+    let dimensions = ready.infer.check_dimensions(req.dimensions)?;
     let _slot = ready.infer.admit()?;
-    let out = ready.infer.embed(texts, None, EmbeddingKind::Model).await?;
+    let mut out = ready.infer.embed(texts, None, EmbeddingKind::Model).await?;
+    if let Some(d) = dimensions {
+        let renormalize = ready.infer.is_normalized(EmbeddingKind::Model);
+        crate::infer::truncate_dimensions(&mut out.vectors, d, renormalize);
+    }
     let data: Vec<Value> = out
         .vectors
         .iter()
