@@ -38,6 +38,10 @@ pub struct ModelInfo {
     pub hidden_size: usize,
     /// An embedding model's vector width: `hidden_size`, or the last Dense module's output.
     pub embedding_size: usize,
+    /// sentence-transformers prompts by name (`config_sentence_transformers.json`), prepended
+    /// to texts on request, and the one used when a request names none.
+    pub prompts: std::collections::BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
     pub num_layers: usize,
     /// Longest input in tokens (special tokens included); longer inputs are truncated or refused.
     pub max_input_tokens: usize,
@@ -284,6 +288,8 @@ impl EncoderModel {
             kind,
             hidden_size: cfg.hidden_size,
             embedding_size,
+            prompts: pipeline.prompts.clone(),
+            default_prompt_name: pipeline.default_prompt_name.clone(),
             num_layers: cfg.num_hidden_layers,
             max_input_tokens: max_len,
             device: plan.backend_name(),

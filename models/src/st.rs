@@ -7,6 +7,7 @@
 //! `sentence_bert_config.json`'s `max_seq_length` or else `tokenizer_config.json`'s
 //! `model_max_length`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kiln_engine::ir::{Activation, PoolMode};
@@ -46,6 +47,10 @@ pub struct Pipeline {
     pub max_seq_length: Option<usize>,
     /// Whether the folder has `modules.json` at all (otherwise defaults were used).
     pub declared: bool,
+    /// The prompts of `config_sentence_transformers.json` by name (e.g. `query`), and the one
+    /// used when a request names none.
+    pub prompts: BTreeMap<String, String>,
+    pub default_prompt_name: Option<String>,
     /// The files read to describe the pipeline (they shape the compiled plan).
     pub files: Vec<std::path::PathBuf>,
 }
@@ -82,6 +87,14 @@ struct PoolingConfig {
 #[derive(Deserialize)]
 struct SentenceBertConfig {
     max_seq_length: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+struct SentenceTransformersConfig {
+    #[serde(default)]
+    prompts: BTreeMap<String, String>,
+    #[serde(default)]
+    default_prompt_name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +177,24 @@ impl Pipeline {
             Some(n) => Some(n),
             None => tokenizer_max_length(dir)?,
         };
+        let st_config = {
+            let p = dir.join("config_sentence_transformers.json");
+            if p.is_file() {
+                let c: SentenceTransformersConfig = read_json(&p)?;
+                if let Some(name) = &c.default_prompt_name
+                    && !c.prompts.contains_key(name)
+                {
+                    return Err(ModelError::file(
+                        &p,
+                        format!("default_prompt_name `{name}` is not one of its prompts"),
+                    ));
+                }
+                c
+            } else {
+                SentenceTransformersConfig::default()
+            }
+        };
+        let (prompts, default_prompt_name) = (st_config.prompts, st_config.default_prompt_name);
         let modules_path = dir.join("modules.json");
         if !modules_path.exists() {
             return Ok(Self {
@@ -172,6 +203,8 @@ impl Pipeline {
                 normalize: false,
                 max_seq_length,
                 declared: false,
+                prompts,
+                default_prompt_name,
                 files,
             });
         }
@@ -244,6 +277,8 @@ impl Pipeline {
             normalize,
             max_seq_length,
             declared: true,
+            prompts,
+            default_prompt_name,
             files,
         })
     }

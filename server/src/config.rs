@@ -80,6 +80,11 @@ settings_group! {
         /// [default: 64]
         #[arg(long, env = "KILN_MAX_BATCH_SEQUENCES")]
         pub max_batch_sequences: Option<usize>,
+        /// The sentence-transformers prompt (a name in the model's
+        /// config_sentence_transformers.json `prompts`) prepended to texts of embedding requests
+        /// that give no `prompt_name` or `prompt`. [default: the folder's default_prompt_name]
+        #[arg(long, env = "KILN_DEFAULT_PROMPT_NAME", value_name = "NAME")]
+        pub default_prompt_name: Option<String>,
         /// Longest input in tokens (default: the model's max_seq_length).
         #[arg(long, env = "KILN_MAX_INPUT_TOKENS", alias = "max-seq-length")]
         pub max_input_tokens: Option<usize>,
@@ -475,6 +480,7 @@ impl RawModelSettings {
             config.max_batch_sequences = n;
         }
         config.max_input_tokens = self.max_input_tokens;
+        config.default_prompt_name = self.default_prompt_name.clone();
         if let Some(q) = &self.quantize {
             config.quant.quantize =
                 Quantize::from_str(q).map_err(|e| format!("--quantize: {e}"))?;
@@ -679,6 +685,8 @@ pub struct ModelConfig {
     pub max_batch_sequences: usize,
     /// Longest input in tokens (special tokens included); `None`: the model's own limit.
     pub max_input_tokens: Option<usize>,
+    /// The prompt embedding requests get when they name none (`--default-prompt-name`).
+    pub default_prompt_name: Option<String>,
     /// int8 quantization, its layer filter, and the math mode.
     pub quant: QuantOptions,
     /// The calibration file for `int8-static` (default `<model>/kiln-quant.json`).
@@ -703,6 +711,7 @@ impl ModelConfig {
             batch_layout: BatchLayout::Packed,
             max_batch_sequences: 64,
             max_input_tokens: None,
+            default_prompt_name: None,
             quant: QuantOptions::default(),
             quantize_scales: None,
             compile: CompileOptions::default(),

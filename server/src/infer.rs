@@ -214,6 +214,50 @@ impl Infer {
         Ok(Some(d as usize))
     }
 
+    /// The prompt to prepend to a request's texts: its `prompt`, or the model's prompt named
+    /// `prompt_name`, or the default (`--default-prompt-name`, else the folder's); 422 for both
+    /// at once or an unknown name.
+    pub fn prompt(
+        &self,
+        prompt_name: Option<&str>,
+        prompt: Option<&str>,
+    ) -> Result<Option<String>, AppError> {
+        let info = self.model.info();
+        let by_name = |name: &str| {
+            info.prompts.get(name).cloned().ok_or_else(|| {
+                let known: Vec<&str> = info.prompts.keys().map(String::as_str).collect();
+                AppError::validation(format!(
+                    "model `{}` has no prompt named `{name}` (its prompts: {})",
+                    self.model_config.id,
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+        };
+        let chosen = match (prompt_name, prompt) {
+            (Some(_), Some(_)) => {
+                return Err(AppError::validation(
+                    "give `prompt` or `prompt_name`, not both",
+                ));
+            }
+            (None, Some(p)) => p.to_string(),
+            (Some(name), None) => by_name(name)?,
+            (None, None) => match self
+                .model_config
+                .default_prompt_name
+                .as_deref()
+                .or(info.default_prompt_name.as_deref())
+            {
+                Some(name) => by_name(name)?,
+                None => return Ok(None),
+            },
+        };
+        Ok((!chosen.is_empty()).then_some(chosen))
+    }
+
     /// Whether `kind` of this model's embeddings is L2-normalised.
     pub fn is_normalized(&self, kind: EmbeddingKind) -> bool {
         match kind {
@@ -279,6 +323,15 @@ impl Infer {
         self.require_classifier()?;
         let seqs = self.tokenize(inputs, truncate).await?;
         self.classify_ids(seqs).await
+    }
+}
+
+/// `prompt` before every text (sentence-transformers' prompts: the prompt is part of the text
+/// the model reads).
+pub fn with_prompt(texts: Vec<String>, prompt: Option<&str>) -> Vec<String> {
+    match prompt {
+        Some(p) => texts.into_iter().map(|t| format!("{p}{t}")).collect(),
+        None => texts,
     }
 }
 

@@ -439,3 +439,81 @@ fn a_one_label_xlm_roberta_cross_encoder_reranks() {
     assert!((score - logits[2]).abs() <= 1e-4, "{got}");
     server.terminate();
 }
+
+/// sentence-transformers prompts: `prompt_name` picks one of the folder's prompts, `prompt`
+/// gives the text, `--default-prompt-name` applies to requests that give neither; either way
+/// the answer is the embedding of the prompt followed by the text.
+#[test]
+fn prompts_are_prepended_by_name_by_text_and_by_default() {
+    let from = kiln_tests::model_zoo().join("bert-st6-dense");
+    let dir = std::env::temp_dir().join(format!("kiln-prompts-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_tree(&from, &dir);
+    let st = dir.join("config_sentence_transformers.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&st).unwrap()).unwrap();
+    config["prompts"] = json!({ "query": "query: ", "document": "" });
+    std::fs::write(&st, config.to_string()).unwrap();
+
+    let server = start(&dir, &[]);
+    let embed = |body: Value| {
+        let (status, got) = server.post("/embed", &body);
+        assert_eq!(status, 200, "{got}");
+        flatten(&got[0])
+    };
+    let plain = embed(json!({ "inputs": "kiln" }));
+    let prefixed = embed(json!({ "inputs": "query: kiln" }));
+    assert_ne!(plain, prefixed);
+    assert_eq!(
+        embed(json!({ "inputs": "kiln", "prompt_name": "query" })),
+        prefixed
+    );
+    assert_eq!(
+        embed(json!({ "inputs": "kiln", "prompt": "query: " })),
+        prefixed
+    );
+    assert_eq!(
+        embed(json!({ "inputs": "kiln", "prompt_name": "document" })),
+        plain
+    );
+    let (status, got) = server.post(
+        "/v1/embeddings",
+        &json!({ "input": "kiln", "prompt_name": "query" }),
+    );
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(flatten(&got["data"][0]["embedding"]), prefixed);
+    let (status, got) = server.post(
+        "/embed",
+        &json!({ "inputs": "kiln", "prompt_name": "nope" }),
+    );
+    assert_eq!(status, 422, "{got}");
+    assert!(
+        got["error"].as_str().unwrap().contains("document, query"),
+        "{got}"
+    );
+    let (status, got) = server.post(
+        "/embed",
+        &json!({ "inputs": "kiln", "prompt_name": "query", "prompt": "x" }),
+    );
+    assert_eq!(status, 422, "{got}");
+    server.terminate();
+
+    let server = start(&dir, &["--default-prompt-name", "query"]);
+    let (status, got) = server.post("/embed", &json!({ "inputs": "kiln" }));
+    assert_eq!(status, 200, "{got}");
+    assert_eq!(flatten(&got[0]), prefixed);
+    server.terminate();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Copies a folder and its subfolders.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}

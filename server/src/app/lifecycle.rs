@@ -444,6 +444,21 @@ impl AppState {
             return self.load_causal_lm(served, &opts);
         }
         let model = EncoderModel::load(&c.dir, &opts).map_err(|e| e.to_string())?;
+        let info = model.info();
+        if let Some(name) = &c.default_prompt_name
+            && matches!(info.kind, kiln_models::ModelKind::Embedding { .. })
+            && !info.prompts.contains_key(name)
+        {
+            let known: Vec<&str> = info.prompts.keys().map(String::as_str).collect();
+            return Err(format!(
+                "--default-prompt-name `{name}` is not one of the model's prompts ({})",
+                if known.is_empty() {
+                    "it has none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        }
         let metrics = self.metrics().for_model(served.id());
         metrics.set_device(&model.info().placement);
         metrics.record_plan(&model.info().plan);

@@ -31,6 +31,12 @@ pub struct EmbedRequest {
     /// Matryoshka: keep the first `dimensions` values (renormalised when normalised).
     #[serde(default)]
     dimensions: Option<u64>,
+    /// A sentence-transformers prompt of the model by name (e.g. `query`), or a prompt's text,
+    /// prepended to every input.
+    #[serde(default)]
+    prompt_name: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
 }
 
 fn yes() -> bool {
@@ -48,6 +54,10 @@ pub async fn embed(
         Want::Embeddings,
     )?;
     let dimensions = ready.infer.check_dimensions(req.dimensions)?;
+    let prompt = ready
+        .infer
+        .prompt(req.prompt_name.as_deref(), req.prompt.as_deref())?;
+    let texts = crate::infer::with_prompt(texts, prompt.as_deref());
     let _slot = ready.infer.admit()?;
     let kind = EmbeddingKind::from_normalize(Some(req.normalize));
     let mut out = ready.infer.embed(texts, req.truncate, kind).await?;

@@ -28,6 +28,12 @@ pub struct EmbeddingsRequest {
     #[serde(default)]
     #[allow(dead_code)]
     user: Option<String>,
+    /// A sentence-transformers prompt of the model by name (e.g. `query`), or a prompt's text,
+    /// prepended to every input.
+    #[serde(default)]
+    prompt_name: Option<String>,
+    #[serde(default)]
+    prompt: Option<String>,
 }
 
 /// The request's model-free checks: its encoding (base64 or not) and its texts.
@@ -66,6 +72,10 @@ async fn handle(
     let (base64, texts) = checked(&req, state.config().max_client_batch_size)?;
     let ready = state.encoder(req.model.as_deref(), Want::Embeddings)?;
     let dimensions = ready.infer.check_dimensions(req.dimensions)?;
+    let prompt = ready
+        .infer
+        .prompt(req.prompt_name.as_deref(), req.prompt.as_deref())?;
+    let texts = crate::infer::with_prompt(texts, prompt.as_deref());
     let _slot = ready.infer.admit()?;
     let mut out = ready.infer.embed(texts, None, EmbeddingKind::Model).await?;
     if let Some(d) = dimensions {

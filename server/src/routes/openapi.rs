@@ -30,6 +30,7 @@ pub fn document() -> Value {
             "input": texts, "model": { "type": "string" },
             "encoding_format": { "enum": ["float", "base64"] },
             "dimensions": { "type": "integer", "minimum": 1, "description": "Matryoshka: the first N values, normalised again" }, "user": { "type": "string" },
+            "prompt_name": { "type": "string" }, "prompt": { "type": "string" },
         },
     });
     // Which served model; an `X-Model` header works too. Optional where only one model can
@@ -37,7 +38,7 @@ pub fn document() -> Value {
     let model = json!({ "type": "string" });
     let embed_req = json!({
         "type": "object", "required": ["inputs"],
-        "properties": { "inputs": texts, "normalize": { "type": "boolean", "default": true }, "truncate": { "type": "boolean" }, "dimensions": { "type": "integer", "minimum": 1 }, "model": model },
+        "properties": { "inputs": texts, "normalize": { "type": "boolean", "default": true }, "truncate": { "type": "boolean" }, "dimensions": { "type": "integer", "minimum": 1 }, "prompt_name": { "type": "string" }, "prompt": { "type": "string" }, "model": model },
     });
     let predict_req = json!({
         "type": "object", "required": ["inputs"],
