@@ -30,6 +30,23 @@ fn stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The reference's token ids of `prompt`.
+fn token_ids_of(prompt: &str) -> Vec<u64> {
+    let r = kiln_tests::read_json(&kiln_tests::server::gpt2_tiny().join("reference.json"));
+    let case = r["greedy_generation"]["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["prompt"] == prompt)
+        .unwrap_or_else(|| panic!("no reference case for {prompt:?}"));
+    case["prompt_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect()
+}
+
 #[test]
 fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
     let server = start(&["--kv-block-size", "4"]);
@@ -68,6 +85,15 @@ fn generation_apis_match_the_reference_and_streams_match_whole_answers() {
         assert_eq!(whole["choices"][0]["text"], want.as_str());
         assert_eq!(whole["choices"][0]["finish_reason"], "length");
         assert_eq!(whole["usage"]["completion_tokens"], 16);
+        // The same prompt as token ids (the reference's), as a list and as a list of one list.
+        let ids = token_ids_of(&prompt);
+        for given in [json!(ids), json!([ids])] {
+            let req = json!({ "prompt": given, "max_tokens": 16, "temperature": 0 });
+            let (status, got) = server.post("/v1/completions", &req);
+            assert_eq!(status, 200, "{got}");
+            assert_eq!(got["choices"][0]["text"], want.as_str());
+            assert_eq!(got["usage"]["prompt_tokens"], ids.len());
+        }
         let mut sreq = req.clone();
         sreq["stream"] = json!(true);
         sreq["stream_options"] = json!({ "include_usage": true });

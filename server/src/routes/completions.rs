@@ -187,6 +187,55 @@ fn openai_stream(
     .into_response()
 }
 
+/// A completion's prompt: text, or token ids as OpenAI's API takes them.
+#[derive(Debug, PartialEq)]
+enum Prompt {
+    Text(String),
+    /// Used as they are: no special tokens are added.
+    Ids(Vec<u32>),
+}
+
+/// `prompt` as a string, a list of one string, a list of token ids, or a list of one list of
+/// token ids (each below the vocabulary size). kiln answers one prompt per request.
+fn prompt_of(prompt: &Value, vocab: usize) -> Result<Prompt, AppError> {
+    let ids = |items: &[Value]| -> Result<Prompt, AppError> {
+        if items.is_empty() {
+            return Err(AppError::validation("`prompt` must not be empty"));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.as_u64()
+                    .filter(|&id| id < vocab as u64)
+                    .map(|id| id as u32)
+                    .ok_or_else(|| {
+                        AppError::validation(format!(
+                            "prompt token {i} ({v}) is not a token id: ids are integers below the vocabulary size {vocab}"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Prompt::Ids)
+    };
+    match prompt {
+        Value::String(s) if s.is_empty() => Err(AppError::validation("`prompt` must not be empty")),
+        Value::String(s) => Ok(Prompt::Text(s.clone())),
+        Value::Array(items) => match items.as_slice() {
+            [Value::String(s)] => prompt_of(&Value::String(s.clone()), vocab),
+            [Value::Array(inner)] => ids(inner),
+            items if items.iter().all(Value::is_number) => ids(items),
+            _ => Err(AppError::validation(
+                "kiln takes one prompt per request: a string, a list of token ids, or a list holding one of them",
+            )),
+        },
+        Value::Null => Err(AppError::validation("`prompt` is required")),
+        _ => Err(AppError::validation(
+            "`prompt` must be a string or a list of token ids",
+        )),
+    }
+}
+
 pub async fn completions(
     State(state): State<AppState>,
     body: Result<ApiJson<CompletionRequest>, AppError>,
@@ -203,27 +252,8 @@ async fn completions_inner(
     let ApiJson(req) = body?;
     let service = &state.causal_lm(req.common.model.as_deref())?;
     let deadline = Deadline::starting_now(service);
-    let prompt = match &req.prompt {
-        Value::String(s) => s.clone(),
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => {
-            items[0].as_str().unwrap_or_default().to_string()
-        }
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => {
-            return Err(AppError::validation(
-                "token-id prompts are not supported; send the prompt as text",
-            ));
-        }
-        Value::Array(_) => {
-            return Err(AppError::validation(
-                "kiln takes one prompt per request (`prompt` as a string)",
-            ));
-        }
-        Value::Null => return Err(AppError::validation("`prompt` is required")),
-        _ => return Err(AppError::validation("`prompt` must be a string")),
-    };
-    if prompt.is_empty() {
-        return Err(AppError::validation("`prompt` must not be empty"));
-    }
+    let vocab = service.model().info().vocab_size;
+    let prompt = prompt_of(&req.prompt, vocab)?;
     if req.echo || req.suffix.is_some() || req.best_of.is_some_and(|b| b != 1) {
         return Err(AppError::validation(
             "echo, suffix and best_of are not supported",
@@ -233,7 +263,10 @@ async fn completions_inner(
     // OpenAI's default for completions.
     params.max_tokens = params.max_tokens.or(Some(16));
     let slot = service.admit()?;
-    let ids = service.encode(prompt, true).await?;
+    let ids = match prompt {
+        Prompt::Text(text) => service.encode(text, true).await?,
+        Prompt::Ids(ids) => ids,
+    };
     let request = params.into_request(service, ids)?;
     let generation = service.start_generation(request, slot).await?;
     let id = request_id("cmpl");
@@ -437,4 +470,41 @@ async fn chat_inner(
         "usage": usage(done.prompt_tokens, done.tokens.len()),
     }))
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Prompt, prompt_of};
+    use serde_json::json;
+
+    #[test]
+    fn prompts_are_text_or_token_ids_as_openai_takes_them() {
+        let text = Prompt::Text("hi".into());
+        assert_eq!(prompt_of(&json!("hi"), 10).unwrap(), text);
+        assert_eq!(prompt_of(&json!(["hi"]), 10).unwrap(), text);
+        assert_eq!(
+            prompt_of(&json!([1, 2, 9]), 10).unwrap(),
+            Prompt::Ids(vec![1, 2, 9])
+        );
+        assert_eq!(
+            prompt_of(&json!([[3, 4]]), 10).unwrap(),
+            Prompt::Ids(vec![3, 4])
+        );
+        for bad in [
+            json!(""),
+            json!([]),
+            json!([[]]),
+            json!([10]),
+            json!([-1]),
+            json!([1.5]),
+            json!([1, "a"]),
+            json!(["a", "b"]),
+            json!([[1], [2]]),
+            json!(null),
+            json!(7),
+            json!([18446744073709551615u64]),
+        ] {
+            assert!(prompt_of(&bad, 10).is_err(), "{bad}");
+        }
+    }
 }
