@@ -98,13 +98,20 @@ impl Batcher {
         let done = tx.downgrade();
         let backend_metrics = metrics.clone();
         let worker = workers.register(WORKER, model_id);
+        let pool = crate::pool::for_model(model_id)?;
         std::thread::Builder::new()
             .name("kiln-backend".into())
             .spawn(move || {
                 supervise::run(&worker, &backend_metrics.shared, |started| {
                     supervise::maybe_inject(WORKER);
                     started();
-                    backend_loop(&model, &mut batch_rx, &done, limits, &backend_metrics);
+                    let run = Run {
+                        model: &model,
+                        pool: &pool,
+                        limits: &limits,
+                        metrics: &backend_metrics,
+                    };
+                    backend_loop(&run, &mut batch_rx, &done);
                     Exit::Done
                 });
             })?;
@@ -264,19 +271,26 @@ fn take_batch(queue: &mut VecDeque<Entry>, limits: &BatchLimits) -> Vec<Entry> {
 /// `run_batch` catches per call) drops the batch in hand, whose requests fail, and the
 /// supervisor restarts the loop (see [`supervise`]).
 fn backend_loop(
-    model: &EncoderModel,
+    run: &Run<'_>,
     batches: &mut mpsc::Receiver<Vec<Entry>>,
     done: &mpsc::WeakUnboundedSender<Msg>,
-    limits: BatchLimits,
-    metrics: &ModelMetrics,
 ) {
     while let Some(batch) = batches.blocking_recv() {
         let requests = batch.len();
         // The queue owner counts this batch done even if it dies with the loop.
         let _done = BatchDone { done, requests };
         supervise::maybe_inject(WORKER);
-        run_batch(model, batch, &limits, metrics);
+        run_batch(run, batch);
     }
+}
+
+/// What the backend thread runs batches with: the model, its own kernel threads
+/// ([`crate::pool`]), the limits and its metrics.
+struct Run<'a> {
+    model: &'a EncoderModel,
+    pool: &'a rayon::ThreadPool,
+    limits: &'a BatchLimits,
+    metrics: &'a ModelMetrics,
 }
 
 /// Tells the queue owner a batch is over when dropped, also while unwinding from a panic.
@@ -299,12 +313,8 @@ struct Slot {
     index: usize,
 }
 
-fn run_batch(
-    model: &EncoderModel,
-    mut batch: Vec<Entry>,
-    limits: &BatchLimits,
-    metrics: &ModelMetrics,
-) {
+fn run_batch(run: &Run<'_>, mut batch: Vec<Entry>) {
+    let (model, limits, metrics) = (run.model, run.limits, run.metrics);
     let started = Instant::now();
     // Requests withdrawn while the batch waited for the backend are not run.
     batch.retain(|e| !e.reply.is_closed());
@@ -359,7 +369,7 @@ fn run_batch(
         let counts_before = model.sdpa_kernel_counts();
         let call_started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.run_batch_rows(&encoded)
+            run.pool.install(|| model.run_batch_rows(&encoded))
         }));
         let call_time = call_started.elapsed();
         let input_time = call_started.duration_since(input_started);

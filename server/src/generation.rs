@@ -149,6 +149,7 @@ impl GenerationService {
         metrics.kv_cache_blocks_used.set(used as i64);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let worker = workers.register(WORKER, &model_config.id);
+        let pool = crate::pool::for_model(&model_config.id).map_err(|e| e.to_string())?;
         let scheduler_model = model.clone();
         std::thread::Builder::new()
             .name("kiln-generation".into())
@@ -167,7 +168,7 @@ impl GenerationService {
                     generator.start_ids_at(issued);
                     supervise::maybe_inject(WORKER);
                     started();
-                    scheduler(generator, &mut rx, &metrics, &mut issued);
+                    scheduler(generator, &mut rx, &metrics, &pool, &mut issued);
                     Exit::Done
                 });
             })
@@ -290,6 +291,7 @@ fn scheduler(
     mut generator: Generator,
     commands: &mut mpsc::UnboundedReceiver<Command>,
     metrics: &ModelMetrics,
+    pool: &rayon::ThreadPool,
     issued: &mut RequestId,
 ) {
     let mut routes: HashMap<RequestId, Route> = HashMap::new();
@@ -329,7 +331,8 @@ fn scheduler(
         }
         // Engine failures and panics inside a step fail only the sequences that cause them
         // (Generator::step isolates them); anything else that panics here is the supervisor's.
-        let events = generator.step();
+        // On the model's own kernel threads (see `crate::pool`).
+        let events = pool.install(|| generator.step());
         let now = Instant::now();
         for e in events {
             match e {

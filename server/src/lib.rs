@@ -23,6 +23,7 @@ pub mod healthcheck;
 pub mod infer;
 pub mod json;
 pub mod metrics;
+pub mod pool;
 pub mod registry;
 pub mod request_id;
 pub mod routes;

@@ -918,6 +918,102 @@ fn the_loaded_models_stay_within_the_memory_budget() {
     std::fs::remove_dir_all(&repo).unwrap();
 }
 
+/// The `q` quantile of `samples` (sorted in place).
+fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    samples.sort();
+    let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+    samples[i]
+}
+
+/// A flood on one model does not queue another model's requests behind it: with all of the
+/// embedder's slots taken by clients sending large batches, the classifier's p99 stays below
+/// the bound stated here (a quarter of the embedder's own median latency, and 250 ms): the
+/// two share the CPUs, but not a queue, a worker thread or admission slots.
+#[test]
+fn a_flood_on_one_model_does_not_raise_another_models_p99() {
+    let repo = every_kind("flood");
+    let server = Server::start_args(
+        &kiln(),
+        &[
+            "--model-repository",
+            repo.to_str().unwrap(),
+            "--max-concurrent-requests",
+            "8",
+        ],
+    );
+    let predict = json!({ "inputs": "kiln", "model": "bert-tiny-cls" });
+    let time = |body: &Value, path: &str| {
+        let started = Instant::now();
+        let (status, got) = server.post(path, body);
+        (status, got, started.elapsed())
+    };
+    // Alone, as a reference for the log.
+    let mut alone: Vec<Duration> = (0..50)
+        .map(|_| {
+            let (status, got, t) = time(&predict, "/predict");
+            assert_eq!(status, 200, "{got}");
+            t
+        })
+        .collect();
+    let long = "the quick brown fox jumps over the lazy dog ".repeat(25);
+    let flood = json!({ "inputs": vec![long; 8], "model": "all-MiniLM-L6-v2" });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (mut during, mut flooded, refused) = std::thread::scope(|s| {
+        let flooders: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    let (mut times, mut refused) = (Vec::new(), 0);
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let (status, got, t) = time(&flood, "/embed");
+                        match status {
+                            200 => times.push(t),
+                            429 => {
+                                refused += 1;
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            _ => panic!("flood: {status} {got}"),
+                        }
+                    }
+                    (times, refused)
+                })
+            })
+            .collect();
+        // Let the flood fill the embedder's slots and queue.
+        std::thread::sleep(Duration::from_millis(500));
+        let during: Vec<Duration> = (0..200)
+            .map(|_| {
+                let (status, got, t) = time(&predict, "/predict");
+                assert_eq!(status, 200, "the classifier failed during the flood: {got}");
+                t
+            })
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut flooded = Vec::new();
+        let mut refused = 0;
+        for f in flooders {
+            let (t, r) = f.join().unwrap();
+            flooded.extend(t);
+            refused += r;
+        }
+        (during, flooded, refused)
+    });
+    assert!(!flooded.is_empty(), "no flood request was answered");
+    let p50_alone = quantile(&mut alone, 0.5);
+    let p99_during = quantile(&mut during, 0.99);
+    let flood_p50 = quantile(&mut flooded, 0.5);
+    eprintln!(
+        "classifier alone p50 {p50_alone:?}; during the flood p99 {p99_during:?}; flood p50 {flood_p50:?} ({} answered, {refused} refused with 429)",
+        flooded.len()
+    );
+    let bound = (flood_p50 / 4).min(Duration::from_millis(250));
+    assert!(
+        p99_during <= bound,
+        "the classifier's p99 during the flood, {p99_during:?}, is above {bound:?} (the embedder's p50 is {flood_p50:?})"
+    );
+    server.terminate();
+    std::fs::remove_dir_all(&repo).unwrap();
+}
+
 /// Waits until the repository index satisfies `done`.
 fn wait_for_index(server: &Server, what: &str, done: impl Fn(&[Value]) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
