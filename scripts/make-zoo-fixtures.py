@@ -29,6 +29,12 @@ Conventions (as in ../shared/fixtures/tiny):
   (hash-map order), so WordPiece is learnt by a small trainer here and the Unigram scores are canonicalised.
 Each model is made by its own function; a failure in one is reported and does not stop the others (exit code 1).
 See tests/fixtures/models/README.md for what each folder exercises.
+
+Decoders (DECODERS below; written to tests/fixtures/decoders/<name>/, `--decoders-out DIR`): qwen2-tiny,
+qwen3-tiny and mistral-tiny, tiny random-weight causal LMs whose reference.json has the format of
+../shared/fixtures/tiny/llama-tiny (logits of a right-padded batch plus 16-step greedy generation, checked to give
+the same ids in an fp64 and an fp32 full-recompute loop and in HF generate() with KV cache). `--only` takes
+decoder names too. See tests/fixtures/decoders/README.md.
 """
 from __future__ import annotations
 
@@ -55,6 +61,7 @@ import tokenizers as tokenizers_lib  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "tests" / "fixtures" / "models"
+DEFAULT_DECODERS_OUT = REPO / "tests" / "fixtures" / "decoders"
 SEED = 20240601
 
 torch.set_num_threads(1)
@@ -825,6 +832,292 @@ def make_modernbert_st_mean(out_root: Path, tmp: Path) -> None:
     write_reference(folder, ref)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Decoders (tests/fixtures/decoders/<name>/): causal LMs with logits and greedy-generation references, in the
+# reference.json format of ../shared/fixtures/tiny/llama-tiny (one Rust loader reads both sets).
+# ---------------------------------------------------------------------------------------------------------------
+
+DECODER_TEXTS = ["Hello world!", "Hello", "How do I reset my password?"]  # 7, 4 and 14 tokens
+DECODER_PROMPTS = ["The model reads tokens", "def add(a, b):"]
+DECODER_NEW_TOKENS = 16
+DECODER_MIN_MARGIN = 1e-2  # top-1 minus top-2 logit at every greedy step; fp32 error is ~3e-6
+DECODER_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def decoder_versions() -> dict:
+    import platform
+    import safetensors
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers_lib.__version__,
+        "safetensors": safetensors.__version__,
+        "numpy": np.__version__,
+    }
+
+
+def decoder_tokenizer():
+    """Byte-level BPE (vocab 500) in the Qwen2 layout: NFC, the Qwen regex split, ByteLevel; <|endoftext|> = 0
+    is bos/eos/pad and the only added token, and nothing is added to the ids (no BOS, no EOS). All three decoders
+    share it (real Mistral checkpoints use a SentencePiece-style tokenizer with a BOS; not exercised here)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = train_byte_bpe(DECODER_SPECIALS, vocab_size=500)
+    assert vocab["<|endoftext|>"] == 0
+    tok = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+        unk_token=None, model_max_length=256, padding_side="right",
+    )
+    return tok, len(vocab)
+
+
+def decoder_common(vocab_size: int) -> dict:
+    return dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, bos_token_id=0, eos_token_id=0,
+        pad_token_id=0,
+    )
+
+
+def top2_margin(logits: torch.Tensor) -> float:
+    top = torch.topk(logits.double(), 2).values
+    return float(top[0] - top[1])
+
+
+def greedy_full_recompute(model, prompt_ids: list[int], steps: int):
+    """argmax loop that re-runs the whole sequence each step (no cache); returns ids and last-position logits."""
+    ids = list(prompt_ids)
+    out, rows = [], []
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+        nxt = int(torch.argmax(logits))
+        out.append(nxt)
+        rows.append(logits)
+        ids.append(nxt)
+    return out, rows
+
+
+def decoder_reference(folder: Path, name: str, cls, load_kwargs: dict) -> tuple[dict, object]:
+    """logits for DECODER_TEXTS (right-padded batch) and greedy generation for DECODER_PROMPTS, computed in fp64
+    from the saved fp32 weights; checked against fp32 runs and HF generate() with KV cache."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    m32 = cls.from_pretrained(str(folder), attn_implementation="eager", **load_kwargs).eval()
+    m64 = cls.from_pretrained(str(folder), attn_implementation="eager", **load_kwargs).eval().double()
+    # The padded batch runs with sdpa: with right padding and a sliding window, a pad query late in a short row
+    # sees only pad keys, eager softmax gives NaN there, and the NaN reaches the valid positions of the next layer
+    # through 0 * NaN in probs @ V. sdpa gives finite values. Valid positions are checked against eager runs.
+    s32 = cls.from_pretrained(str(folder), attn_implementation="sdpa", **load_kwargs).eval()
+    s64 = cls.from_pretrained(str(folder), attn_implementation="sdpa", **load_kwargs).eval().double()
+    vocab_size = m32.config.vocab_size
+
+    # --- logits on a right-padded batch
+    ids_list = [tok(t, add_special_tokens=True)["input_ids"] for t in DECODER_TEXTS]
+    for t, ids in zip(DECODER_TEXTS, ids_list):
+        assert raw.encode(t).ids == ids, (name, t)
+        assert ids[0] != 0, "no BOS may be added"
+    lens = [len(i) for i in ids_list]
+    assert len(set(lens)) == 3 and max(lens) >= 12, lens
+    width = max(lens)
+    input_ids = [ids + [0] * (width - len(ids)) for ids in ids_list]
+    mask = [[1] * len(ids) + [0] * (width - len(ids)) for ids in ids_list]
+    with torch.no_grad():
+        l64 = s64(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask)).logits
+        l32 = s32(input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask)).logits
+    assert bool(torch.isfinite(l64).all()) and bool(torch.isfinite(l32).all()), name
+    l64r = l64.float().double()  # what the file holds
+    fp32_diff = 0.0
+    for b, n in enumerate(lens):
+        fp32_diff = max(fp32_diff, float((l32[b, :n].double() - l64r[b, :n]).abs().max()))
+        # Each row alone (no padding, eager) gives the same valid positions. Not to 1e-15: HF computes the RoPE cos/sin
+        # in float32 even in a float64 model, and torch's vectorised float32 cos/sin can differ by an ulp from the
+        # scalar tail loop, so a different sequence length moves the logits by a few 1e-7.
+        with torch.no_grad():
+            alone = m64(input_ids=torch.tensor([ids_list[b]])).logits[0]
+        assert float((alone - l64[b, :n]).abs().max()) < 1e-5, (name, b)
+    assert fp32_diff < 1e-4, (name, fp32_diff)
+
+    # --- greedy generation, each prompt alone
+    gen_cfg = GenerationConfig(
+        max_new_tokens=DECODER_NEW_TOKENS, min_new_tokens=0, do_sample=False, eos_token_id=None, pad_token_id=0,
+        bos_token_id=0,
+    )
+    results = []
+    for prompt in DECODER_PROMPTS:
+        p_ids = tok(prompt, add_special_tokens=True)["input_ids"]
+        assert raw.encode(prompt).ids == p_ids
+        g64, rows64 = greedy_full_recompute(m64, p_ids, DECODER_NEW_TOKENS)
+        g32, _ = greedy_full_recompute(m32, p_ids, DECODER_NEW_TOKENS)
+        with torch.no_grad():
+            hf = m32.generate(input_ids=torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+                              generation_config=gen_cfg, use_cache=True)[0, len(p_ids):].tolist()
+        with torch.no_grad():
+            hf_sdpa = s32.generate(input_ids=torch.tensor([p_ids]), attention_mask=torch.ones(1, len(p_ids), dtype=torch.long),
+                                   generation_config=gen_cfg, use_cache=True)[0, len(p_ids):].tolist()
+        assert g64 == g32 == hf == hf_sdpa, (name, prompt, g64, g32, hf, hf_sdpa)
+        margins = [top2_margin(r) for r in rows64]
+        assert min(margins) > DECODER_MIN_MARGIN, (name, prompt, min(margins))
+        text = raw.decode(g64, skip_special_tokens=False)
+        full = raw.decode(p_ids + g64, skip_special_tokens=False)
+        assert text == tok.decode(g64, skip_special_tokens=False)
+        results.append({
+            "prompt": prompt,
+            "prompt_ids": p_ids,
+            "generated_ids": g64,
+            "generated_text": text,
+            "full_text": full,
+            "min_top1_top2_logit_margin": min(margins),
+            "per_step_top1_top2_margin": margins,
+            "step_logits_last_position": {
+                "shape": [DECODER_NEW_TOKENS, vocab_size],
+                "dtype": "float32",
+                "note": "logits of the last position at each greedy step (fp64 ref, rounded)",
+                "data": [to_list(r) for r in rows64],
+            },
+        })
+    print(f"   logits fp32 vs fp64 {fp32_diff:.1e}; min top1-top2 margin "
+          f"{min(r['min_top1_top2_logit_margin'] for r in results):.4f}; text lengths {lens}")
+
+    ref = {
+        "model": name,
+        "class": cls.__name__,
+        "versions": decoder_versions(),
+        "save_note": "save_pretrained() (transformers 5 always writes model.safetensors)",
+        "tokenizer": (
+            f"byte-level BPE trained with tokenizers {tokenizers_lib.__version__} on the CORPUS of "
+            "scripts/make-zoo-fixtures.py; vocab 500; Qwen2 layout (NFC normalizer, Qwen regex Split + ByteLevel "
+            "pre-tokenizer, ByteLevel decoder); <|endoftext|>=0 is the one added special token (bos/eos/pad); ids 1 "
+            "and 2 are <|im_start|> and <|im_end|> as plain vocab entries; no BOS is added automatically"
+        ),
+        "texts": DECODER_TEXTS,
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "padding": ("right padding with <|endoftext|> (id 0); position_ids = 0..L-1 for every row (HF default), "
+                    "so valid positions equal unpadded runs (checked)"),
+        "outputs": {
+            "logits": {
+                "shape": [len(DECODER_TEXTS), width, vocab_size],
+                "dtype": "float32",
+                "note": "compare only positions where attention_mask==1",
+                "max_abs_diff_torch_fp32_vs_this": fp32_diff,
+                "data": to_list(l64),
+            },
+        },
+        "greedy_generation": {
+            "max_new_tokens": DECODER_NEW_TOKENS,
+            "stop_on_eos": False,
+            "batch": "each prompt alone (batch=1, no padding)",
+            "check": ("identical ids from: fp64 full-recompute loop, fp32 full-recompute loop, HF "
+                      "generate(do_sample=False) fp32 with KV cache (eager and sdpa attention)"),
+            "results": results,
+        },
+        "reference_precision": "computed in float64 from the saved float32 weights, rounded to float32",
+    }
+    return ref, m64
+
+
+def save_decoder(out_root: Path, name: str, model, tok) -> Path:
+    folder = fresh_dir(out_root / name)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    check_fresh_weights(folder, model)
+    return folder
+
+
+def make_qwen2_tiny(out_root: Path, tmp: Path) -> None:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    name = "qwen2-tiny"
+    tok, vocab_size = decoder_tokenizer()
+    config = Qwen2Config(
+        **decoder_common(vocab_size), rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, use_sliding_window=False,
+    )
+    model = Qwen2ForCausalLM(config)
+    randomize(model, SEED + 117)  # seeds picked: greedy margins > 1e-2, generations not one repeated id
+    folder = save_decoder(out_root, name, model, tok)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys, "tied head is not saved"
+    biases = sorted(k for k in keys if k.endswith(".bias"))
+    assert biases == sorted(f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(2) for p in "qkv"), biases
+    ref, _ = decoder_reference(folder, name, Qwen2ForCausalLM, {})
+    write_reference(folder, ref)
+
+
+def make_qwen3_tiny(out_root: Path, tmp: Path) -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    name = "qwen3-tiny"
+    tok, vocab_size = decoder_tokenizer()
+    config = Qwen3Config(
+        **decoder_common(vocab_size), head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        tie_word_embeddings=True, attention_bias=False, use_sliding_window=False,
+    )
+    model = Qwen3ForCausalLM(config)
+    randomize(model, SEED + 135)
+    folder = save_decoder(out_root, name, model, tok)
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and not any(k.endswith(".bias") for k in keys)
+    assert "model.layers.0.self_attn.q_norm.weight" in keys and "model.layers.0.self_attn.k_norm.weight" in keys
+    ref, _ = decoder_reference(folder, name, Qwen3ForCausalLM, {})
+    write_reference(folder, ref)
+
+
+def make_mistral_tiny(out_root: Path, tmp: Path) -> None:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    name = "mistral-tiny"
+    window = 8
+    tok, vocab_size = decoder_tokenizer()
+    config = MistralConfig(
+        **decoder_common(vocab_size), head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        tie_word_embeddings=False, sliding_window=window,
+    )
+    model = MistralForCausalLM(config)
+    randomize(model, SEED + 123)
+    folder = save_decoder(out_root, name, model, tok)
+    ref, m64 = decoder_reference(folder, name, MistralForCausalLM, {})
+    # The window must matter: the same weights without a window give different logits from position `window` on,
+    # and identical ones before it (so a query attends to itself and the window - 1 keys before it).
+    full = MistralForCausalLM.from_pretrained(str(folder), attn_implementation="eager", sliding_window=None).eval()
+    full = full.double()
+    assert full.config.sliding_window is None and m64.config.sliding_window == window
+    longest = max(range(len(DECODER_TEXTS)), key=lambda i: sum(ref["attention_mask"][i]))
+    n = sum(ref["attention_mask"][longest])
+    assert n > window
+    ids = torch.tensor([ref["input_ids"][longest][:n]])
+    with torch.no_grad():
+        per_pos = (m64(input_ids=ids).logits[0] - full(input_ids=ids).logits[0]).abs().amax(dim=-1)
+    assert float(per_pos[:window].max()) < 1e-12, per_pos
+    assert float(per_pos[window]) > 1e-3 and float(per_pos[window:].min()) > 1e-3, per_pos
+    for r in ref["greedy_generation"]["results"]:
+        seq = r["prompt_ids"] + r["generated_ids"]
+        assert len(seq) > window
+        no_window, _ = greedy_full_recompute(full, r["prompt_ids"], DECODER_NEW_TOKENS)
+        r_changed = no_window != r["generated_ids"]
+        print(f"   {r['prompt']!r}: no-window greedy ids differ: {r_changed}")
+    print(f"   no-window logits differ by up to {float(per_pos.max()):.3f} (positions >= {window}), 0 before")
+    write_reference(folder, ref)
+
+
+DECODERS = {
+    "qwen2-tiny": make_qwen2_tiny,
+    "qwen3-tiny": make_qwen3_tiny,
+    "mistral-tiny": make_mistral_tiny,
+}
+
+
 MODELS = {
     "bert-st6-dense": make_bert_st6_dense,
     "roberta-st-mean": make_roberta_st_mean,
@@ -843,18 +1136,25 @@ MODELS = {
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--decoders-out", type=Path, default=DEFAULT_DECODERS_OUT)
     parser.add_argument("--only", nargs="*", default=None)
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        unknown = set(args.only) - set(MODELS) - set(DECODERS)
+        if unknown:
+            parser.error(f"unknown model(s): {', '.join(sorted(unknown))}")
+    jobs = [(name, fn, args.out) for name, fn in MODELS.items()]
+    jobs += [(name, fn, args.decoders_out) for name, fn in DECODERS.items()]
     failed = []
     with tempfile.TemporaryDirectory(prefix="zoo-") as tmp:
-        for name, fn in MODELS.items():
+        for name, fn, out in jobs:
             if args.only and name not in args.only:
                 continue
             print(f"== {name}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
             torch.manual_seed(SEED)
             try:
-                fn(args.out, Path(tmp))
+                fn(out, Path(tmp))
             except Exception:
                 traceback.print_exc()
                 failed.append(name)

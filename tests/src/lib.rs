@@ -42,6 +42,20 @@ pub fn model_zoo() -> PathBuf {
     dir
 }
 
+/// The decoder fixtures (tiny random causal LMs with transformers' logits and greedy
+/// generations): `$KILN_DECODER_ZOO`, or `tests/fixtures/decoders`.
+pub fn decoder_zoo() -> PathBuf {
+    let dir = std::env::var_os("KILN_DECODER_ZOO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("tests/fixtures/decoders"));
+    assert!(
+        dir.is_dir(),
+        "decoder fixtures not found at {} (set KILN_DECODER_ZOO)",
+        dir.display()
+    );
+    dir
+}
+
 /// The all-MiniLM-L6-v2 folder: `$KILN_MODEL_DIR`, or `models/local/all-MiniLM-L6-v2`.
 pub fn minilm_dir() -> PathBuf {
     let dir = std::env::var_os("KILN_MODEL_DIR")

@@ -9,16 +9,73 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use kiln_engine::{DeviceKind, ExecOptions, SdpaKernel, SdpaKernelChoice};
+use kiln_models::decoder::config::DECODER_ARCHITECTURES;
 use kiln_models::{
     CausalLm, Event, GenerationLimits, GenerationRequest, Generator, LoadOptions, SamplingParams,
 };
 use kiln_tests::{fixtures, flatten, max_abs_diff, read_json};
 
 const TOL: f32 = 1e-4;
-const MODELS: [&str; 2] = ["gpt2-tiny", "llama-tiny"];
+/// The shared fixtures' gpt2-tiny and llama-tiny, and every folder of the decoder zoo
+/// (`$KILN_DECODER_ZOO`, default `tests/fixtures/decoders`) whose architecture kiln runs; the
+/// others are checked by `every_decoder_zoo_folder_runs_or_is_refused_by_name`.
+fn models() -> Vec<String> {
+    let mut names = vec!["gpt2-tiny".to_string(), "llama-tiny".to_string()];
+    for (name, class) in decoder_zoo() {
+        if DECODER_ARCHITECTURES.contains(&class.as_str()) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// The decoder zoo's folders: (name, the reference's class).
+fn decoder_zoo() -> Vec<(String, String)> {
+    let zoo = kiln_tests::decoder_zoo();
+    let mut all: Vec<(String, String)> = std::fs::read_dir(&zoo)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join("reference.json").is_file())
+        .map(|e| {
+            let r = read_json(&e.path().join("reference.json"));
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                r["class"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
 
 fn dir(name: &str) -> PathBuf {
-    fixtures().join("tiny").join(name)
+    let shared = fixtures().join("tiny").join(name);
+    if shared.is_dir() {
+        shared
+    } else {
+        kiln_tests::decoder_zoo().join(name)
+    }
+}
+
+#[test]
+fn every_decoder_zoo_folder_runs_or_is_refused_by_name() {
+    let zoo = decoder_zoo();
+    assert!(!zoo.is_empty(), "no decoder fixtures");
+    for (name, class) in zoo {
+        if DECODER_ARCHITECTURES.contains(&class.as_str()) {
+            continue;
+        }
+        let err = CausalLm::load(&dir(&name), &LoadOptions::default(), None)
+            .map(drop)
+            .expect_err(&format!(
+                "{name}: {class} loaded, but kiln does not list it"
+            ));
+        let err = err.to_string();
+        assert!(
+            err.contains(&class) && err.contains("kiln runs"),
+            "{name}: the error does not name {class} and list what kiln runs: {err}"
+        );
+    }
 }
 
 /// Each device, and the cpu device with each attention kernel forced.
@@ -78,7 +135,8 @@ fn load(path: &Path, opts: &LoadOptions) -> Arc<CausalLm> {
 
 #[test]
 fn logits_match_the_reference_on_every_valid_position() {
-    for name in MODELS {
+    for name in models() {
+        let name = name.as_str();
         let r = read_json(&dir(name).join("reference.json"));
         let vocab = r["outputs"]["logits"]["shape"][2].as_u64().unwrap() as usize;
         let seq = r["outputs"]["logits"]["shape"][1].as_u64().unwrap() as usize;
@@ -194,7 +252,8 @@ fn greedy_generation_matches_alone_and_in_one_continuous_batch() {
         max_waiting_tokens: 2,
         ..GenerationLimits::default()
     };
-    for name in MODELS {
+    for name in models() {
+        let name = name.as_str();
         let r = read_json(&dir(name).join("reference.json"));
         let results = r["greedy_generation"]["results"].as_array().unwrap();
         let cases: Vec<(Vec<u32>, Vec<u32>, String)> = results
@@ -337,7 +396,8 @@ fn stop_strings_tokens_and_sampling_seeds() {
 fn paged_graph_runs_the_last_layers_mlp_on_last_tokens_only() {
     use kiln_engine::ir::{Dim, Op};
     use kiln_models::decoder::{DecoderConfig, GraphMode, graph, shards};
-    for name in MODELS {
+    for name in models() {
+        let name = name.as_str();
         let d = dir(name);
         let cfg = DecoderConfig::load(&d.join("config.json")).unwrap();
         let weights = shards::Weights::open(&d).unwrap();
@@ -376,7 +436,8 @@ fn decoder_plans_are_stored_in_and_read_from_the_plan_cache() {
     let cache = std::env::temp_dir().join(format!("kiln-decoder-cache-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&cache);
     let limits = GenerationLimits::default();
-    for name in MODELS {
+    for name in models() {
+        let name = name.as_str();
         let r = read_json(&dir(name).join("reference.json"));
         let case = &r["greedy_generation"]["results"][0];
         let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["generated_ids"]));
@@ -420,7 +481,8 @@ fn decoder_plans_are_stored_in_and_read_from_the_plan_cache() {
 /// the file holds) plus a KV cache of the tokens asked for.
 #[test]
 fn memory_estimates_count_f32_weights_and_the_kv_cache() {
-    for name in MODELS {
+    for name in models() {
+        let name = name.as_str();
         let d = dir(name);
         let file = std::fs::read(d.join("model.safetensors")).unwrap();
         let header = u64::from_le_bytes(file[..8].try_into().unwrap());

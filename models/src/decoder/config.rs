@@ -1,6 +1,6 @@
-//! `config.json` and `generation_config.json` of a causal LM (GPT-2 and Llama families), in
-//! both the transformers 4 spelling (top-level `rope_theta`, `rope_scaling`, `torch_dtype`) and
-//! the transformers 5 one (`rope_parameters`, `dtype`).
+//! `config.json` and `generation_config.json` of a causal LM (GPT-2, and the Llama family with
+//! Qwen2 and Qwen3), in both the transformers 4 spelling (top-level `rope_theta`,
+//! `rope_scaling`, `torch_dtype`) and the transformers 5 one (`rope_parameters`, `dtype`).
 
 use std::path::Path;
 
@@ -15,7 +15,9 @@ use crate::error::{ModelError, Result, read_json};
 pub enum DecoderArch {
     /// `GPT2LMHeadModel`: learned positions, LayerNorm, `gelu_new`, Conv1D weights.
     Gpt2,
-    /// `LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU, grouped-query attention.
+    /// `LlamaForCausalLM`: RoPE, RMSNorm, SwiGLU, grouped-query attention; also Qwen2 (biases
+    /// on q, k and v) and Qwen3 (per-head RMSNorm on q and k), which are Llama's graph with
+    /// those changes.
     Llama,
 }
 
@@ -79,7 +81,12 @@ pub struct DecoderConfig {
     pub norm_eps: f32,
     pub activation: Activation,
     pub tie_word_embeddings: bool,
+    /// Biases on the attention's output projection (and, with `qkv_bias`, on q, k and v).
     pub attention_bias: bool,
+    /// Biases on the q, k and v projections (Llama's `attention_bias`; always on for Qwen2).
+    pub qkv_bias: bool,
+    /// Qwen3: RMSNorm over each head's query and key (`q_norm`, `k_norm`) before RoPE.
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     pub rope: Option<RopeConfig>,
     /// GPT-2's `scale_attn_by_inverse_layer_idx`.
@@ -185,7 +192,12 @@ fn llama_act() -> String {
 }
 
 /// The architectures kiln generates with.
-pub const DECODER_ARCHITECTURES: [&str; 2] = ["GPT2LMHeadModel", "LlamaForCausalLM"];
+pub const DECODER_ARCHITECTURES: [&str; 4] = [
+    "GPT2LMHeadModel",
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+];
 
 /// Whether a `config.json` describes a causal LM kiln can serve (read before choosing the
 /// encoder or the decoder path).
@@ -201,7 +213,7 @@ pub fn is_causal_lm(config: &Path) -> Result<bool> {
         .filter_map(Value::as_str)
         .any(|a| a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel"));
     let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
-    Ok(named || matches!(model_type, "gpt2" | "llama"))
+    Ok(named || matches!(model_type, "gpt2" | "llama" | "qwen2" | "qwen3"))
 }
 
 impl DecoderConfig {
@@ -222,13 +234,15 @@ impl DecoderConfig {
             .to_string();
         let arch = match (model_type.as_str(), architecture.as_str()) {
             ("gpt2", _) | (_, "GPT2LMHeadModel") => DecoderArch::Gpt2,
-            ("llama", _) | (_, "LlamaForCausalLM") => DecoderArch::Llama,
+            ("llama" | "qwen2" | "qwen3", _)
+            | (_, "LlamaForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM") => {
+                DecoderArch::Llama
+            }
             _ => {
                 return Err(ModelError::Unsupported(format!(
-                    "{}: model_type `{model_type}` / architecture `{architecture}` (kiln generates \
-                     with {})",
+                    "{}: architecture `{architecture}` (model_type `{model_type}`) is not supported ({})",
                     path.display(),
-                    DECODER_ARCHITECTURES.join(" and ")
+                    crate::supported_architectures()
                 )));
             }
         };
@@ -269,6 +283,8 @@ impl DecoderConfig {
                     activation: activation(&r.activation_function).map_err(bad)?,
                     tie_word_embeddings: r.tie_word_embeddings,
                     attention_bias: true,
+                    qkv_bias: true,
+                    qk_norm: false,
                     mlp_bias: true,
                     rope: None,
                     scale_by_inverse_layer: r.scale_attn_by_inverse_layer_idx,
@@ -278,6 +294,17 @@ impl DecoderConfig {
             }
             DecoderArch::Llama => {
                 let r: LlamaRaw = serde_json::from_value(v.clone()).map_err(parse)?;
+                let qwen2 = model_type == "qwen2" || architecture == "Qwen2ForCausalLM";
+                let qwen3 = model_type == "qwen3" || architecture == "Qwen3ForCausalLM";
+                // Qwen's sliding-window attention is off unless `use_sliding_window` says so.
+                if (qwen2 || qwen3)
+                    && v.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+                {
+                    return Err(ModelError::Unsupported(format!(
+                        "{}: use_sliding_window = true (sliding-window attention)",
+                        path.display()
+                    )));
+                }
                 if r.pretraining_tp.is_some_and(|tp| tp > 1) {
                     tracing::info!(
                         "pretraining_tp > 1 only changes how training sliced the matmuls; ignored"
@@ -307,6 +334,8 @@ impl DecoderConfig {
                     activation: activation(&r.hidden_act).map_err(bad)?,
                     tie_word_embeddings: r.tie_word_embeddings,
                     attention_bias: r.attention_bias,
+                    qkv_bias: r.attention_bias || qwen2,
+                    qk_norm: qwen3,
                     mlp_bias: r.mlp_bias,
                     rope: Some(rope),
                     scale_by_inverse_layer: false,

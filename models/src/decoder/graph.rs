@@ -394,20 +394,33 @@ fn llama(
         let lp = format!("{p}layers.{l}");
         let a = rms(c, x, &format!("{lp}.input_layernorm"))?;
         let ap = format!("{lp}.self_attn");
-        let bias = cfg.attention_bias;
+        let bias = cfg.qkv_bias;
         let q = c.linear(a, &format!("{ap}.q_proj"), hq * d, h, bias)?;
         let k = c.linear(a, &format!("{ap}.k_proj"), hkv * d, h, bias)?;
         let v = c.linear(a, &format!("{ap}.v_proj"), hkv * d, h, bias)?;
         let q = c.op(Op::SplitHeads { heads: hq }, &[q], format!("{ap}.q_heads"))?;
         let k = c.op(Op::SplitHeads { heads: hkv }, &[k], format!("{ap}.k_heads"))?;
         let v = c.op(Op::SplitHeads { heads: hkv }, &[v], format!("{ap}.v_heads"))?;
+        // Qwen3: each head's query and key RMS-normalised over head_dim.
+        let (q, k) = if cfg.qk_norm {
+            let head_norm = |c: &mut Ctx<'_>, x: ValueId, name: &str| -> Result<ValueId> {
+                let g = c.weight(&format!("{name}.weight"), &[d], ConstRole::Other)?;
+                c.op(Op::RmsNorm { eps }, &[x, g], name)
+            };
+            (
+                head_norm(c, q, &format!("{ap}.q_norm"))?,
+                head_norm(c, k, &format!("{ap}.k_norm"))?,
+            )
+        } else {
+            (q, k)
+        };
         let q = c.op(Op::Rope, &[q, cos, sin], format!("{ap}.q_rope"))?;
         let k = c.op(Op::Rope, &[k, cos, sin], format!("{ap}.k_rope"))?;
         let o = attention(c, (q, k, v), lengths, l, None, mode, &ap)?;
         let pruned = prunes_after_attention(mode, l, cfg);
         let (x_in, o) = prune(c, (x, o), lengths, pruned, &ap)?;
         x = x_in;
-        let o = c.linear(o, &format!("{ap}.o_proj"), h, hq * d, bias)?;
+        let o = c.linear(o, &format!("{ap}.o_proj"), h, hq * d, cfg.attention_bias)?;
         x = c.op(Op::Add, &[x, o], format!("{ap}.residual"))?;
         let m = rms(c, x, &format!("{lp}.post_attention_layernorm"))?;
         let mp = format!("{lp}.mlp");
