@@ -75,3 +75,25 @@ pub fn clock_ms() -> u64 {
     let ms = EPOCH.get_or_init(Instant::now).elapsed().as_millis();
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
+
+/// A handle that resolves once the server gives up draining (see
+/// [`crate::app::AppState::abort_in_flight`]).
+#[derive(Clone)]
+pub struct Aborted(tokio::sync::watch::Receiver<bool>);
+
+impl Aborted {
+    pub async fn wait(&self) {
+        let mut rx = self.0.clone();
+        // An error means the state is gone: then nothing is in flight to abort either.
+        if rx.wait_for(|aborted| *aborted).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Aborted {
+    /// Made by the server state, which holds the sender.
+    pub fn new(rx: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self(rx)
+    }
+}

@@ -5,7 +5,7 @@
 //! ([`check_authorization`] serves both).
 
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{Request, State};
@@ -13,7 +13,6 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::app::AppState;
 use crate::error::AppError;
 
 /// How often at most the keys file's modification time is checked.
@@ -125,12 +124,12 @@ pub fn check_authorization(
     }
 }
 
-pub async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
+pub async fn require_key(State(keys): State<Arc<ApiKeys>>, req: Request, next: Next) -> Response {
     let authorization = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match check_authorization(state.keys(), authorization) {
+    match check_authorization(&keys, authorization) {
         Ok(()) => next.run(req).await,
         Err(msg) => {
             let err = AppError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)

@@ -34,6 +34,10 @@ pub struct AppError {
 }
 
 impl AppError {
+    /// 503 for a request still running when a draining server gives up on it.
+    pub fn shutting_down() -> Self {
+        Self::unavailable("the server is shutting down and stopped waiting for this request")
+    }
     pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,

@@ -27,8 +27,8 @@ use kiln_models::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use crate::admission::Aborted;
 use crate::admission::{Admission, Gate};
-use crate::app::Aborted;
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
 use crate::metrics::ModelMetrics;

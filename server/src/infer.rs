@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use kiln_models::bert::names;
 use kiln_models::{Encoded, EncoderModel, ModelKind, TextInput};
 
+use crate::admission::Aborted;
 use crate::admission::{Admission, Gate};
-use crate::app::Aborted;
 use crate::batcher::{BatchLimits, Batcher};
 use crate::config::{ModelConfig, ServeConfig};
 use crate::error::AppError;
@@ -158,7 +158,7 @@ impl Infer {
         let run = tokio::time::timeout(timeout, self.batcher.run(seqs, outputs));
         let outcome = tokio::select! {
             r = run => r,
-            () = self.aborted.wait() => return Err(crate::routes::generate::shutting_down()),
+            () = self.aborted.wait() => return Err(AppError::shutting_down()),
         };
         match outcome {
             Ok(result) => result.map(|o| o.rows),

@@ -6,7 +6,7 @@
 //! token ids to the batch queue ([`batcher`]): one task owns the queue and forms batches by token
 //! budget, one thread owns the model and runs them. No inference ever blocks the async runtime.
 //! The port opens before the model has loaded: `/health` answers 503 until the model is loaded
-//! and warmed up, which is what load balancers and Kubernetes probes expect. [`app::app`] builds
+//! and warmed up, which is what load balancers and Kubernetes probes expect. [`router::app`] builds
 //! the whole router without a socket, so it is tested in-process. The gRPC API ([`grpc`]) runs
 //! on its own port over the same state, batcher, limits, keys and metrics.
 
@@ -26,11 +26,13 @@ pub mod metrics;
 pub mod pool;
 pub mod registry;
 pub mod request_id;
+pub mod router;
 pub mod routes;
 pub mod supervise;
 
-pub use app::{AppState, app};
+pub use app::AppState;
 pub use config::{
     LogFormat, ModelConfig, ModelControl, PlanCacheSwitch, RawModelSettings, RawServeConfig,
     RawServerSettings, ServeConfig,
 };
+pub use router::app;

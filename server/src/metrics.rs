@@ -12,9 +12,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder, exponential_buckets,
@@ -618,26 +617,6 @@ impl std::ops::Deref for Metrics {
     fn deref(&self) -> &Inner {
         &self.inner
     }
-}
-
-/// `GET /metrics`.
-pub async fn scrape(State(state): State<crate::app::AppState>) -> Response {
-    let metrics = state.metrics();
-    for m in state.models().all() {
-        let current = m.state().name();
-        for name in ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"] {
-            metrics
-                .model_state
-                .with_label_values(&[m.id(), name])
-                .set(i64::from(name == current));
-        }
-    }
-    let mut response = metrics.render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
-    response
 }
 
 /// The API family a route belongs to, the `api` label.

@@ -11,13 +11,19 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use kiln_models::ModelKind;
+use kiln_models::{ModelInfo, ModelKind};
 
 use crate::admission::LastUse;
-use crate::app::Ready;
 use crate::config::ModelConfig;
 use crate::error::AppError;
 use crate::generation::GenerationService;
+use crate::infer::Infer;
+
+/// A model that is loaded, warmed up and has its batcher running.
+pub struct Ready {
+    pub info: ModelInfo,
+    pub infer: Infer,
+}
 
 /// What a model is, as far as routing is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

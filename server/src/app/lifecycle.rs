@@ -7,13 +7,13 @@ use std::time::{Duration, Instant};
 
 use kiln_models::{EncoderModel, LoadOptions, TextInput};
 
-use super::{AppState, Ready};
+use super::AppState;
 use crate::admission::Gate;
 use crate::config::ModelControl;
 use crate::error::AppError;
 use crate::generation::GenerationService;
 use crate::infer::Infer;
-use crate::registry::{Kind, Loaded, ModelState, Served};
+use crate::registry::{Kind, Loaded, ModelState, Ready, Served};
 
 impl AppState {
     /// Loads every model in turn (each warmed up, with its batcher or scheduler started, and

@@ -178,7 +178,7 @@ fn openai_stream(
         ),
         Piece::ShuttingDown => (
             vec![
-                event(&json!({ "error": { "message": super::generate::shutting_down().message, "type": "server_error", "code": "unavailable" } })),
+                event(&json!({ "error": { "message": AppError::shutting_down().message, "type": "server_error", "code": "unavailable" } })),
                 Event::default().data("[DONE]"),
             ],
             true,

@@ -51,7 +51,7 @@ pub const MAX_STOP_BYTES: usize = 1024;
 pub struct Deadline {
     at: tokio::time::Instant,
     timeout: std::time::Duration,
-    aborted: crate::app::Aborted,
+    aborted: crate::admission::Aborted,
 }
 
 impl Deadline {
@@ -92,11 +92,6 @@ impl Deadline {
             )
         }
     }
-}
-
-/// 503 for a request still running when a draining server gives up on it.
-pub fn shutting_down() -> AppError {
-    AppError::unavailable("the server is shutting down and stopped waiting for this request")
 }
 
 /// 504 for a timed-out generation.
@@ -265,7 +260,7 @@ pub async fn collect(
                 ));
             }
             Piece::TimedOut(message) => return Err(timed_out(message)),
-            Piece::ShuttingDown => return Err(shutting_down()),
+            Piece::ShuttingDown => return Err(AppError::shutting_down()),
         }
     }
     Err(AppError::unavailable(
@@ -512,7 +507,7 @@ pub async fn generate_stream(
             true,
         ),
         Piece::ShuttingDown => (
-            vec![event(&json!({ "error": shutting_down().message, "error_type": "unavailable" }))],
+            vec![event(&json!({ "error": AppError::shutting_down().message, "error_type": "unavailable" }))],
             true,
         ),
     })

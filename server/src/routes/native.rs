@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use kiln_models::{ModelKind, TextInput};
 use serde::Deserialize;
@@ -413,4 +413,24 @@ pub async fn tokenize(
         })
         .collect();
     Ok(Json(Value::Array(lists)))
+}
+
+/// `GET /metrics`.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let metrics = state.metrics();
+    for m in state.models().all() {
+        let current = m.state().name();
+        for name in ["READY", "LOADING", "UNLOADING", "UNAVAILABLE"] {
+            metrics
+                .model_state
+                .with_label_values(&[m.id(), name])
+                .set(i64::from(name == current));
+        }
+    }
+    let mut response = metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
 }

@@ -12,8 +12,8 @@ use kiln_models::{Encoded, TextInput};
 use super::tensors::{Input, TensorLimits, matrix_of, texts_of};
 use super::{bad, inputs_of, outputs_of};
 use crate::admission::Admission;
-use crate::app::Ready;
 use crate::error::AppError;
+use crate::registry::Ready;
 use crate::routes::check_batch;
 
 /// One output tensor of an answer: FP32 `[rows, width]`.

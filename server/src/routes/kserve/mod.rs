@@ -19,9 +19,10 @@ use serde_json::{Value, json};
 
 use std::sync::Arc;
 
-use crate::app::{AppState, Ready};
+use crate::app::AppState;
 use crate::error::AppError;
 use crate::generation::GenerationService;
+use crate::registry::Ready;
 use crate::registry::{Kind, Served};
 
 /// The one version kiln serves of each model.
