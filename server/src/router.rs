@@ -34,6 +34,7 @@ pub fn app(state: AppState) -> Router {
         .route("/embed", post(native::embed))
         .route("/predict", post(native::predict))
         .route("/rerank", post(native::rerank))
+        .route("/similarity", post(native::similarity))
         .route("/v2/models/{model}/infer", post(kserve::infer))
         .route(
             "/v2/models/{model}/versions/{version}/infer",
@@ -47,6 +48,7 @@ pub fn app(state: AppState) -> Router {
         .merge(inference)
         .route("/v1/models", get(openai::models))
         .route("/tokenize", post(native::tokenize))
+        .route("/decode", post(native::decode))
         .route("/info", get(native::info))
         .route("/openapi.json", get(openapi::spec))
         .route("/v2", get(kserve::server_metadata))

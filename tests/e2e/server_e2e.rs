@@ -458,6 +458,44 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
     let (status, body) = server.post("/v1/embeddings", &json!({ "input": texts[3] }));
     assert_eq!(status, 200, "{body}");
     check_embeddings(&[flatten(&body["data"][0]["embedding"])], &want[3 * 384..]);
+    // TEI's /decode gives back the text of /tokenize's ids; /similarity is the cosine of the
+    // normalised embeddings.
+    let (status, tokens) = server.post("/tokenize", &json!({ "inputs": "Hello world" }));
+    assert_eq!(status, 200, "{tokens}");
+    let ids: Vec<u64> = tokens[0]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    let (status, text) = server.post("/decode", &json!({ "ids": ids }));
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text, json!(["hello world"]));
+    let (status, text) = server.post(
+        "/decode",
+        &json!({ "ids": [ids.clone(), ids], "skip_special_tokens": false }),
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(text[1], "[CLS] hello world [SEP]");
+    let (status, got) = server.post("/decode", &json!({ "ids": [99999999] }));
+    assert_eq!(status, 422, "{got}");
+    let (status, sims) = server.post(
+        "/similarity",
+        &json!({ "inputs": { "source_sentence": "kiln", "sentences": ["fast", "kiln"] } }),
+    );
+    assert_eq!(status, 200, "{sims}");
+    let embed_one = |text: &str| {
+        let (status, body) = server.post("/embed", &json!({ "inputs": text }));
+        assert_eq!(status, 200, "{body}");
+        flatten(&body[0])
+    };
+    let (a, b) = (embed_one("kiln"), embed_one("fast"));
+    let dot: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    assert!(
+        (sims[0].as_f64().unwrap() as f32 - dot).abs() <= 1e-5,
+        "{sims}"
+    );
+    assert!((sims[1].as_f64().unwrap() - 1.0).abs() <= 1e-5, "{sims}");
     // Matryoshka dimensions: the first 64 values, normalised again (the model normalises);
     // with normalize=false on /embed, the first 64 raw values.
     let (status, full) = server.post("/v1/embeddings", &json!({ "input": "kiln" }));

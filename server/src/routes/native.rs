@@ -415,6 +415,113 @@ pub async fn tokenize(
     Ok(Json(Value::Array(lists)))
 }
 
+#[derive(Deserialize)]
+pub struct DecodeRequest {
+    #[serde(default)]
+    model: Option<String>,
+    /// One list of token ids, or a list of them.
+    #[serde(default)]
+    ids: Value,
+    #[serde(default = "yes")]
+    skip_special_tokens: bool,
+}
+
+/// TEI's `/decode`: the text of token ids, one string per list.
+pub async fn decode(
+    State(state): State<AppState>,
+    header: ModelHeader,
+    ApiJson(req): ApiJson<DecodeRequest>,
+) -> Result<Json<Vec<String>>, AppError> {
+    let max = state.config().max_client_batch_size;
+    let ids = |v: &[Value]| -> Result<Vec<u32>, AppError> {
+        v.iter()
+            .map(|x| {
+                x.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| AppError::validation(format!("`ids` holds {x}, not a token id")))
+            })
+            .collect()
+    };
+    let lists: Vec<Vec<u32>> = match &req.ids {
+        Value::Array(items) if items.iter().all(Value::is_array) && !items.is_empty() => {
+            check_batch(items.len(), max)?;
+            items
+                .iter()
+                .map(|l| ids(l.as_array().map_or(&[][..], Vec::as_slice)))
+                .collect::<Result<_, _>>()?
+        }
+        Value::Array(items) => vec![ids(items)?],
+        _ => {
+            return Err(AppError::validation(
+                "`ids` must be a list of token ids (or of lists)",
+            ));
+        }
+    };
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Encoder,
+    )?;
+    let tokenizer = ready.infer.model().tokenizer();
+    lists
+        .iter()
+        .map(|l| {
+            tokenizer
+                .decode(l, req.skip_special_tokens)
+                .map_err(AppError::from)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Json)
+}
+
+#[derive(Deserialize)]
+pub struct SimilarityRequest {
+    #[serde(default)]
+    model: Option<String>,
+    inputs: SimilarityInputs,
+    #[serde(default)]
+    truncate: Option<bool>,
+}
+
+#[derive(Deserialize)]
+pub struct SimilarityInputs {
+    source_sentence: String,
+    sentences: Vec<String>,
+}
+
+/// TEI's `/similarity`: the cosine similarity of `source_sentence` with each of `sentences`.
+pub async fn similarity(
+    State(state): State<AppState>,
+    header: ModelHeader,
+    ApiJson(req): ApiJson<SimilarityRequest>,
+) -> Result<Json<Vec<f32>>, AppError> {
+    let SimilarityInputs {
+        source_sentence,
+        sentences,
+    } = req.inputs;
+    if sentences.is_empty() {
+        return Err(AppError::validation("`inputs.sentences` must not be empty"));
+    }
+    check_batch(sentences.len() + 1, state.config().max_client_batch_size)?;
+    let ready = state.encoder(
+        header.or_field(req.model.as_deref()).as_deref(),
+        Want::Embeddings,
+    )?;
+    let _slot = ready.infer.admit()?;
+    let mut texts = vec![source_sentence];
+    texts.extend(sentences);
+    let out = ready
+        .infer
+        .embed(texts, req.truncate, EmbeddingKind::Normalized)
+        .await?;
+    let (source, others) = out.vectors.split_first().ok_or_else(AppError::internal)?;
+    Ok(Json(
+        others
+            .iter()
+            .map(|v| v.iter().zip(source).map(|(a, b)| a * b).sum())
+            .collect(),
+    ))
+}
+
 /// `GET /metrics`.
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let metrics = state.metrics();

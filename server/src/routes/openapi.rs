@@ -81,6 +81,8 @@ pub fn document() -> Value {
             "/predict": post("Sequence classification (TEI)", predict_req, json!({ "type": "array" })),
             "/rerank": post("Rerank texts against a query with a cross-encoder (TEI)", rerank_req, json!({ "type": "array" })),
             "/tokenize": post("Tokens the model sees (TEI)", embed_req, json!({ "type": "array" })),
+            "/decode": post("The text of token ids (TEI)", json!({ "type": "object", "required": ["ids"], "properties": { "ids": { "type": "array" }, "skip_special_tokens": { "type": "boolean", "default": true }, "model": model } }), json!({ "type": "array", "items": { "type": "string" } })),
+            "/similarity": post("Cosine similarity of a sentence with others (TEI)", json!({ "type": "object", "required": ["inputs"], "properties": { "inputs": { "type": "object", "required": ["source_sentence", "sentences"], "properties": { "source_sentence": { "type": "string" }, "sentences": { "type": "array", "items": { "type": "string" } } } }, "truncate": { "type": "boolean" }, "model": model } }), json!({ "type": "array", "items": { "type": "number" } })),
             "/info": get("Model and server settings (the model named by X-Model; every model's when several are served and none is named)"),
             "/health": get("200 once every model is loaded and warmed up, 503 (with the reasons) before"),
             "/metrics": get("Prometheus metrics (text format)"),
