@@ -42,10 +42,10 @@ pub struct Metrics {
 
 pub struct Inner {
     registry: Registry,
-    /// Counted on arrival, before the request's model is known: by API family only.
+    /// Requests, outcomes and durations by API family (or failure reason) and model (`""` for a
+    /// request that failed before a model was chosen for it). A request is counted once, when
+    /// it is answered (or its client leaves): by then its model is known.
     pub requests: IntCounterVec,
-    /// Outcomes and durations by API family (or failure reason) and model (`""` for a request
-    /// that failed before a model was chosen for it).
     pub successes: IntCounterVec,
     pub failures: IntCounterVec,
     pub request_duration: HistogramVec,
@@ -126,8 +126,8 @@ impl Metrics {
         let inner = Inner {
             requests: counter_vec(
                 "kiln_request_total",
-                "Inference requests received, by API family (openai, kserve, native: HTTP; grpc).",
-                &["api"],
+                "Inference requests, counted when answered, by API family (openai, kserve, native: HTTP; grpc) and model.",
+                &["api", "model"],
             ),
             successes: counter_vec(
                 "kiln_request_success_total",
@@ -351,9 +351,6 @@ impl Metrics {
         }
         // Every series exists from the start (at zero), so dashboards and `rate()` see them
         // before the first failure of each kind.
-        for api in API_FAMILIES {
-            inner.requests.with_label_values(&[api]);
-        }
         let metrics = Self {
             inner: Arc::new(inner),
         };
@@ -367,6 +364,7 @@ impl Metrics {
             self.failures.with_label_values(&[reason, model]);
         }
         for api in API_FAMILIES {
+            self.requests.with_label_values(&[api, model]);
             self.successes.with_label_values(&[api, model]);
         }
     }
@@ -630,11 +628,10 @@ fn api_of(path: &str) -> &'static str {
     }
 }
 
-/// One inference request being counted: `kiln_request_total{api}` when it starts; success or
-/// failure by reason, and `kiln_request_duration_seconds`, by API family and the model the
-/// request was routed to (see [`crate::request_id::note_model`]) when
-/// [`finish`](Self::finish)ed; a request dropped before it finished (its client went away)
-/// counts as `cancelled`. The HTTP middleware [`track`] and the gRPC service both count through
+/// One inference request being counted: when [`finish`](Self::finish)ed, `kiln_request_total`,
+/// success or failure by reason, and `kiln_request_duration_seconds`, by API family and the
+/// model the request was routed to (see [`crate::request_id::note_model`]); a request dropped
+/// before it finished (its client went away) counts as `cancelled`. The HTTP middleware [`track`] and the gRPC service both count through
 /// it, inside the request's [`crate::request_id::Context`].
 pub struct RequestTracker {
     metrics: Metrics,
@@ -646,7 +643,6 @@ pub struct RequestTracker {
 
 impl Metrics {
     pub fn start_request(&self, api: &'static str) -> RequestTracker {
-        self.requests.with_label_values(&[api]).inc();
         RequestTracker {
             metrics: self.clone(),
             api,
@@ -670,6 +666,7 @@ impl RequestTracker {
         let m = &self.metrics;
         let model = self.model();
         let elapsed = self.started.elapsed();
+        m.requests.with_label_values(&[self.api, model]).inc();
         let stats = (!model.is_empty()).then(|| m.for_model(model).stats);
         if let Some(stats) = &stats {
             let now_ms = SystemTime::now()
@@ -703,6 +700,10 @@ impl Drop for RequestTracker {
     fn drop(&mut self) {
         if !self.done {
             let model = self.model();
+            self.metrics
+                .requests
+                .with_label_values(&[self.api, model])
+                .inc();
             self.metrics
                 .failures
                 .with_label_values(&["cancelled", model])

@@ -356,8 +356,10 @@ fn per_model_metrics_and_statistics(
     // The OpenAI calls to the embedder and the LM; a request for an unknown model is counted
     // without one.
     for (m, calls) in [("all-MiniLM-L6-v2", 4), ("gpt2-tiny", completions)] {
-        let series = format!("kiln_request_success_total{{api=\"openai\",model=\"{m}\"}}");
-        assert_eq!(value(&series), calls as f64, "{series}\n{metrics}");
+        for name in ["kiln_request_success_total", "kiln_request_total"] {
+            let series = format!("{name}{{api=\"openai\",model=\"{m}\"}}");
+            assert_eq!(value(&series), calls as f64, "{series}\n{metrics}");
+        }
     }
     assert!(value("kiln_request_failure_total{model=\"\"}") >= 1.0);
     assert_eq!(
