@@ -310,69 +310,44 @@ pub fn build(
             outputs.push((names::POOLED_EMBEDDING.to_string(), pooled));
             outputs.push((names::NORMALIZED_EMBEDDING.to_string(), normalized));
         }
-        Head::Classifier { num_labels } if cfg.family() == Family::DistilBert => {
-            // DistilBERT's head: pre_classifier + ReLU on [CLS], then classifier.
-            let cls = c.g.push(
-                Op::Pool {
-                    mode: PoolMode::Cls,
-                },
-                &[x, mask],
-                "classifier.cls",
-            )?;
-            let w = c.full_weight("pre_classifier.weight", &[h, h], ConstRole::LinearWeight)?;
-            let b = c.full_weight("pre_classifier.bias", &[h], ConstRole::Other)?;
-            let d = c.g.push(Op::Linear, &[cls, w, b], "pre_classifier")?;
-            let d =
-                c.g.push(Op::Activation(Activation::Relu), &[d], "pre_classifier.act")?;
-            let w = c.full_weight(
-                "classifier.weight",
-                &[num_labels, h],
-                ConstRole::LinearWeight,
-            )?;
-            let b = c.full_weight("classifier.bias", &[num_labels], ConstRole::Other)?;
-            let logits = c.g.push(Op::Linear, &[d, w, b], "classifier")?;
-            let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
-            outputs.push((names::POOLER_OUTPUT.to_string(), d));
-            outputs.push((names::LOGITS.to_string(), logits));
-            outputs.push((names::PROBABILITIES.to_string(), probs));
-        }
-        Head::Classifier { num_labels } if cfg.family() == Family::Roberta => {
-            // RoBERTa's head: dense + tanh on `<s>`, then `out_proj`.
-            let cls = c.g.push(
-                Op::Pool {
-                    mode: PoolMode::Cls,
-                },
-                &[x, mask],
-                "classifier.cls",
-            )?;
-            let w = c.full_weight("classifier.dense.weight", &[h, h], ConstRole::LinearWeight)?;
-            let b = c.full_weight("classifier.dense.bias", &[h], ConstRole::Other)?;
-            let d = c.g.push(Op::Linear, &[cls, w, b], "classifier.dense")?;
-            let d =
-                c.g.push(Op::Activation(Activation::Tanh), &[d], "classifier.act")?;
-            let w = c.full_weight(
-                "classifier.out_proj.weight",
-                &[num_labels, h],
-                ConstRole::LinearWeight,
-            )?;
-            let b = c.full_weight("classifier.out_proj.bias", &[num_labels], ConstRole::Other)?;
-            let logits = c.g.push(Op::Linear, &[d, w, b], "classifier.out_proj")?;
-            let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
-            outputs.push((names::POOLER_OUTPUT.to_string(), d));
-            outputs.push((names::LOGITS.to_string(), logits));
-            outputs.push((names::PROBABILITIES.to_string(), probs));
-        }
         Head::Classifier { num_labels } => {
-            let p = pooler(&mut c)?;
+            // The features the last linear reads: BERT's pooler; RoBERTa's `classifier.dense`
+            // + tanh and DistilBERT's `pre_classifier` + ReLU, on the first token.
+            let first_token_dense =
+                |c: &mut Ctx<'_>, name: &str, act: Activation| -> Result<ValueId> {
+                    let cls = c.g.push(
+                        Op::Pool {
+                            mode: PoolMode::Cls,
+                        },
+                        &[x, mask],
+                        format!("{name}.cls"),
+                    )?;
+                    let w =
+                        c.full_weight(&format!("{name}.weight"), &[h, h], ConstRole::LinearWeight)?;
+                    let b = c.full_weight(&format!("{name}.bias"), &[h], ConstRole::Other)?;
+                    let d = c.g.push(Op::Linear, &[cls, w, b], name)?;
+                    Ok(c.g.push(Op::Activation(act), &[d], format!("{name}.act"))?)
+                };
+            let (features, out) = match cfg.family() {
+                Family::Bert => (pooler(&mut c)?, "classifier"),
+                Family::Roberta => (
+                    first_token_dense(&mut c, "classifier.dense", Activation::Tanh)?,
+                    "classifier.out_proj",
+                ),
+                Family::DistilBert => (
+                    first_token_dense(&mut c, "pre_classifier", Activation::Relu)?,
+                    "classifier",
+                ),
+            };
             let w = c.full_weight(
-                "classifier.weight",
+                &format!("{out}.weight"),
                 &[num_labels, h],
                 ConstRole::LinearWeight,
             )?;
-            let b = c.full_weight("classifier.bias", &[num_labels], ConstRole::Other)?;
-            let logits = c.g.push(Op::Linear, &[p, w, b], "classifier")?;
+            let b = c.full_weight(&format!("{out}.bias"), &[num_labels], ConstRole::Other)?;
+            let logits = c.g.push(Op::Linear, &[features, w, b], out)?;
             let probs = c.g.push(Op::Softmax, &[logits], "classifier.softmax")?;
-            outputs.push((names::POOLER_OUTPUT.to_string(), p));
+            outputs.push((names::POOLER_OUTPUT.to_string(), features));
             outputs.push((names::LOGITS.to_string(), logits));
             outputs.push((names::PROBABILITIES.to_string(), probs));
         }
