@@ -119,6 +119,19 @@ impl Expected {
     }
 
     /// `/predict` with raw scores: each label's logit.
+    /// A greedy completion of the first reference prompt by gpt2-tiny.
+    fn completion(&self) -> Value {
+        let (prompt, _) = &self.generations[0];
+        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 })
+    }
+
+    /// `server`'s gpt2-tiny completes the first reference prompt as the reference does.
+    fn check_completion(&self, server: &Server) {
+        let (status, got) = server.post("/v1/completions", &self.completion());
+        assert_eq!(status, 200, "{got}");
+        assert_eq!(got["choices"][0]["text"], self.generations[0].1.as_str());
+    }
+
     fn check_logits(&self, body: &Value) {
         let labels = ["negative", "neutral", "positive"];
         for (i, ranked) in body.as_array().unwrap().iter().enumerate() {
@@ -756,13 +769,8 @@ fn loading_past_max_loaded_models_evicts_the_least_recently_used_idle_model() {
             s("gpt2-tiny", "READY")
         ]
     );
-    let (prompt, text) = &want.generations[0];
     std::thread::sleep(Duration::from_millis(20));
-    let completion =
-        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
-    let (status, got) = server.post("/v1/completions", &completion);
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["text"], text.as_str());
+    want.check_completion(&server);
     // Now all-MiniLM-L6-v2 is the least recently used: loading bert-tiny-cls back evicts it.
     let (status, got) = server.post_raw("/v2/repository/models/bert-tiny-cls/load", None, b"");
     assert_eq!(status, 200, "{got}");
@@ -886,12 +894,7 @@ fn the_loaded_models_stay_within_the_memory_budget() {
     let held = memory(&server);
     let total: f64 = held.iter().map(|(_, b)| b).sum();
     assert!(total <= 100.0 * 1048576.0, "{held:?}");
-    let (prompt, text) = &want.generations[0];
-    let completion =
-        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
-    let (status, got) = server.post("/v1/completions", &completion);
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["text"], text.as_str());
+    want.check_completion(&server);
     server.terminate();
 
     // A model larger than the whole budget is refused without unloading anything.
@@ -1065,12 +1068,7 @@ fn poll_mode_follows_the_repository_folder() {
     wait_for_index(&server, "gpt2-tiny added", |m| {
         m.len() == 2 && m[1]["name"] == "gpt2-tiny" && m[1]["state"] == "READY"
     });
-    let (prompt, text) = &want.generations[0];
-    let completion =
-        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
-    let (status, got) = server.post("/v1/completions", &completion);
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["text"], text.as_str());
+    want.check_completion(&server);
 
     // A folder changed is loaded again: its new labels show.
     let config_path = repo.join("bert-tiny-cls/config.json");
@@ -1101,7 +1099,7 @@ fn poll_mode_follows_the_repository_folder() {
     // A folder removed is no longer served.
     std::fs::remove_file(repo.join("gpt2-tiny")).unwrap();
     wait_for_index(&server, "gpt2-tiny removed", |m| m.len() == 1);
-    let (status, got) = server.post("/v1/completions", &completion);
+    let (status, got) = server.post("/v1/completions", &want.completion());
     assert_eq!(status, 404, "{got}");
     let (status, got) = server.post("/predict", &predict);
     assert_eq!(status, 200, "{got}");
@@ -1129,12 +1127,7 @@ fn explicit_control_loads_a_folder_added_after_start() {
     let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
     assert_eq!(status, 200, "{got}");
     let want = Expected::load();
-    let (prompt, text) = &want.generations[0];
-    let completion =
-        json!({ "model": "gpt2-tiny", "prompt": prompt, "max_tokens": 16, "temperature": 0 });
-    let (status, got) = server.post("/v1/completions", &completion);
-    assert_eq!(status, 200, "{got}");
-    assert_eq!(got["choices"][0]["text"], text.as_str());
+    want.check_completion(&server);
     let names: Vec<String> = index(&server)
         .iter()
         .map(|m| {
