@@ -496,6 +496,11 @@ fn embeddings_over_http_match_fixtures_and_bad_requests_get_4xx() {
         "{sims}"
     );
     assert!((sims[1].as_f64().unwrap() - 1.0).abs() <= 1e-5, "{sims}");
+    let (status, got) = server.post(
+        "/similarity",
+        &json!({ "inputs": { "source_sentence": "kiln", "sentences": [] } }),
+    );
+    assert_eq!(status, 422, "{got}");
     // Matryoshka dimensions: the first 64 values, normalised again (the model normalises);
     // with normalize=false on /embed, the first 64 raw values.
     let (status, full) = server.post("/v1/embeddings", &json!({ "input": "kiln" }));
