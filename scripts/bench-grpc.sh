@@ -4,7 +4,7 @@
 # tritonclient's own protobuf classes) and as OpenAI /v1/embeddings over HTTP/1.1 (h2load --h1),
 # in a closed loop at each concurrency (one connection per client, one request in flight on
 # each). h2load reports requests/s and mean latency; it counts HTTP statuses, and a failed gRPC
-# call is still HTTP 200, so kiln's own counters (kiln_request_success_total{api}) are checked
+# call is still HTTP 200, so kiln's own counters (kiln_request_success_total{api,model}) are checked
 # to have grown by the number of requests sent.
 #
 # Usage: scripts/bench-grpc.sh [DURATION=15] [CONCURRENCIES="1 8 32"]
@@ -41,7 +41,8 @@ PY
 printf '{"input": "%s", "model": "all-MiniLM-L6-v2"}' "$text" > "$work/http.json"
 
 start_kiln "$model" --model-id all-MiniLM-L6-v2 >&2
-successes() { curl -s "$KILN_URL/metrics" | awk -v s="kiln_request_success_total{api=\"$1\"}" '$1 == s {print $2}'; }
+# Every model's successes for one API family (the series carry `api` and `model` labels).
+successes() { curl -s "$KILN_URL/metrics" | awk -v p="kiln_request_success_total{api=\"$1\"," 'index($1, p) == 1 {n += $2} END {print n + 0}'; }
 
 echo "text: \"$text\" (16 tokens); h2load ${duration}s per row; $(nproc) CPUs; $(date -u '+%Y-%m-%d %H:%M UTC')"
 echo

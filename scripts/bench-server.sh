@@ -44,7 +44,7 @@ proc_jiffies() { # user + system jiffies of one process (all its threads)
 # of the 2 CPUs (default 5) is run again, up to BENCH_RETRIES times (default 8), keeping the
 # quietest. Prints the Markdown row.
 batch_stats() { # URL -> "sum count" of kiln_batch_size (0 0 for a server without it)
-  curl -s "$1/metrics" | awk '/^kiln_batch_size_sum/ {s=$2} /^kiln_batch_size_count/ {n=$2} END {print s+0, n+0}'
+  curl -s "$1/metrics" | awk '/^kiln_batch_size_sum/ {s+=$2} /^kiln_batch_size_count/ {n+=$2} END {print s+0, n+0}'
 }
 
 run_wrk() { # URL CONCURRENCY LABEL SERVER_PID
