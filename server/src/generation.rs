@@ -114,6 +114,19 @@ impl Drop for Generation {
     }
 }
 
+/// The scheduler's limits from the server's settings: the KV cache's size among them, which
+/// the memory budget's estimate uses too.
+pub fn limits(config: &ServeConfig) -> GenerationLimits {
+    GenerationLimits {
+        block_size: config.kv_block_size,
+        max_batch_total_tokens: config.max_batch_total_tokens,
+        max_batch_prefill_tokens: config.max_batch_prefill_tokens,
+        max_waiting_tokens: config.max_waiting_tokens,
+        waiting_served_ratio: config.waiting_served_ratio,
+        max_running: config.max_batch_requests,
+    }
+}
+
 impl GenerationService {
     /// Starts the scheduler thread (supervised: see the module docs). Must run inside the tokio
     /// runtime (for nothing but the channel types; the thread is a plain OS thread).
@@ -126,14 +139,7 @@ impl GenerationService {
         workers: &Workers,
         aborted: Aborted,
     ) -> Result<Self, String> {
-        let limits = GenerationLimits {
-            block_size: config.kv_block_size,
-            max_batch_total_tokens: config.max_batch_total_tokens,
-            max_batch_prefill_tokens: config.max_batch_prefill_tokens,
-            max_waiting_tokens: config.max_waiting_tokens,
-            waiting_served_ratio: config.waiting_served_ratio,
-            max_running: config.max_batch_requests,
-        };
+        let limits = limits(&config);
         // The first generator is built here so that a configuration that cannot work fails the
         // load; restarts build their own.
         let first = Generator::new(model.clone(), limits).map_err(|e| e.to_string())?;
@@ -142,9 +148,6 @@ impl GenerationService {
             .kv_spec(limits.num_blocks(), limits.block_size)
             .total_bytes();
         let memory_bytes = model.weight_bytes().saturating_add(kv_bytes) as u64;
-        metrics
-            .memory_bytes
-            .set(i64::try_from(memory_bytes).unwrap_or(i64::MAX));
         metrics.kv_cache_blocks_total.set(total as i64);
         metrics.kv_cache_blocks_used.set(used as i64);
         let (tx, mut rx) = mpsc::unbounded_channel();

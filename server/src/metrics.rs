@@ -369,6 +369,17 @@ impl Metrics {
         }
     }
 
+    /// `model`'s statistics (what each finished request adds to), without cloning its series.
+    fn stats_of(&self, model: &str) -> Arc<ModelStats> {
+        let known = self
+            .models
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .map(|m| m.stats.clone());
+        known.unwrap_or_else(|| self.for_model(model).stats)
+    }
+
     /// `model`'s series (made, at zero, on first use): what its batcher or scheduler records
     /// into, and what Triton's statistics extension reads.
     pub fn for_model(&self, model: &str) -> ModelMetrics {
@@ -667,7 +678,7 @@ impl RequestTracker {
         let model = self.model();
         let elapsed = self.started.elapsed();
         m.requests.with_label_values(&[self.api, model]).inc();
-        let stats = (!model.is_empty()).then(|| m.for_model(model).stats);
+        let stats = (!model.is_empty()).then(|| m.stats_of(model));
         if let Some(stats) = &stats {
             let now_ms = SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -35,7 +35,7 @@ impl AppState {
                 _ => {}
             }
             attempted += 1;
-            if let Err(why) = self.fits_at_start(&served) {
+            if let Err(why) = self.fits_without_eviction(&served) {
                 tracing::error!(model = served.id(), error = %why, "model unavailable");
                 served.set_state(ModelState::Unavailable(why.clone()));
                 failures.push(format!("`{}`: {why}", served.id()));
@@ -56,10 +56,11 @@ impl AppState {
         let started = Instant::now();
         match self.load_one(served) {
             Ok(loaded) => {
-                self.metrics()
-                    .for_model(served.id())
-                    .load_seconds
-                    .set(started.elapsed().as_secs_f64());
+                let metrics = self.metrics().for_model(served.id());
+                metrics.load_seconds.set(started.elapsed().as_secs_f64());
+                metrics
+                    .memory_bytes
+                    .set(i64::try_from(loaded.memory_bytes()).unwrap_or(i64::MAX));
                 served.set_state(ModelState::Ready(loaded));
                 // A model just loaded counts as just used (for eviction and the idle timeout).
                 served.last_use().touch();
@@ -210,21 +211,7 @@ impl AppState {
             tracing::error!(model = served.id(), error = %why, "model unavailable");
             return;
         }
-        let c = self.config();
-        let loaded = self
-            .inner
-            .models
-            .all()
-            .iter()
-            .filter(|m| m.is_ready())
-            .count();
-        let fits = match c.max_loaded_models {
-            Some(max) if loaded >= max => Err(format!(
-                "--max-loaded-models {max} models are loaded already"
-            )),
-            _ => self.fits_at_start(&served),
-        };
-        if let Err(why) = fits {
+        if let Err(why) = self.fits_without_eviction(&served) {
             tracing::error!(model = served.id(), error = %why, "model unavailable");
             served.set_state(ModelState::Unavailable(why));
             return;
@@ -289,11 +276,8 @@ impl AppState {
     /// [`kiln_models::memory::estimate_bytes`]), with the KV cache the server's settings give a
     /// causal LM.
     fn estimate(&self, served: &Served) -> Result<u64, String> {
-        let c = self.config();
-        let kv_tokens = c
-            .max_batch_total_tokens
-            .div_ceil(c.kv_block_size.max(1))
-            .saturating_mul(c.kv_block_size);
+        let limits = crate::generation::limits(self.config());
+        let kv_tokens = limits.num_blocks().saturating_mul(limits.block_size);
         kiln_models::memory::estimate_bytes(&served.config.dir, kv_tokens)
             .map_err(|e| format!("cannot estimate its memory: {e}"))
     }
@@ -309,9 +293,26 @@ impl AppState {
             .sum()
     }
 
-    /// At start, models load in order while they fit `--memory-budget`.
-    fn fits_at_start(&self, served: &Served) -> Result<(), String> {
-        let Some(budget) = self.config().memory_budget else {
+    /// Whether `served` fits `--max-loaded-models` and `--memory-budget` beside the models
+    /// loaded now, none unloaded: how models load at start (in order, while they fit) and in
+    /// poll mode.
+    fn fits_without_eviction(&self, served: &Served) -> Result<(), String> {
+        let c = self.config();
+        if let Some(max) = c.max_loaded_models {
+            let loaded = self
+                .inner
+                .models
+                .all()
+                .iter()
+                .filter(|m| m.is_ready())
+                .count();
+            if loaded >= max {
+                return Err(format!(
+                    "--max-loaded-models {max} models are loaded already"
+                ));
+            }
+        }
+        let Some(budget) = c.memory_budget else {
             return Ok(());
         };
         let need = self.estimate(served)?;
@@ -462,9 +463,6 @@ impl AppState {
         let metrics = self.metrics().for_model(served.id());
         metrics.set_device(&model.info().placement);
         metrics.record_plan(&model.info().plan);
-        metrics
-            .memory_bytes
-            .set(i64::try_from(model.weight_bytes()).unwrap_or(i64::MAX));
         warm_up(&model).map_err(|e| format!("warm-up failed: {e}"))?;
         let mut info = model.info().clone();
         info.id = c.id.clone();
