@@ -65,6 +65,20 @@ fn index(server: &Server) -> Vec<Value> {
     got.as_array().unwrap().clone()
 }
 
+/// Each model of the repository index as `name STATE`.
+fn name_states(server: &Server) -> Vec<String> {
+    index(server)
+        .iter()
+        .map(|m| {
+            format!(
+                "{} {}",
+                m["name"].as_str().unwrap(),
+                m["state"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
 fn bert_tiny_cls() -> PathBuf {
     fixtures().join("tiny/bert-tiny-cls")
 }
@@ -873,16 +887,7 @@ fn the_loaded_models_stay_within_the_memory_budget() {
     assert_eq!(status, 200, "{got}");
     let (status, got) = server.post_raw("/v2/repository/models/gpt2-tiny/load", None, b"");
     assert_eq!(status, 200, "{got}");
-    let states: Vec<String> = index(&server)
-        .iter()
-        .map(|m| {
-            format!(
-                "{} {}",
-                m["name"].as_str().unwrap(),
-                m["state"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let states = name_states(&server);
     assert_eq!(
         states,
         [
@@ -1128,16 +1133,7 @@ fn explicit_control_loads_a_folder_added_after_start() {
     assert_eq!(status, 200, "{got}");
     let want = Expected::load();
     want.check_completion(&server);
-    let names: Vec<String> = index(&server)
-        .iter()
-        .map(|m| {
-            format!(
-                "{} {}",
-                m["name"].as_str().unwrap(),
-                m["state"].as_str().unwrap()
-            )
-        })
-        .collect();
+    let names = name_states(&server);
     assert_eq!(names, ["bert-tiny-cls READY", "gpt2-tiny READY"]);
     server.terminate();
     std::fs::remove_dir_all(&repo).unwrap();
