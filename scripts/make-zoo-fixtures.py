@@ -476,9 +476,39 @@ def make_xlm_roberta_st_cls(out_root: Path, tmp: Path) -> None:
     write_reference(folder, st_reference(folder, name, "XLMRobertaModel"))
 
 
+def classifier_logits(folder: Path, inputs: list) -> tuple:
+    """Reloads the classifier saved in `folder` and runs it on `inputs` (texts, or [a, b] pairs), one at a time,
+    in float32 and float64; checks a padded float32 batch against the one-at-a-time run (1e-5) and float32
+    against float64 (1e-4). Returns (input_ids, logits32, logits64, batched_max_abs_diff)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    max_len = tok.model_max_length
+    parts = [tuple(x) if isinstance(x, list) else (x,) for x in inputs]
+    input_ids = [tok(*p, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for p in parts]
+    check_tokenizer_json(folder, tok, inputs, input_ids, max_len)
+
+    def run(m):
+        with torch.no_grad():
+            return [m(input_ids=torch.tensor([ids])).logits[0] for ids in input_ids]
+
+    logits32 = run(model)
+    seconds = [p[1] for p in parts] if all(len(p) == 2 for p in parts) else None
+    batch = tok([p[0] for p in parts], seconds, padding=True, truncation=True, max_length=max_len,
+                return_tensors="pt")
+    with torch.no_grad():
+        batched = model(**batch).logits
+    batched_diff = max(float((batched[i] - logits32[i]).abs().max()) for i in range(len(inputs)))
+    assert batched_diff < 1e-5, batched_diff
+    logits64 = run(model.double())
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(logits32, logits64)) < 1e-4
+    return input_ids, logits32, logits64, batched_diff
+
+
 def make_xlm_roberta_reranker(out_root: Path, tmp: Path) -> None:
     """Plain transformers save (config + weights + tokenizer); no sentence-transformers files."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, XLMRobertaForSequenceClassification
+    from transformers import XLMRobertaForSequenceClassification
 
     name = "xlm-roberta-reranker"
     tok, vocab_size = unigram_tokenizer()
@@ -488,26 +518,7 @@ def make_xlm_roberta_reranker(out_root: Path, tmp: Path) -> None:
     save_staging(folder, model, tok)
     check_fresh_weights(folder, model)
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    max_len = tok.model_max_length
-    enc = [tok(q, d, add_special_tokens=True, truncation=True, max_length=max_len) for q, d in PAIRS]
-    input_ids = [e["input_ids"] for e in enc]
-    check_tokenizer_json(folder, tok, PAIRS, input_ids, max_len)
-
-    def run(m):
-        with torch.no_grad():
-            return [m(input_ids=torch.tensor([ids])).logits[0] for ids in input_ids]
-
-    logits32 = run(model)
-    batch = tok([p[0] for p in PAIRS], [p[1] for p in PAIRS], padding=True, truncation=True, max_length=max_len,
-                return_tensors="pt")
-    with torch.no_grad():
-        batched = model(**batch).logits
-    batched_diff = max(float((batched[i] - logits32[i]).abs().max()) for i in range(len(PAIRS)))
-    assert batched_diff < 1e-5, batched_diff
-    logits64 = run(model.double())
-    assert max(float((a.double() - b).abs().max()) for a, b in zip(logits32, logits64)) < 1e-4
+    input_ids, logits32, logits64, batched_diff = classifier_logits(folder, PAIRS)
 
     # sentence-transformers' CrossEncoder reads the same folder (sigmoid on top for num_labels=1)
     from sentence_transformers import CrossEncoder
@@ -555,8 +566,7 @@ def make_distilbert_st_mean(out_root: Path, tmp: Path) -> None:
 def make_distilbert_cls(out_root: Path, tmp: Path) -> None:
     """DistilBertForSequenceClassification (pre_classifier + ReLU + classifier), three labels, on single
     texts; a plain transformers save."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DistilBertConfig
-    from transformers import DistilBertForSequenceClassification, DistilBertTokenizer
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification, DistilBertTokenizer
 
     name = "distilbert-cls"
     vocab = train_wordpiece(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
@@ -573,24 +583,7 @@ def make_distilbert_cls(out_root: Path, tmp: Path) -> None:
     save_staging(folder, model, tok)
     check_fresh_weights(folder, model)
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    max_len = tok.model_max_length
-    input_ids = [tok(t, add_special_tokens=True, truncation=True, max_length=max_len)["input_ids"] for t in TEXTS]
-    check_tokenizer_json(folder, tok, TEXTS, input_ids, max_len)
-
-    def run(m):
-        with torch.no_grad():
-            return [m(input_ids=torch.tensor([ids])).logits[0] for ids in input_ids]
-
-    logits32 = run(model)
-    batch = tok(TEXTS, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    with torch.no_grad():
-        batched = model(**batch).logits
-    batched_diff = max(float((batched[i] - logits32[i]).abs().max()) for i in range(len(TEXTS)))
-    assert batched_diff < 1e-5, batched_diff
-    logits64 = run(model.double())
-    assert max(float((a.double() - b).abs().max()) for a, b in zip(logits32, logits64)) < 1e-4
+    input_ids, _, logits64, batched_diff = classifier_logits(folder, TEXTS)
     ref = {
         "model": name,
         "architecture": "DistilBertForSequenceClassification",
